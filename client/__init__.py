@@ -1,0 +1,1 @@
+"""Flower ClientApp: each source trains its own prompt on its private shard."""

@@ -1,0 +1,1 @@
+"""Shared APT core: frozen ViT backbone, prompts, composition, data and assets."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp, the prompt pool and the composition service."""

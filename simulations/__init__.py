@@ -1,0 +1,1 @@
+"""Experiments: à-la-carte vs paragon vs FedAvg, class-incremental, forgetting, cost."""
