@@ -1,0 +1,55 @@
+"""The ``alacarte`` command line: one sub-command per module.
+
+Each sub-command lives in its own module, which defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when
+their command runs, so ``alacarte --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS: dict[str, str] = {
+    "setup": "common.assets",
+    "serve": "server.service",
+    "query": "server.query",
+    "pool": "server.pool_cli",
+}
+
+HELPS: dict[str, str] = {
+    "setup": "prepare the default backbone and dataset in ALACARTE_HOME (idempotent)",
+    "serve": "serve composition queries over gRPC from a prompt pool",
+    "query": "ask a composition server for predictions on image files",
+    "pool": "inspect or edit a prompt pool on disk (ls, show, rm)",
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """Build the parser; only the module of the chosen sub-command is imported."""
+    parser = argparse.ArgumentParser(
+        prog="alacarte",
+        description="Federated à-la-carte prompt tuning: set-up, pool tools and composition service.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, module in COMMANDS.items():
+        cmd = sub.add_parser(name, help=HELPS[name], description=HELPS[name])
+        if name == chosen:
+            mod = importlib.import_module(module)
+            mod.add_arguments(cmd)
+            cmd.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``alacarte`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

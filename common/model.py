@@ -1,0 +1,353 @@
+"""APTViT: à-la-carte prompt tuning over a frozen timm Vision Transformer.
+
+À-la-carte Prompt Tuning (Bowman et al., CVPR 2023, arXiv 2302.07994) trains one *prompt*
+per data source on top of a shared, frozen ViT. A prompt is ``n_prompt`` input tokens,
+``n_memory`` memory tokens per layer and its own linear head (see ``common.prompt``).
+
+Structured attention, as implemented here:
+
+* backbone tokens attend only to backbone tokens, so their activations are exactly
+  timm's ``forward_features`` and are computed once, under ``torch.no_grad()``, however
+  many prompts run;
+* the tokens of prompt ``i`` attend to the backbone tokens of the same layer, to their own
+  tokens and to their own memory tokens, never to another prompt's.
+
+All ``k`` prompts run in one batched pass per layer: their queries are stacked and scored
+against the *shared* backbone keys/values (no k-fold copy) and against their own
+keys/values; one softmax over the concatenated scores gives exactly the masked attention
+of the paper without ever materialising the cross-prompt blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import timm
+import torch
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from common.prompt import Prompt
+
+__all__ = [
+    "APTViT",
+    "BackboneUnavailableError",
+    "UnsupportedBackboneError",
+    "backbone_fingerprint",
+    "default_device",
+    "load_backbone",
+]
+
+_BACKBONES: dict[tuple, VisionTransformer] = {}
+_BACKBONES_LOCK = threading.Lock()
+_RANDOM_INIT_SEED = 0
+
+
+class BackboneUnavailableError(RuntimeError):
+    """The backbone weights could not be found locally nor downloaded."""
+
+
+class UnsupportedBackboneError(TypeError):
+    """The model is not a timm VisionTransformer made of standard ``Block``s."""
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_backbone(
+    name: str,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = True,
+    img_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> VisionTransformer:
+    """Return the frozen, eval-mode timm ViT ``name``, one shared copy per process.
+
+    Args:
+        name: a timm ViT name, e.g. ``vit_tiny_patch16_224`` or ``vit_small_patch14_dinov2``.
+        checkpoint: a local weights file (``.safetensors``, ``.pth``/``.bin`` state dict, or the
+            ``.npz`` of the original ViT release). Position embeddings are resampled to
+            ``img_size`` (bicubic, no antialiasing, as DINOv2 and the original ViT do).
+        pretrained: with no ``checkpoint``, download timm's pretrained weights from the hub;
+            ``False`` gives a seeded random initialisation (for tests).
+        img_size: input resolution; the model's default when ``None``.
+        device: where the module lives; ``cuda`` when available by default.
+
+    Calls with the same (name, checkpoint, pretrained, img_size, device) return the same
+    module, so many simulated clients in one process share one backbone.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    ckpt = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
+    key = (name, ckpt, bool(pretrained) and ckpt is None, img_size, str(device))
+    with _BACKBONES_LOCK:
+        if key not in _BACKBONES:
+            model = _create_backbone(name, ckpt, pretrained, img_size)
+            model.requires_grad_(False).eval().to(device)
+            _BACKBONES[key] = model
+        return _BACKBONES[key]
+
+
+def _create_backbone(name: str, checkpoint: str | None, pretrained: bool, img_size: int | None) -> VisionTransformer:
+    kwargs = {"num_classes": 0} | ({"img_size": img_size} if img_size else {})
+    if checkpoint:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        _load_checkpoint(model, checkpoint)
+    elif pretrained:
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:  # hub errors come as many types (OSError, HTTP, hub-specific)
+            raise BackboneUnavailableError(
+                f"could not download pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+                "Offline, pass a local file with checkpoint=PATH (config key `checkpoint`), or run "
+                "`alacarte setup` to prepare the default backbone."
+            ) from err
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedBackboneError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    return model
+
+
+def _load_checkpoint(model: VisionTransformer, path: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"backbone checkpoint {path} does not exist; pass an existing weights file")
+    if path.endswith(".npz"):
+        model.load_pretrained(path)
+        return
+    state = timm.models.load_state_dict(path, device="cpu")
+    state = checkpoint_filter_fn(state, model, antialias=False)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit {type(model).__name__}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}; check that the backbone name matches the file"
+        )
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """SHA-256 of the backbone's weights (names, shapes and float32 bytes); cached on the module."""
+    cached = getattr(backbone, "_alacarte_fingerprint", None)
+    if cached is None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(backbone.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        cached = digest.hexdigest()
+        backbone._alacarte_fingerprint = cached
+    return cached
+
+
+class APTViT(nn.Module):
+    """A frozen timm ViT that runs any number of prompts with structured attention.
+
+    The backbone's own modules are reused (no weight copies); ``APTViT`` has no
+    parameters of its own. Prompts are passed to every call, so one model serves any
+    selection of a prompt pool.
+    """
+
+    def __init__(self, backbone: VisionTransformer) -> None:
+        super().__init__()
+        _check_supported(backbone)
+        self.backbone = backbone
+        self.backbone.requires_grad_(False).eval()
+        attn = backbone.blocks[0].attn
+        self.embed_dim: int = backbone.embed_dim
+        self.depth: int = len(backbone.blocks)
+        self.num_heads: int = attn.num_heads
+        self.head_dim: int = attn.head_dim
+
+    @property
+    def fingerprint(self) -> str:
+        """The backbone fingerprint prompts are bound to."""
+        return backbone_fingerprint(self.backbone)
+
+    @property
+    def backbone_name(self) -> str:
+        """timm architecture name of the backbone (e.g. ``vit_small_patch14_dinov2``)."""
+        cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        return cfg.get("architecture", type(self.backbone).__name__)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the backbone's weights."""
+        return next(self.backbone.parameters()).device
+
+    def train(self, mode: bool = True) -> APTViT:
+        """The backbone stays in eval mode whatever ``mode`` is (it is frozen)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def backbone_forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Run timm's ``forward_features`` once, capturing every layer's keys and values.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised images.
+
+        Returns:
+            ``features [B, N, D]`` exactly as ``forward_features`` returns them, and
+            ``kv [L, 2, B, heads, N, head_dim]``: each layer's backbone keys and values.
+        """
+        captured: list[Tensor] = []
+        hooks = [blk.attn.qkv.register_forward_hook(_capture_kv(blk, captured)) for blk in self.backbone.blocks]
+        try:
+            features = self.backbone.forward_features(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return features, torch.stack(captured)
+
+    def backbone_kv(self, images: Tensor) -> Tensor:
+        """Per-layer backbone keys/values ``[L, 2, B, heads, N, head_dim]`` (no grad)."""
+        return self.backbone_forward(images)[1]
+
+    def forward(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        """Per-prompt logits ``[k, B, C]`` for ``k`` prompts over one shared backbone pass.
+
+        Logits of classes outside a prompt's label set are ``-inf`` (its softmax is 0 there).
+        """
+        return self.forward_kv(self.backbone_kv(images), prompts)
+
+    def forward_kv(self, kv: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        """Like ``forward`` but from precomputed backbone keys/values (e.g. a cache)."""
+        if not prompts:
+            raise ValueError("forward needs at least one prompt")
+        num_classes = {p.num_classes for p in prompts}
+        if len(num_classes) != 1:
+            raise ValueError(f"prompts disagree on the label space size: {sorted(num_classes)}")
+        kv = kv.to(device=self.device, dtype=self.backbone.patch_embed.proj.weight.dtype)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault((p.n_prompt, p.n_memory), []).append(i)
+        if len(groups) == 1:
+            return self._forward_group(kv, list(prompts))
+        out = kv.new_empty(len(prompts), kv.shape[2], num_classes.pop())
+        for idx in groups.values():
+            out[idx] = self._forward_group(kv, [prompts[i] for i in idx])
+        return out
+
+    def _forward_group(self, kv: Tensor, prompts: list[Prompt]) -> Tensor:
+        """All prompts share (n_prompt, n_memory): stack them and run every layer once."""
+        B = kv.shape[2]
+        tokens = torch.stack([p.tokens for p in prompts])  # [G, P, D]
+        x = tokens[:, None].expand(-1, B, -1, -1)  # [G, B, P, D]
+        memory = torch.stack([p.memory for p in prompts])  # [G, L, M, D]
+        for layer, blk in enumerate(self.backbone.blocks):
+            x = _prompt_block(blk, x, memory[:, layer], kv[layer])
+        feats = self.backbone.norm(x).mean(dim=2)  # [G, B, D]
+        weight = torch.stack([p.head.weight for p in prompts])  # [G, C, D]
+        bias = torch.stack([p.head.bias for p in prompts])  # [G, C]
+        logits = torch.einsum("gbd,gcd->gbc", feats, weight) + bias[:, None]  # [G, B, C]
+        mask = torch.stack([p.label_mask.to(logits.device) for p in prompts])  # [G, C]
+        return logits.masked_fill(~mask[:, None], float("-inf"))
+
+    def compose(
+        self,
+        images: Tensor,
+        prompts: Sequence[Prompt],
+        weights: Tensor | str | None = None,
+    ) -> Tensor:
+        """The à-la-carte model of ``prompts``: probabilities ``[B, C]``.
+
+        The composition is the weighted mean of the prompts' softmax probabilities (the
+        paper's ensemble). Each prompt's softmax is taken over the classes it was trained on
+        (its label set) and is zero elsewhere, so a prompt contributes only over its own
+        classes; with disjoint label sets (class-incremental) the result is the
+        concatenation of the prompts' distributions, each scaled by its weight. Rows sum to 1.
+
+        Args:
+            weights: ``None`` (uniform), a tensor ``[k]`` or ``[k, B]`` of non-negative
+                per-prompt weights, or ``"confidence"``: each prompt weighted per image by its
+                max probability (APT-W style).
+        """
+        return compose_probs(self(images, prompts), weights)
+
+
+def compose_probs(logits: Tensor, weights: Tensor | str | None = None) -> Tensor:
+    """Weighted mean over prompts of ``softmax(logits)``: ``[k, B, C] -> [B, C]``."""
+    probs = logits.softmax(dim=-1)  # [k, B, C]; masked classes get exactly 0
+    k, B = probs.shape[:2]
+    if weights is None:
+        w = probs.new_ones(k, B)
+    elif isinstance(weights, str):
+        if weights != "confidence":
+            raise ValueError(f"unknown weighting {weights!r}; use None, 'confidence' or a tensor")
+        w = probs.amax(dim=-1)
+    else:
+        w = torch.as_tensor(weights, dtype=probs.dtype, device=probs.device)
+        if w.shape not in ((k,), (k, B)) or bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+            raise ValueError(f"weights must be finite, non-negative, of shape [{k}] or [{k}, {B}]; got {tuple(w.shape)}")
+        w = w.reshape(k, -1).expand(k, B)
+    w = w / w.sum(dim=0, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return torch.einsum("kb,kbc->bc", w, probs)
+
+
+def _check_supported(backbone: nn.Module) -> None:
+    if not isinstance(backbone, VisionTransformer):
+        raise UnsupportedBackboneError(f"APTViT needs a timm VisionTransformer, got {type(backbone).__name__}")
+    for i, blk in enumerate(backbone.blocks):
+        if type(blk) is not Block or getattr(blk.attn, "gate", None) is not None:
+            raise UnsupportedBackboneError(
+                f"block {i} is a {type(blk).__name__}; APTViT supports timm's standard pre-norm Block "
+                "with ungated attention (vit_*, deit_*, DINOv2 ViTs)")
+
+
+def _capture_kv(blk: Block, out: list[Tensor]):
+    """Forward hook on ``blk.attn.qkv``: append this layer's keys/values ``[2, B, H, N, hd]``."""
+    attn = blk.attn
+
+    def hook(_module: nn.Module, _inputs: tuple[Tensor], qkv: Tensor) -> None:
+        B, N, _ = qkv.shape
+        _, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out.append(torch.stack([attn.k_norm(k), v]))
+
+    return hook
+
+
+def _prompt_block(blk: Block, x: Tensor, memory: Tensor, kv: Tensor) -> Tensor:
+    """One transformer block for the prompt tokens of ``G`` prompts.
+
+    Args:
+        x: ``[G, B, P, D]`` prompt tokens entering the block.
+        memory: ``[G, M, D]`` this layer's memory tokens (shared over the batch).
+        kv: ``[2, B, H, N, hd]`` the layer's backbone keys/values (shared by all prompts).
+
+    Returns:
+        ``[G, B, P, D]`` prompt tokens leaving the block.
+    """
+    attn = blk.attn
+    G, B, P, D = x.shape
+    M = memory.shape[1]
+    H, hd = attn.num_heads, attn.head_dim
+    N = kv.shape[3]
+
+    qkv = attn.qkv(blk.norm1(x)).reshape(G, B, P, 3, H, hd).permute(3, 0, 1, 4, 2, 5)  # [3, G, B, H, P, hd]
+    q, k_own, v_own = qkv.unbind(0)
+    q, k_own = attn.q_norm(q) * attn.scale, attn.k_norm(k_own)
+    mem = attn.qkv(blk.norm1(memory)).reshape(G, M, 3, H, hd).permute(2, 0, 3, 1, 4)  # [3, G, H, M, hd]
+    k_mem, v_mem = attn.k_norm(mem[1]), mem[2]
+    k_bb, v_bb = kv[0], kv[1]  # [B, H, N, hd]
+
+    q_flat = q.permute(1, 2, 0, 3, 4).reshape(B, H, G * P, hd)  # all prompts' queries, one matmul
+    s_bb = (q_flat @ k_bb.transpose(-2, -1)).reshape(B, H, G, P, N).permute(2, 0, 1, 3, 4)  # [G, B, H, P, N]
+    s_own = q @ k_own.transpose(-2, -1)  # [G, B, H, P, P]
+    s_mem = torch.einsum("gbhpd,ghmd->gbhpm", q, k_mem)  # [G, B, H, P, M]
+    a_bb, a_own, a_mem = torch.cat([s_bb, s_own, s_mem], dim=-1).softmax(dim=-1).split([N, P, M], dim=-1)
+
+    o = (a_bb.permute(1, 2, 0, 3, 4).reshape(B, H, G * P, N) @ v_bb).reshape(B, H, G, P, hd).permute(2, 0, 1, 3, 4)
+    o = o + a_own @ v_own + torch.einsum("gbhpm,ghmd->gbhpd", a_mem, v_mem)  # [G, B, H, P, hd]
+    o = attn.proj(attn.norm(o.transpose(2, 3).reshape(G, B, P, H * hd)))  # [G, B, P, D]
+    x = x + blk.ls1(o)
+    return x + blk.ls2(blk.mlp(blk.norm2(x)))

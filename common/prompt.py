@@ -1,0 +1,325 @@
+"""The prompt artefact: one source's trainable tensors, and their validated file format.
+
+A ``Prompt`` holds exactly what a source trains and uploads:
+
+==============  ====================  ===========================================
+name            shape                 role
+==============  ====================  ===========================================
+``tokens``      ``[P, D]``            input prompt tokens (``P = n_prompt``)
+``memory``      ``[L, M, D]``         memory tokens of every layer (``M = n_memory``)
+``head.weight`` ``[C, D]``            linear head over the global label space
+``head.bias``   ``[C]``
+==============  ====================  ===========================================
+
+plus metadata: the backbone it was trained on (name and weight fingerprint), the label set
+it covers (a subset of the ``C`` global classes), its source id, the number of training
+examples and a creation time. On disk it is a safetensors file with that metadata in the
+header; over Flower it travels as a dict of numpy arrays plus the same metadata strings.
+Every way in (``load``, ``from_bytes``, ``from_arrays``) runs the same validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import safetensors.numpy
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from common.model import APTViT
+
+__all__ = [
+    "BackboneMismatchError",
+    "FORMAT_VERSION",
+    "Prompt",
+    "PromptError",
+    "PromptFormatError",
+    "PromptShapeError",
+    "PromptValueError",
+    "PromptVersionError",
+]
+
+FORMAT_NAME = "alacarte-prompt"
+FORMAT_VERSION = 1
+TENSOR_NAMES = ("tokens", "memory", "head.weight", "head.bias")
+_INT_FIELDS = ("format_version", "embed_dim", "depth", "n_prompt", "n_memory", "num_classes", "num_examples")
+
+
+class PromptError(ValueError):
+    """Base class: a prompt artefact was rejected."""
+
+
+class PromptFormatError(PromptError):
+    """The bytes are not a readable prompt file (truncated, corrupt, missing metadata)."""
+
+
+class PromptVersionError(PromptFormatError):
+    """The file was written by an unknown version of the prompt format."""
+
+
+class PromptShapeError(PromptError):
+    """Tensor names, shapes or dtypes do not match the metadata or the backbone."""
+
+
+class PromptValueError(PromptError):
+    """A tensor holds NaN or Inf."""
+
+
+class BackboneMismatchError(PromptError):
+    """The prompt was trained on a different backbone (weight fingerprint differs)."""
+
+
+class Prompt(nn.Module):
+    """One source's prompt: input tokens, per-layer memory tokens and a linear head."""
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        depth: int,
+        num_classes: int,
+        n_prompt: int = 1,
+        n_memory: int = 4,
+        labels: Iterable[int] | None = None,
+        backbone: str = "",
+        fingerprint: str = "",
+        source: str = "",
+        num_examples: int = 0,
+        created_at: float | None = None,
+    ) -> None:
+        super().__init__()
+        if min(embed_dim, depth, num_classes, n_prompt) < 1 or n_memory < 0:
+            raise PromptShapeError(
+                f"invalid prompt dimensions embed_dim={embed_dim} depth={depth} num_classes={num_classes} "
+                f"n_prompt={n_prompt} n_memory={n_memory}: all must be >= 1 (n_memory >= 0)")
+        self.embed_dim, self.depth, self.num_classes = embed_dim, depth, num_classes
+        self.n_prompt, self.n_memory = n_prompt, n_memory
+        self.labels = _check_labels(range(num_classes) if labels is None else labels, num_classes)
+        self.backbone, self.fingerprint, self.source = backbone, fingerprint, source
+        self.num_examples = num_examples
+        self.created_at = time.time() if created_at is None else created_at
+        self.tokens = nn.Parameter(torch.zeros(n_prompt, embed_dim))  # [P, D]
+        self.memory = nn.Parameter(torch.zeros(depth, n_memory, embed_dim))  # [L, M, D]
+        self.head = nn.Linear(embed_dim, num_classes)  # [C, D], [C]
+
+    @classmethod
+    def init(
+        cls,
+        model: APTViT,
+        num_classes: int,
+        n_prompt: int = 1,
+        n_memory: int = 4,
+        seed: int = 0,
+        labels: Iterable[int] | None = None,
+        source: str = "",
+    ) -> Prompt:
+        """A fresh prompt for ``model``, deterministic in ``seed``.
+
+        Prompt tokens start at the backbone's class token (plus its position embedding) with a
+        little noise, memory tokens at small noise, and the head at zero (uniform predictions).
+        """
+        prompt = cls(
+            embed_dim=model.embed_dim, depth=model.depth, num_classes=num_classes, n_prompt=n_prompt,
+            n_memory=n_memory, labels=labels, backbone=model.backbone_name, fingerprint=model.fingerprint,
+            source=source,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            prompt.tokens.copy_(_class_token(model) + 0.02 * torch.randn(n_prompt, model.embed_dim, generator=gen))
+            prompt.memory.copy_(0.02 * torch.randn(prompt.memory.shape, generator=gen))
+            prompt.head.weight.zero_()
+            prompt.head.bias.zero_()
+        return prompt.to(model.device)
+
+    @property
+    def label_mask(self) -> Tensor:
+        """``[C]`` bool: True for the classes this prompt was trained on."""
+        mask = torch.zeros(self.num_classes, dtype=torch.bool, device=self.head.weight.device)
+        mask[list(self.labels)] = True
+        return mask
+
+    def metadata(self) -> dict[str, str]:
+        """The artefact's metadata as strings (safetensors header / Flower ConfigRecord)."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "backbone": self.backbone,
+            "fingerprint": self.fingerprint,
+            "embed_dim": str(self.embed_dim),
+            "depth": str(self.depth),
+            "n_prompt": str(self.n_prompt),
+            "n_memory": str(self.n_memory),
+            "num_classes": str(self.num_classes),
+            "labels": json.dumps(list(self.labels)),
+            "source": self.source,
+            "num_examples": str(self.num_examples),
+            "created_at": repr(float(self.created_at)),
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The trainable tensors as float32 numpy arrays (what Flower's ArrayRecord carries)."""
+        state = self.state_dict()
+        return {name: state[name].detach().to("cpu", torch.float32).numpy().copy() for name in TENSOR_NAMES}
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str], model: APTViT | None = None
+    ) -> Prompt:
+        """Build a prompt from arrays + metadata, validating everything.
+
+        With ``model``, the prompt must fit its backbone (fingerprint, width, depth) and is
+        placed on its device. Raises a ``PromptError`` subclass naming what is wrong.
+        """
+        meta = _parse_metadata(metadata)
+        prompt = cls(**meta)
+        _check_arrays(arrays, prompt)
+        if model is not None:
+            _check_backbone(prompt, model)
+        with torch.no_grad():
+            prompt.load_state_dict({name: torch.from_numpy(np.array(arrays[name])) for name in TENSOR_NAMES})
+        return prompt.to(model.device) if model is not None else prompt
+
+    def to_bytes(self) -> bytes:
+        """Serialise to safetensors bytes with the metadata in the header."""
+        return safetensors.numpy.save(self.arrays(), metadata=self.metadata())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, model: APTViT | None = None) -> Prompt:
+        """Parse safetensors bytes written by ``to_bytes``; validated like ``from_arrays``."""
+        metadata = read_metadata_bytes(data)
+        try:
+            arrays = safetensors.numpy.load(data)
+        except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+            raise PromptFormatError(f"prompt tensors are unreadable ({err}); the file is corrupt or truncated") from err
+        return cls.from_arrays(arrays, metadata, model)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artefact atomically (temporary file, fsync, rename)."""
+        return atomic_write(Path(path), self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path, model: APTViT | None = None) -> Prompt:
+        """Read and validate a prompt file; see ``from_arrays`` for the checks."""
+        return cls.from_bytes(Path(path).read_bytes(), model)
+
+    def extra_repr(self) -> str:
+        return (f"source={self.source!r}, n_prompt={self.n_prompt}, n_memory={self.n_memory}, "
+                f"classes={len(self.labels)}/{self.num_classes}, backbone={self.backbone}:{self.fingerprint[:12]}")
+
+
+def read_metadata_bytes(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes, with truncation/corruption checks."""
+    if len(data) < 8:
+        raise PromptFormatError(f"prompt file is truncated ({len(data)} bytes); re-send or re-train it")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise PromptFormatError(
+            f"prompt file is truncated: header says {header_len} bytes, {len(data) - 8} present")
+    try:
+        header = json.loads(data[8:8 + header_len])
+        metadata = header["__metadata__"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise PromptFormatError(f"prompt file header is corrupt or has no metadata ({err})") from err
+    if not isinstance(metadata, dict):
+        raise PromptFormatError("prompt file metadata is not a mapping")
+    return metadata
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a prompt file, without loading its tensors fully."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        return read_metadata_bytes(head + f.read(size))
+
+
+def atomic_write(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _class_token(model: APTViT) -> Tensor:
+    """``[D]`` the backbone's class token with its position embedding (zeros if it has none)."""
+    bb = model.backbone
+    if bb.cls_token is None:
+        return torch.zeros(model.embed_dim)
+    token = bb.cls_token[0, 0].detach().float().cpu()
+    if bb.pos_embed is not None and not bb.no_embed_class:
+        token = token + bb.pos_embed[0, 0].detach().float().cpu()
+    return token
+
+
+def _check_labels(labels: Iterable[int], num_classes: int) -> tuple[int, ...]:
+    out = tuple(sorted({int(c) for c in labels}))
+    if not out or out[0] < 0 or out[-1] >= num_classes:
+        raise PromptShapeError(f"label set {list(out)[:10]} must be non-empty and within [0, {num_classes})")
+    return out
+
+
+def _parse_metadata(metadata: Mapping[str, str]) -> dict:
+    if metadata.get("format") != FORMAT_NAME:
+        raise PromptFormatError(f"not an {FORMAT_NAME} artefact (format={metadata.get('format')!r})")
+    missing = [k for k in (*_INT_FIELDS, "backbone", "fingerprint", "labels", "source", "created_at")
+               if k not in metadata]
+    if missing:
+        raise PromptFormatError(f"prompt metadata lacks {missing}")
+    try:
+        ints = {k: int(metadata[k]) for k in _INT_FIELDS}
+        labels = json.loads(metadata["labels"])
+        created_at = float(metadata["created_at"])
+    except (ValueError, TypeError) as err:
+        raise PromptFormatError(f"prompt metadata is malformed ({err})") from err
+    if ints.pop("format_version") != FORMAT_VERSION:
+        raise PromptVersionError(
+            f"prompt format version {metadata['format_version']} is not supported (this build reads "
+            f"version {FORMAT_VERSION}); upgrade alacarte or re-export the prompt")
+    if not isinstance(labels, list) or not all(isinstance(c, int) for c in labels):
+        raise PromptFormatError(f"prompt label set must be a JSON list of ints, got {metadata['labels']!r}")
+    return ints | {
+        "labels": labels, "created_at": created_at, "backbone": str(metadata["backbone"]),
+        "fingerprint": str(metadata["fingerprint"]), "source": str(metadata["source"]),
+    }
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray], prompt: Prompt) -> None:
+    if set(arrays) != set(TENSOR_NAMES):
+        raise PromptShapeError(f"prompt tensors must be exactly {list(TENSOR_NAMES)}, got {sorted(arrays)}")
+    expected = {name: tuple(t.shape) for name, t in prompt.state_dict().items()}
+    for name in TENSOR_NAMES:
+        arr = arrays[name]
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
+            raise PromptShapeError(f"prompt tensor {name!r} must be a float32 array, got {getattr(arr, 'dtype', type(arr))}")
+        if arr.shape != expected[name]:
+            raise PromptShapeError(f"prompt tensor {name!r} has shape {arr.shape}, metadata implies {expected[name]}")
+        if not np.isfinite(arr).all():
+            raise PromptValueError(f"prompt tensor {name!r} contains NaN or Inf; the training diverged")
+
+
+def _check_backbone(prompt: Prompt, model: APTViT) -> None:
+    if prompt.fingerprint != model.fingerprint:
+        raise BackboneMismatchError(
+            f"prompt of source {prompt.source!r} was trained on backbone {prompt.backbone}:{prompt.fingerprint[:12]}, "
+            f"not on this {model.backbone_name}:{model.fingerprint[:12]}; load it with the backbone it was trained on")
+    if (prompt.embed_dim, prompt.depth) != (model.embed_dim, model.depth):
+        raise PromptShapeError(
+            f"prompt is for width {prompt.embed_dim} x depth {prompt.depth}, backbone is "
+            f"{model.embed_dim} x {model.depth}")
