@@ -116,14 +116,22 @@ def evaluate(
     """Accuracy of each prompt alone and of their composition, one backbone pass per batch.
 
     Returns ``accuracy`` (composed), ``nll`` (composed negative log-likelihood),
-    ``prompt_accuracy`` (one per prompt, over the global label space) and ``num_examples``.
+    ``prompt_accuracy`` (one per prompt, over all examples), ``prompt_accuracy_own`` (one per
+    prompt, over the examples whose label is in its label set; NaN if none) and
+    ``num_examples``.
     """
     correct = torch.zeros(len(prompts))
+    own_correct, own_seen = torch.zeros(len(prompts)), torch.zeros(len(prompts))
+    masks = torch.stack([p.label_mask for p in prompts]).to(model.device)  # [k, C]
     composed_correct, nll, seen = 0, 0.0, 0
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         images, labels = batch[0].to(model.device), batch[1].to(model.device)
         logits = model(images, prompts)  # [k, B, C]
-        correct += (logits.argmax(-1) == labels).sum(dim=1).cpu()
+        hits = logits.argmax(-1) == labels  # [k, B]
+        own = masks[:, labels]  # [k, B]: the example's label is in the prompt's label set
+        correct += hits.sum(dim=1).cpu()
+        own_correct += (hits & own).sum(dim=1).cpu()
+        own_seen += own.sum(dim=1).cpu()
         probs = compose_probs(logits, weights)  # [B, C]
         composed_correct += int((probs.argmax(-1) == labels).sum())
         nll -= float(probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum())
@@ -131,4 +139,5 @@ def evaluate(
     if seen == 0:
         raise ValueError("the evaluation loader is empty")
     return {"accuracy": composed_correct / seen, "nll": nll / seen,
-            "prompt_accuracy": (correct / seen).tolist(), "num_examples": seen}
+            "prompt_accuracy": (correct / seen).tolist(),
+            "prompt_accuracy_own": (own_correct / own_seen).tolist(), "num_examples": seen}

@@ -1,0 +1,81 @@
+"""Prompts in Flower messages, and the checks every train reply must pass.
+
+A prompt travels as two records: an ``ArrayRecord`` of its tensors and a ``ConfigRecord``
+of its metadata strings. Several prompts in one message use the keys ``arrays.<i>`` and
+``prompt.<i>``. A train reply holds exactly ``arrays`` + ``prompt`` + ``metrics`` (scalar
+metrics only): no images, features, per-example values or gradients can ride along.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.model import APTViT
+from common.prompt import Prompt
+
+__all__ = [
+    "ReplyError",
+    "TRAIN_METRICS",
+    "check_train_reply",
+    "prompt_from_records",
+    "prompt_records",
+    "prompts_from_records",
+    "prompts_records",
+]
+
+TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-accuracy", "parent-version", "seconds"})
+
+
+class ReplyError(ValueError):
+    """A client reply does not have the shape a prompt upload must have."""
+
+
+def prompt_records(prompt: Prompt, suffix: str = "") -> dict[str, ArrayRecord | ConfigRecord]:
+    """``{"arrays": ArrayRecord, "prompt": ConfigRecord}`` for one prompt."""
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in prompt.arrays().items()})
+    return {f"arrays{suffix}": arrays, f"prompt{suffix}": ConfigRecord(prompt.metadata())}
+
+
+def prompt_from_records(content: RecordDict, model: APTViT | None, suffix: str = "") -> Prompt:
+    """Decode and validate the prompt stored under ``arrays<suffix>``/``prompt<suffix>``."""
+    arrays, meta = content.get(f"arrays{suffix}"), content.get(f"prompt{suffix}")
+    if not isinstance(arrays, ArrayRecord) or not isinstance(meta, ConfigRecord):
+        raise ReplyError(f"message lacks the prompt records 'arrays{suffix}' and 'prompt{suffix}'")
+    return Prompt.from_arrays({k: v.numpy() for k, v in arrays.items()}, {k: str(v) for k, v in meta.items()}, model)
+
+
+def prompts_records(prompts: Sequence[Prompt]) -> dict[str, ArrayRecord | ConfigRecord]:
+    """Records for several prompts (keys ``arrays.<i>``, ``prompt.<i>``)."""
+    records: dict[str, ArrayRecord | ConfigRecord] = {}
+    for i, prompt in enumerate(prompts):
+        records.update(prompt_records(prompt, suffix=f".{i}"))
+    return records
+
+
+def prompts_from_records(content: RecordDict, model: APTViT | None) -> list[Prompt]:
+    """Decode every ``arrays.<i>``/``prompt.<i>`` pair, in order."""
+    count = sum(1 for key in content.array_records if key.startswith("arrays."))
+    return [prompt_from_records(content, model, suffix=f".{i}") for i in range(count)]
+
+
+def check_train_reply(content: RecordDict, max_bytes: int) -> None:
+    """Reject a train reply that is not exactly one prompt plus scalar metrics.
+
+    Raises ``ReplyError`` on extra or missing records, unknown or non-scalar metrics, or a
+    prompt larger than ``max_bytes``.
+    """
+    if set(content.keys()) != {"arrays", "prompt", "metrics"}:
+        raise ReplyError(f"a train reply holds exactly 'arrays', 'prompt', 'metrics'; got {sorted(content.keys())}")
+    metrics = content.get("metrics")
+    if not isinstance(metrics, MetricRecord):
+        raise ReplyError("'metrics' must be a MetricRecord")
+    extra = set(metrics.keys()) - TRAIN_METRICS
+    if extra or any(isinstance(v, list) for v in metrics.values()):
+        raise ReplyError(f"train metrics must be scalars among {sorted(TRAIN_METRICS)}; got {sorted(metrics.keys())}")
+    size = content["arrays"].count_bytes() if isinstance(content["arrays"], ArrayRecord) else 0
+    if size > max_bytes:
+        raise ReplyError(f"prompt upload is {size} bytes, over the {max_bytes}-byte limit (max-prompt-bytes)")
+

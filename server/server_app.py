@@ -1,0 +1,100 @@
+"""Flower ServerApp: collects one prompt per source into a durable pool, then reports.
+
+``mode = "alacarte"`` (default) keeps every source's prompt in the pool and composes them;
+``mode = "fedavg"`` is the standard baseline (one shared prompt, Flower's FedAvg). At the
+end the server evaluates each participating source's prompt and their composition on its
+own test split (``test-examples`` > 0) and, with ``federated-eval``, on every node's
+validation split, and prints the tables.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+from torch.utils.data import DataLoader
+
+from common.config import AppConfig, build_model
+from common.data import Shard, backbone_transform, limit_per_partition, load_split
+from common.model import APTViT
+from common.prompt import Prompt
+from common.records import prompts_records
+from common.train import evaluate
+from server.federation import FEDAVG_SOURCE, run_alacarte, run_fedavg
+from server.pool import PromptPool
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the rounds of the configured mode, then evaluate what the pool holds."""
+    config = AppConfig.from_run_config(context.run_config)
+    model = build_model(config)
+    pool = PromptPool(config.pool_path())
+    log(INFO, "mode %s, backbone %s:%s at %d px, pool %s", config.mode, model.backbone_name,
+        model.fingerprint[:12], config.img_size, pool.root)
+    test = server_test_split(config, model)
+    if config.mode == "fedavg":
+        num_classes = len(test.classes) if test is not None else len(load_split(
+            config.dataset, config.data_path(), "train").classes)
+        run_fedavg(grid, config, model, pool, num_classes)
+        nodes, sources = {}, [FEDAVG_SOURCE]
+    else:
+        nodes = run_alacarte(grid, config, model, pool)
+        sources = sorted(set(nodes.values()))
+    stored = set(pool.sources())
+    prompts = {s: pool.get(s, model=model) for s in sources if s in stored}
+    if not prompts:
+        log(WARNING, "no prompt was stored; nothing to evaluate")
+        return
+    if test is not None:
+        print(format_table(f"Server test split ({len(test)} images)", prompts,
+                           evaluate(model, list(prompts.values()), DataLoader(test, batch_size=config.batch_size))))
+    if config.federated_eval:
+        federated_evaluate(grid, config, prompts, nodes)
+
+
+def server_test_split(config: AppConfig, model: APTViT) -> Shard | None:
+    """The server's own test images (a deterministic subset), or None when not configured."""
+    if config.test_examples == 0:
+        return None
+    raw = load_split(config.dataset, config.data_path(), "test")
+    indices = limit_per_partition(np.arange(len(raw)), config.test_examples, config.partition_seed)
+    return Shard(raw, indices, backbone_transform(model.backbone))
+
+
+def federated_evaluate(grid: Grid, config: AppConfig, prompts: dict[str, Prompt], nodes: dict[int, str]) -> None:
+    """Send every prompt to every node; print each node's accuracy on its validation split.
+
+    ``nodes`` maps node ids to source names for the table (unknown nodes show their id).
+    """
+    content = prompts_records(list(prompts.values()))
+    messages = [Message(RecordDict(content), dst_node_id=nid, message_type=MessageType.EVALUATE, group_id="eval")
+                for nid in grid.get_node_ids()]
+    rows = []
+    for reply in grid.send_and_receive(messages, timeout=config.reply_timeout):
+        if reply.has_error():
+            log(WARNING, "node %s failed to evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        m = reply.content["metrics"]
+        nid = reply.metadata.src_node_id
+        rows.append((nodes.get(nid, str(nid)), int(m["num-examples"]), float(m["accuracy"])))
+    lines = [f"{'node (source)':<20}  {'val images':>10}  {'composed acc':>12}"]
+    lines += [f"{name:<20}  {n:>10}  {acc:>12.3f}" for name, n, acc in sorted(rows)]
+    print("\nFederated evaluation of the composed model (each node's validation split)\n" + "\n".join(lines))
+
+
+def format_table(title: str, prompts: dict[str, Prompt], result: dict) -> str:
+    """Per-source and composed accuracy as a text table."""
+    lines = [f"\n{title}", f"{'source':<16} {'labels':<22} {'train n':>8} {'acc (all)':>10} {'acc (own classes)':>18}"]
+    for (source, prompt), acc, own in zip(prompts.items(), result["prompt_accuracy"], result["prompt_accuracy_own"]):
+        labels = list(prompt.labels)
+        shown = ",".join(map(str, labels)) if len(labels) <= 6 else f"{len(labels)} classes"
+        lines.append(f"{source:<16} {shown:<22} {prompt.num_examples:>8} {acc:>10.3f} {own:>18.3f}")
+    lines.append(f"{'composed (' + str(len(prompts)) + ')':<16} {'all':<22} "
+                 f"{sum(p.num_examples for p in prompts.values()):>8} {result['accuracy']:>10.3f} {'':>18}")
+    return "\n".join(lines)
