@@ -1,0 +1,175 @@
+"""ClientApp replies and ServerApp reply validation, on real Flower messages (no simulation)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from synthetic import make_idx_dataset
+
+from client.client_app import evaluate_prompts, identify, train
+from common.config import AppConfig, ConfigError, build_model
+from common.prompt import TENSOR_NAMES, BackboneMismatchError, Prompt, PromptShapeError, PromptValueError
+from common.records import TRAIN_METRICS, ReplyError, check_train_reply, prompt_from_records, prompts_records
+from server.federation import accept_reply
+from server.pool import PromptPool, StaleVersionError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory) -> dict:
+    data = make_idx_dataset(tmp_path_factory.mktemp("idx"), n_train=120, n_test=40)
+    return {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-size": 32, "data-dir": str(data),
+            "examples-per-source": 40, "local-epochs": 1, "batch-size": 16, "test-examples": 40,
+            "pool-dir": str(tmp_path_factory.mktemp("pool")), "partitioner": "classes"}
+
+
+@pytest.fixture(scope="module")
+def config(run_config) -> AppConfig:
+    return AppConfig.from_run_config(run_config)
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    return build_model(config, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower's Message needs the run/node identity a SuperNode normally sets."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+def context(run_config: dict, partition: int = 0, partitions: int = 3) -> Context:
+    return Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition, "num-partitions": partitions},
+                   state=RecordDict(), run_config=run_config)
+
+
+def message(content: RecordDict, kind: str = MessageType.TRAIN) -> Message:
+    return Message(content, dst_node_id=1, message_type=kind)
+
+
+@pytest.fixture(scope="module")
+def train_reply(run_config) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    return train(message(RecordDict({"config": ConfigRecord({"parent-version": 0})})), context(run_config))
+
+
+def test_defaults_match_pyproject():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert AppConfig.from_run_config(config) == AppConfig()
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown run-config key"):
+        AppConfig.from_run_config({"num-rounds": 3})
+    with pytest.raises(ConfigError, match="must be a int"):
+        AppConfig.from_run_config({"local-epochs": "many"})
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        AppConfig.from_run_config({"mode": "average"})
+
+
+def test_identify_reports_source_and_labels(run_config):
+    reply = identify(message(RecordDict(), MessageType.QUERY), context(run_config, partition=2))
+    assert reply.content["node"]["source"] == "source-2"
+    assert reply.content["node"]["labels"] == "[7, 8, 9]"
+
+
+def test_train_reply_carries_only_the_prompt(train_reply, model, config):
+    content = train_reply.content
+    assert set(content.keys()) == {"arrays", "prompt", "metrics"}
+    assert set(content["arrays"].keys()) == set(TENSOR_NAMES)
+    prompt = prompt_from_records(content, model)
+    assert prompt.source == "source-0" and list(prompt.labels) == [0, 1, 2, 3]
+    # the upload is exactly the prompt's tensors: no images, features, per-example values or gradients
+    expected = sum(a.nbytes for a in prompt.arrays().values())
+    assert sum(len(a.numpy().tobytes()) for a in content["arrays"].values()) == expected
+    metrics = content["metrics"]
+    assert set(metrics.keys()) <= TRAIN_METRICS
+    assert all(not isinstance(v, list) for v in metrics.values())
+    assert metrics["num-examples"] == prompt.num_examples > 0
+    check_train_reply(content, config.max_prompt_bytes)
+
+
+def test_train_starts_from_the_sent_prompt(run_config, train_reply, model):
+    sent = prompt_from_records(train_reply.content, model)
+    content = RecordDict({**{k: train_reply.content[k] for k in ("arrays", "prompt")},
+                          "config": ConfigRecord({"parent-version": 1})})
+    reply = train(message(content), context(run_config))
+    trained = prompt_from_records(reply.content, model)
+    assert reply.content["metrics"]["parent-version"] == 1
+    assert trained.labels == sent.labels
+    assert not np.array_equal(trained.arrays()["tokens"], sent.arrays()["tokens"])
+
+
+def test_evaluate_reply(run_config, train_reply, model):
+    prompt = prompt_from_records(train_reply.content, model)
+    reply = evaluate_prompts(message(RecordDict(prompts_records([prompt, prompt])), MessageType.EVALUATE),
+                             context(run_config))
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0
+    assert len(metrics["prompt-accuracy"]) == 2 and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def _reply_with(train_reply: Message, **arrays: np.ndarray) -> Message:
+    content = train_reply.content
+    record = ArrayRecord({k: Array(arrays.get(k, v.numpy())) for k, v in content["arrays"].items()})
+    return Message(RecordDict({"arrays": record, "prompt": content["prompt"], "metrics": content["metrics"]}),
+                   reply_to=message(RecordDict()))
+
+
+def _bad_replies(train_reply: Message, other_model) -> dict[str, tuple[Message, type]]:
+    tokens = train_reply.content["arrays"]["tokens"].numpy()
+    nan = tokens.copy()
+    nan[0, 0] = np.nan
+    foreign = prompt_from_records(train_reply.content, None)
+    foreign.fingerprint = other_model.fingerprint
+    extra = RecordDict({**dict(train_reply.content), "features": ArrayRecord({"x": Array(np.zeros((40, 192), np.float32))})})
+    per_example = RecordDict({**dict(train_reply.content), "metrics": MetricRecord({"num-examples": 3, "train-loss": [0.1, 0.2, 0.3]})})
+    reply = message(RecordDict())
+    return {
+        "shape": (_reply_with(train_reply, tokens=np.zeros((2, tokens.shape[1]), np.float32)), PromptShapeError),
+        "nan": (_reply_with(train_reply, tokens=nan), PromptValueError),
+        "fingerprint": (Message(RecordDict({**dict(train_reply.content), "prompt": ConfigRecord(foreign.metadata())}),
+                                reply_to=reply), BackboneMismatchError),
+        "extra record": (Message(extra, reply_to=reply), ReplyError),
+        "per-example metrics": (Message(per_example, reply_to=reply), ReplyError),
+    }
+
+
+def test_server_rejects_malformed_replies_and_keeps_the_pool(train_reply, model, config, tmp_path):
+    other = build_model(AppConfig.from_run_config({"backbone": "vit_tiny_patch16_224", "pretrained": False,
+                                                   "img-size": 48}), device="cpu")
+    pool = PromptPool(tmp_path / "pool")
+    for name, (reply, error) in _bad_replies(train_reply, other).items():
+        with pytest.raises(error):
+            accept_reply(reply, "source-0", pool, model, config)
+        assert pool.sources() == [], name
+    tiny = AppConfig.from_run_config({"max-prompt-bytes": 1000})
+    with pytest.raises(ReplyError, match="over the 1000-byte limit"):
+        accept_reply(train_reply, "source-0", pool, model, tiny)
+    with pytest.raises(ReplyError, match="claims source"):
+        accept_reply(train_reply, "source-1", pool, model, config)
+    assert pool.sources() == [] and not list((tmp_path / "pool").rglob("*.safetensors"))
+
+
+def test_server_stores_valid_reply_and_refuses_stale_duplicate(train_reply, model, config, tmp_path):
+    pool = PromptPool(tmp_path / "pool")
+    assert accept_reply(train_reply, "source-0", pool, model, config) == 1
+    with pytest.raises(StaleVersionError):
+        accept_reply(train_reply, "source-0", pool, model, config)  # same parent-version 0: duplicate
+    assert [e.version for e in pool.history("source-0")] == [1]
+    stored = pool.get("source-0", model=model)
+    sent = prompt_from_records(train_reply.content, model)
+    assert all(np.array_equal(stored.arrays()[k], sent.arrays()[k]) for k in TENSOR_NAMES)
+
+
+def test_check_train_reply_rejects_missing_records():
+    with pytest.raises(ReplyError, match="exactly"):
+        check_train_reply(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), 1 << 20)
