@@ -168,7 +168,6 @@ def test_fp16_checkpoint_loads_at_112_px(imported, onnx_backbone, tmp_path: Path
     x = image(112)
     # fp16 rounding of the weights only: the features stay close to the fp32 ONNX.
     assert np.abs(timm_features(state, x) - onnx_backbone(x)).max() < 5e-2
-    assets.check_backbone_forward(path)
 
 
 @pytest.mark.skipif(not REFERENCE.is_file(), reason="development reference checkpoint not present")
@@ -320,7 +319,7 @@ def test_backbone_from_the_hub_or_fallback(tmp_path: Path, monkeypatch) -> None:
 
     def hub_model(name: str, pretrained: bool, **kwargs):
         assert name == assets.HUB_BACKBONE and pretrained
-        return create_model(assets.BACKBONE_NAME, pretrained=False, **kwargs)
+        return create_model(assets.BACKBONE_NAME, pretrained=False, depth=1, img_size=28, **kwargs)  # small
 
     path = tmp_path / assets.BACKBONE_FILE
     monkeypatch.setattr(assets, "hub_reachable", lambda timeout=0: True)
