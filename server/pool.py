@@ -1,0 +1,510 @@
+"""The prompt pool: every source's prompts, kept side by side (never averaged), versioned.
+
+À-la-carte composition needs each source's own prompt, so the server *keeps* what every
+source uploads and composes any subset at query time. ``PromptPool`` is that store.
+
+Layout under the pool directory ``root``::
+
+    root/pool.sqlite                          index (SQLite, WAL mode, synchronous=FULL)
+    root/prompts/<source>/v<version>.safetensors
+
+The index holds one row per (source, version) with the metadata needed for listing
+(labels, number of examples, creation time, backbone fingerprint, round, metrics, the
+file's SHA-256), so listing never reads tensors.
+
+Consistency (a process may die at any instant, e.g. SIGKILL):
+
+* ``add`` takes the index's write lock (``BEGIN IMMEDIATE``), writes the file atomically
+  (temporary file, fsync, rename, fsync of the folder), then inserts the row and commits.
+  A crash before the commit leaves only an *orphan* file that no row names; it is ignored
+  and deleted by ``repair()``, which runs whenever a pool is opened. A row never names a
+  missing file.
+* ``remove`` deletes the rows (commit), then the files. A crash in between leaves orphans,
+  cleaned as above.
+* Readers never block: each call opens its own connection and sees a committed snapshot.
+  File contents are checked against the SHA-256 in the index, so a reader racing a
+  ``remove`` gets ``UnknownSourceError``, never a half-forgotten prompt.
+
+Versions of a source count 1, 2, ... without gaps. After ``remove`` (forget) a source id
+may be added again and starts at version 1, so caches should key prompts by
+``PoolEntry.sha256`` (or watch ``generation()``), not by (source, version) alone.
+
+Every public method is safe to call from many threads and processes at once: a
+``PromptPool`` keeps no open connection (each call opens its own, with a busy timeout), so
+one instance may be shared by a gRPC thread pool and used after ``fork``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import safetensors.numpy
+
+from common.prompt import Prompt, atomic_write
+
+if TYPE_CHECKING:
+    from common.model import APTViT
+
+__all__ = [
+    "InvalidMetricsError",
+    "InvalidSourceError",
+    "PoolCorruptError",
+    "PoolEntry",
+    "PoolError",
+    "PoolNotFoundError",
+    "PromptPool",
+    "RepairReport",
+    "SourceMismatchError",
+    "StaleVersionError",
+    "UnknownSourceError",
+    "validate_source",
+]
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "pool.sqlite"
+PROMPTS_DIR = "prompts"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+MAX_SOURCE_LEN = 128
+_SOURCE_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_KNOWN_SHOWN = 20
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    f"INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION}), ('generation', 0)",
+    """CREATE TABLE IF NOT EXISTS prompts (
+        source       TEXT    NOT NULL,
+        version      INTEGER NOT NULL,
+        path         TEXT    NOT NULL,  -- relative to the pool root
+        sha256       TEXT    NOT NULL,
+        labels       TEXT    NOT NULL,  -- JSON list of class ids
+        num_classes  INTEGER NOT NULL,
+        num_examples INTEGER NOT NULL,
+        created_at   REAL    NOT NULL,  -- when the prompt was made (its own metadata)
+        added_at     REAL    NOT NULL,  -- when the pool stored it
+        backbone     TEXT    NOT NULL,
+        fingerprint  TEXT    NOT NULL,
+        round        INTEGER,
+        metrics      TEXT    NOT NULL,  -- JSON object
+        PRIMARY KEY (source, version)
+    ) WITHOUT ROWID""",
+)
+
+_COLUMNS = ("source, version, path, sha256, labels, num_classes, num_examples, created_at, added_at, "
+            "backbone, fingerprint, round, metrics")
+
+
+class PoolError(Exception):
+    """Base class of prompt pool errors."""
+
+
+class PoolNotFoundError(PoolError, FileNotFoundError):
+    """No pool exists at the given directory (and creating one was not asked for)."""
+
+
+class InvalidSourceError(PoolError, ValueError):
+    """A source id is empty or unsafe as a file name."""
+
+
+class SourceMismatchError(PoolError, ValueError):
+    """The prompt says it belongs to another source than the one it is added under."""
+
+
+class InvalidMetricsError(PoolError, ValueError):
+    """Metrics are not a mapping of names to finite numbers or strings."""
+
+
+class UnknownSourceError(PoolError, KeyError):
+    """The pool has no such source (or no such version of it)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class StaleVersionError(PoolError):
+    """An ``add`` was based on a version that is no longer the source's latest."""
+
+    def __init__(self, source: str, parent_version: int, latest_version: int) -> None:
+        self.source, self.parent_version, self.latest_version = source, parent_version, latest_version
+        now = (f"its latest version is {latest_version}" if latest_version
+               else "it has no version (forgotten or never added)")
+        super().__init__(
+            f"stale prompt for source {source!r}: it was trained from version {parent_version} but {now}; "
+            "the reply is late or duplicated and was not stored. Send the source its latest prompt and train again")
+
+
+class PoolCorruptError(PoolError):
+    """An indexed prompt file is missing or its bytes differ from the index."""
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """One stored version of a source's prompt, as listed by the index (no tensors read)."""
+
+    source: str
+    version: int
+    path: Path
+    sha256: str
+    labels: tuple[int, ...]
+    num_classes: int
+    num_examples: int
+    created_at: float
+    added_at: float
+    backbone: str
+    fingerprint: str
+    round: int | None
+    metrics: dict[str, float | int | str]
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """What ``PromptPool.repair`` cleaned up."""
+
+    orphans: tuple[Path, ...]  # files no index row names (interrupted writes), deleted
+    dangling: tuple[tuple[str, int], ...]  # (source, version) rows whose file was missing, dropped
+
+    def __bool__(self) -> bool:
+        return bool(self.orphans or self.dangling)
+
+
+def validate_source(source: str) -> str:
+    """Return ``source`` if it is a valid source id, else raise ``InvalidSourceError``.
+
+    Valid ids are 1-128 characters among letters, digits, ``-``, ``_`` and ``.``, not
+    starting with ``.`` (so they are safe, visible file names).
+    """
+    if not isinstance(source, str) or not _SOURCE_RE.fullmatch(source) or source.startswith(".") \
+            or len(source) > MAX_SOURCE_LEN:
+        raise InvalidSourceError(
+            f"invalid source id {source!r}: use 1-{MAX_SOURCE_LEN} ASCII letters, digits, '-', '_' or '.', "
+            "not starting with '.' (e.g. 'client-3')")
+    return source
+
+
+class PromptPool:
+    """A directory of versioned per-source prompts with a SQLite index; see the module doc."""
+
+    def __init__(self, root: str | Path, *, create: bool = True) -> None:
+        """Open (or with ``create``, make) the pool at ``root`` and ``repair()`` it.
+
+        Raises ``PoolNotFoundError`` when ``create`` is False and ``root`` holds no pool.
+        """
+        self.root = Path(root).expanduser().resolve()
+        self.index_path = self.root / INDEX_NAME
+        self._write_lock = threading.Lock()
+        if not self.index_path.exists():
+            if not create:
+                raise PoolNotFoundError(
+                    f"no prompt pool at {self.root} ({INDEX_NAME} is missing); check --pool / ALACARTE_POOL")
+            (self.root / PROMPTS_DIR).mkdir(parents=True, exist_ok=True)
+        self._init_index()
+        report = self.repair()
+        if report:
+            logger.warning("prompt pool %s repaired: deleted %d orphan file(s), dropped %d dangling row(s) %s",
+                           self.root, len(report.orphans), len(report.dangling), list(report.dangling))
+
+    def __repr__(self) -> str:
+        return f"PromptPool({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ writing
+
+    def add(
+        self,
+        source: str,
+        prompt: Prompt,
+        metrics: Mapping[str, float | int | str] | None = None,
+        *,
+        round: int | None = None,
+        parent_version: int | None = None,
+    ) -> int:
+        """Store ``prompt`` as the next version of ``source`` and return that version (1, 2, ...).
+
+        The stored artefact carries ``source`` as its source id: ``prompt.source`` must be
+        empty or equal to it (else ``SourceMismatchError``); ``prompt`` itself is not modified.
+        ``metrics`` (names to numbers or strings) and the federated ``round`` are kept in the
+        index.
+
+        Stale-reply guard: ``parent_version`` is the version the client started training from
+        (0 for a source without a stored prompt). When given, the add succeeds only if that is
+        still the source's latest version; otherwise ``StaleVersionError`` is raised and nothing
+        is stored, so a late or duplicated reply never shadows a newer version, and a reply for
+        a source forgotten meanwhile does not bring it back. ``None`` skips the check.
+
+        Raises ``InvalidSourceError``, ``SourceMismatchError``, ``InvalidMetricsError``,
+        ``StaleVersionError``, or a ``common.prompt.PromptError`` if the prompt is invalid
+        (e.g. NaN); nothing is stored then.
+        """
+        validate_source(source)
+        if prompt.source not in ("", source):
+            raise SourceMismatchError(
+                f"prompt belongs to source {prompt.source!r}, not {source!r}; add it under its own source id")
+        data = safetensors.numpy.save(prompt.arrays(), metadata=prompt.metadata() | {"source": source})
+        stored = Prompt.from_bytes(data)  # what readers will get: validate before storing
+        metrics_json = _metrics_json(metrics)
+        with self._write() as conn:
+            latest = _latest_version(conn, source)
+            if parent_version is not None and parent_version != latest:
+                raise StaleVersionError(source, parent_version, latest)
+            version = latest + 1
+            rel = f"{PROMPTS_DIR}/{source}/v{version}.safetensors"
+            _durable_write(self.root / rel, data)
+            conn.execute(
+                f"INSERT INTO prompts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (source, version, rel, hashlib.sha256(data).hexdigest(), json.dumps(list(stored.labels)),
+                 stored.num_classes, stored.num_examples, stored.created_at, time.time(), stored.backbone,
+                 stored.fingerprint, round, metrics_json))
+            _bump_generation(conn)
+        return version
+
+    def remove(self, source: str) -> int:
+        """Forget ``source``: delete all its versions' files and index rows; return how many.
+
+        The removal is committed to the index first (other processes stop seeing the source),
+        then the files are deleted. Raises ``UnknownSourceError`` if the source is not stored.
+        """
+        with self._write() as conn:
+            count = conn.execute("DELETE FROM prompts WHERE source = ?", (source,)).rowcount
+            if not count:
+                raise UnknownSourceError(self._unknown_message(conn, source, None))
+            _bump_generation(conn)
+        self._delete_orphans(only=source)
+        return count
+
+    def repair(self) -> RepairReport:
+        """Delete orphan files (left by interrupted writes) and drop rows whose file is gone.
+
+        Runs when the pool is opened; safe to call at any time, also while others write.
+        """
+        with self._write() as conn:
+            dangling = tuple((s, v) for s, v, rel in conn.execute("SELECT source, version, path FROM prompts")
+                             if not (self.root / rel).is_file())
+            if dangling:
+                conn.executemany("DELETE FROM prompts WHERE source = ? AND version = ?", dangling)
+                _bump_generation(conn)
+        return RepairReport(orphans=self._delete_orphans(), dangling=dangling)
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, source: str, version: int | None = None, model: APTViT | None = None) -> Prompt:
+        """Load a version of ``source`` (the latest by default), validated like ``Prompt.load``.
+
+        With ``model`` the prompt must fit its backbone and is placed on its device. Raises
+        ``UnknownSourceError`` for an unknown source or version, ``PoolCorruptError`` if the
+        file was damaged outside the pool.
+        """
+        return self._load(self.info(source, version), model)
+
+    def latest(self, model: APTViT | None = None) -> dict[str, Prompt]:
+        """The latest prompt of every source, by source id, validated as in ``get``.
+
+        Sources forgotten while this runs are left out; any other error of ``get`` is raised.
+        """
+        prompts = {}
+        for entry in self.entries():
+            with contextlib.suppress(UnknownSourceError):
+                prompts[entry.source] = self._load(entry, model)
+        return prompts
+
+    def sources(self) -> list[str]:
+        """The stored source ids, sorted."""
+        with self._connect() as conn:
+            return [s for (s,) in conn.execute("SELECT DISTINCT source FROM prompts ORDER BY source")]
+
+    def entries(self) -> list[PoolEntry]:
+        """The latest version's entry of every source, sorted by source id."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM prompts AS p "
+                "WHERE version = (SELECT MAX(version) FROM prompts WHERE source = p.source) ORDER BY source")
+            return [self._entry(row) for row in rows]
+
+    def info(self, source: str, version: int | None = None) -> PoolEntry:
+        """The index entry of a version of ``source`` (the latest by default)."""
+        with self._connect() as conn:
+            if version is None:
+                row = conn.execute(f"SELECT {_COLUMNS} FROM prompts WHERE source = ? ORDER BY version DESC LIMIT 1",
+                                   (source,)).fetchone()
+            else:
+                row = conn.execute(f"SELECT {_COLUMNS} FROM prompts WHERE source = ? AND version = ?",
+                                   (source, version)).fetchone()
+            if row is None:
+                raise UnknownSourceError(self._unknown_message(conn, source, version))
+        return self._entry(row)
+
+    def history(self, source: str) -> list[PoolEntry]:
+        """Every stored version of ``source``, oldest first."""
+        with self._connect() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM prompts WHERE source = ? ORDER BY version",
+                                (source,)).fetchall()
+            if not rows:
+                raise UnknownSourceError(self._unknown_message(conn, source, None))
+        return [self._entry(row) for row in rows]
+
+    def generation(self) -> int:
+        """A counter bumped by every change (add, remove, repair), in any process.
+
+        Cheap to poll: a long-running service re-reads ``entries()`` when it changes.
+        """
+        with self._connect() as conn:
+            return conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+
+    # ------------------------------------------------------------------ internals
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A fresh connection (autocommit; explicit transactions), closed on exit."""
+        conn = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous = FULL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the index's write lock (across threads and processes)."""
+        with self._write_lock, self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _init_index(self) -> None:
+        with self._connect() as conn:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                logger.warning("prompt pool %s: SQLite WAL mode unavailable (journal_mode=%s); "
+                               "readers may wait for writers. Keep the pool on a local file system", self.root, mode)
+        with self._write() as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            schema = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        if schema != SCHEMA_VERSION:
+            raise PoolError(f"prompt pool {self.root} has index schema {schema}; this build reads "
+                            f"schema {SCHEMA_VERSION}. Use a matching alacarte version")
+
+    def _entry(self, row: tuple) -> PoolEntry:
+        (source, version, rel, sha, labels, num_classes, num_examples, created_at, added_at,
+         backbone, fingerprint, round_, metrics) = row
+        return PoolEntry(
+            source=source, version=version, path=self.root / rel, sha256=sha, labels=tuple(json.loads(labels)),
+            num_classes=num_classes, num_examples=num_examples, created_at=created_at, added_at=added_at,
+            backbone=backbone, fingerprint=fingerprint, round=round_, metrics=json.loads(metrics))
+
+    def _load(self, entry: PoolEntry, model: APTViT | None) -> Prompt:
+        return Prompt.from_bytes(self._read(entry), model)
+
+    def _read(self, entry: PoolEntry) -> bytes:
+        """The file bytes of ``entry``, checked against its SHA-256.
+
+        On a mismatch the index decides: the row is gone (forgotten meanwhile:
+        ``UnknownSourceError``), was replaced (forgotten and re-added: read the new one), or
+        is unchanged (the file was damaged: ``PoolCorruptError``).
+        """
+        try:
+            data = entry.path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
+            return data
+        current = self.info(entry.source, entry.version)
+        if current.sha256 != entry.sha256:
+            return self._read(current)
+        problem = "is missing" if data is None else "does not match the index (SHA-256 differs)"
+        raise PoolCorruptError(
+            f"prompt file {entry.path} of source {entry.source!r} version {entry.version} {problem}; it was changed "
+            f"outside the pool. Forget the source (`alacarte pool rm {entry.source}`) and have it upload again")
+
+    def _delete_orphans(self, only: str | None = None) -> tuple[Path, ...]:
+        """Delete files under ``prompts/`` (or one source's folder) that no row names; drop empty folders.
+
+        Runs under the write lock, so a file being written by an ``add`` (whose row is not
+        committed yet) is never taken for an orphan.
+        """
+        base = self.root / PROMPTS_DIR
+        folders = [base / only] if only is not None else [p for p in base.iterdir() if p.is_dir()]
+        removed = []
+        with self._write() as conn:
+            indexed = {rel for (rel,) in conn.execute("SELECT path FROM prompts")}
+            for folder in folders:
+                if not folder.is_dir():
+                    continue
+                for path in list(folder.iterdir()):
+                    if path.relative_to(self.root).as_posix() not in indexed:
+                        path.unlink(missing_ok=True)
+                        removed.append(path)
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+        return tuple(removed)
+
+    def _unknown_message(self, conn: sqlite3.Connection, source: str, version: int | None) -> str:
+        versions = [v for (v,) in conn.execute("SELECT version FROM prompts WHERE source = ? ORDER BY version",
+                                               (source,))]
+        if versions:
+            return (f"source {source!r} has no version {version} in the pool at {self.root}; "
+                    f"it has versions {versions[0]}..{versions[-1]}")
+        known = [s for (s,) in conn.execute("SELECT DISTINCT source FROM prompts ORDER BY source")]
+        shown = ", ".join(known[:_KNOWN_SHOWN]) + (f", ... ({len(known)} in all)" if len(known) > _KNOWN_SHOWN else "")
+        return (f"unknown source {source!r} in the pool at {self.root}; known sources: {shown or 'none'} "
+                "(see `alacarte pool ls`)")
+
+
+def _latest_version(conn: sqlite3.Connection, source: str) -> int:
+    return conn.execute("SELECT COALESCE(MAX(version), 0) FROM prompts WHERE source = ?", (source,)).fetchone()[0]
+
+
+def _bump_generation(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+
+def _durable_write(path: Path, data: bytes) -> None:
+    """Atomically write ``path`` and fsync its folder (and the folder's parent if it is new)."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True)
+        _fsync_dir(path.parent.parent)
+    atomic_write(path, data)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _metrics_json(metrics: Mapping[str, float | int | str] | None) -> str:
+    """``metrics`` as a JSON object of finite numbers and strings."""
+    out: dict[str, float | int | str] = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, numbers.Integral):
+            value = int(value)
+        elif isinstance(value, numbers.Real) and math.isfinite(value):
+            value = float(value)
+        elif not isinstance(value, str):
+            raise InvalidMetricsError(
+                f"metric {name!r} = {value!r} must be a finite number or a string; convert or drop it")
+        if not isinstance(name, str):
+            raise InvalidMetricsError(f"metric names must be strings, got {name!r}")
+        out[name] = value
+    return json.dumps(out, sort_keys=True)
