@@ -37,8 +37,8 @@ class AppConfig:
     img_size: int = 112
     dataset: str = "fashion_mnist"
     data_dir: str = ""
-    partitioner: str = "classes"
-    dirichlet_alpha: float = 0.5
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 1.0
     partition_seed: int = 0
     examples_per_source: int = 400
     val_fraction: float = 0.1

@@ -49,7 +49,7 @@ def test_flwr_run_simulation_fills_the_pool(tmp_path):
     pool_dir = tmp_path / "pool"
     run_config = {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-size": 32,
                   "data-dir": str(data), "pool-dir": str(pool_dir), "examples-per-source": 40,
-                  "test-examples": 50, "local-epochs": 1, "num-server-rounds": 2}
+                  "test-examples": 50, "local-epochs": 1, "num-server-rounds": 2, "partitioner": "classes"}
     overrides = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower()}" for k, v in run_config.items())
     env = os.environ | {
         "FLWR_HOME": str(flwr_home),
