@@ -1,0 +1,254 @@
+"""Composed pool vs paragon vs FedAvg vs each source alone, for 1..20 sources (Fashion-MNIST).
+
+For every partitioner (IID, Dirichlet α) and number of sources N, a fixed random subset of
+Fashion-MNIST is split into N sources and
+
+* **composed**: each source trains its own prompt through the product's Flower apps
+  (``server.server_app.main`` + the ClientApp handlers in ``flwr.simulation``, mode
+  ``alacarte``); the pool's prompts are composed uniformly (``compose_probs``);
+* **paragon**: one prompt trained on the union of all sources, same epochs (``train_prompt``);
+* **FedAvg**: one shared prompt through the same Flower apps, mode ``fedavg``, with
+  rounds × local epochs = the same number of epochs;
+* **alone**: each pool prompt by itself (mean over sources).
+
+The "à-la-carte subset" curve takes random subsets of one pool and compares their
+composition with a paragon trained on exactly that subset's data.
+
+Every method reads the backbone keys/values of the same precomputed fp16 bank (the Flower
+clients too: all clients run in one Ray worker, which gets the bank as its KV cache), and
+every accuracy is measured on the same held-out test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from common.data import load_split
+from common.model import APTViT
+from simulations.common import (
+    Bank,
+    BackboneSpec,
+    Federation,
+    Stopwatch,
+    accuracy,
+    backbone_spec,
+    base_parser,
+    bank_logits,
+    build_bank,
+    composed_accuracy,
+    configure_logging,
+    fresh_prompt,
+    partition_shards,
+    pool_prompts,
+    product_run_config,
+    run_federations,
+    save_figure,
+    select_profile,
+    setup_record,
+    train_on_bank,
+    write_csv,
+    write_idx_subset,
+    write_json,
+)
+
+NAME = "alacarte_vs_paragon"
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one run (see the module doc)."""
+
+    train_images: int  # union of all sources
+    test_images: int
+    sources: tuple[int, ...]
+    partitions: tuple[str, ...]  # "iid" or "dirichlet-<alpha>"
+    epochs: int
+    fedavg_local_epochs: int
+    batch_size: int
+    lr: float
+    subset_pool: int  # N of the IID pool the subset curve draws from
+    subset_sizes: tuple[int, ...]
+    subset_draws: int
+
+
+TINY = Settings(48, 32, (2,), ("iid",), 1, 1, 16, 3e-3, 2, (1,), 1)
+QUICK = Settings(96, 96, (1, 4), ("iid", "dirichlet-0.1"), 2, 1, 16, 3e-3, 4, (1, 2), 1)
+FULL = Settings(600, 500, (1, 2, 5, 10), ("iid", "dirichlet-0.1", "dirichlet-1"), 5, 1, 16, 3e-3,
+                10, (1, 2, 5), 2)
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """A partitioner as the product names it, with its Dirichlet α."""
+
+    label: str
+    partitioner: str
+    alpha: float
+
+    @classmethod
+    def parse(cls, label: str) -> Partitioning:
+        if label == "iid":
+            return cls(label, "iid", 0.5)
+        kind, _, alpha = label.partition("-")
+        if kind != "dirichlet" or not alpha:
+            raise SystemExit(f"partition {label!r}: use 'iid' or 'dirichlet-<alpha>'")
+        return cls(label, "dirichlet", float(alpha))
+
+
+def federations(s: Settings, spec: BackboneSpec, data_dir: Path, work: Path, seed: int) -> list[Federation]:
+    """À-la-carte and FedAvg runs for every (partitioning, N); N = 1 runs once (all coincide)."""
+    runs = []
+    for label in s.partitions:
+        part = Partitioning.parse(label)
+        for n in s.sources:
+            if n == 1 and label != s.partitions[0]:
+                continue
+            common = {"partitioner": part.partitioner, "dirichlet-alpha": part.alpha, "partition-seed": seed,
+                      "batch-size": s.batch_size, "learning-rate": s.lr}
+            for mode, rounds, local in (("alacarte", 1, s.epochs),
+                                        ("fedavg", s.epochs // s.fedavg_local_epochs, s.fedavg_local_epochs)):
+                name = f"{label}-{n}-{mode}"
+                pool = work / "pools" / name
+                shutil.rmtree(pool, ignore_errors=True)
+                config = product_run_config(spec, data_dir, pool, mode=mode, **common,
+                                            **{"num-server-rounds": rounds, "local-epochs": local})
+                runs.append(Federation(name, config, list(range(n)), n))
+    return runs
+
+
+def paragon(model: APTViT, bank: Bank, indices: np.ndarray, s: Settings, seed: int):
+    """One prompt over every class trained on ``indices`` (the union), same epochs/batch/lr."""
+    prompt = fresh_prompt(model, NUM_CLASSES, seed=seed, source="paragon")
+    train_on_bank(model, prompt, bank, indices, s.epochs, s.batch_size, s.lr, seed)
+    return prompt
+
+
+def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_dir: Path, test: Bank,
+                    paragon_acc: float, seed: int) -> list[dict]:
+    """One row per (partitioning, N): accuracies of the four methods and the gap to the paragon."""
+    rows = []
+    for label in s.partitions:
+        part = Partitioning.parse(label)
+        for n in s.sources:
+            key = f"{label if n > 1 else s.partitions[0]}-{n}"
+            prompts = list(pool_prompts(Path(runs[f"{key}-alacarte"].run_config["pool-dir"]), model).values())
+            logits = bank_logits(model, test, prompts)
+            alone = [accuracy(logits[i].softmax(-1), test.labels) for i in range(len(prompts))]
+            shared = list(pool_prompts(Path(runs[f"{key}-fedavg"].run_config["pool-dir"]), model).values())
+            sizes = [len(x) for x in partition_shards(data_dir, n, part.partitioner, part.alpha, seed)]
+            composed = composed_accuracy(logits, test.labels)
+            rows.append({
+                "partition": label, "sources": n, "prompts_in_pool": len(prompts),
+                "images_per_source_mean": float(np.mean(sizes)), "images_per_source_min": min(sizes),
+                "images_per_source_max": max(sizes),
+                "composed": composed, "paragon": paragon_acc,
+                "fedavg": composed_accuracy(bank_logits(model, test, shared), test.labels),
+                "alone_mean": float(np.mean(alone)), "alone_min": min(alone), "alone_max": max(alone),
+                "gap_points": round(100 * (paragon_acc - composed), 2),
+                "alacarte_seconds": round(runs[f"{key}-alacarte"].seconds, 1),
+                "fedavg_seconds": round(runs[f"{key}-fedavg"].seconds, 1),
+            })
+    return rows
+
+
+def subset_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_dir: Path, train: Bank,
+                test: Bank, seed: int) -> list[dict]:
+    """Random subsets of the IID pool: composed subset vs a paragon trained on that subset's data."""
+    n = s.subset_pool
+    pool = Path(runs[f"iid-{n}-alacarte"].run_config["pool-dir"])
+    logits = bank_logits(model, test, list(pool_prompts(pool, model).values()))
+    shards = partition_shards(data_dir, n, "iid", 0.5, seed)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for size in s.subset_sizes:
+        for draw in range(s.subset_draws):
+            chosen = sorted(int(i) for i in rng.choice(n, size=size, replace=False))
+            union = np.concatenate([shards[i] for i in chosen])
+            composed = composed_accuracy(logits, test.labels, chosen)
+            para = accuracy(bank_logits(model, test, [paragon(model, train, union, s, seed)])[0].softmax(-1),
+                            test.labels)
+            rows.append({"subset_size": size, "draw": draw, "sources": " ".join(map(str, chosen)),
+                         "images": len(union), "composed": composed, "paragon": para,
+                         "gap_points": round(100 * (para - composed), 2)})
+    return rows
+
+
+def plot_comparison(rows: list[dict], s: Settings, path: Path) -> Path:
+    """Accuracy vs number of sources, one panel per partitioning."""
+    fig, axes = plt.subplots(1, len(s.partitions), figsize=(4.2 * len(s.partitions), 3.6), squeeze=False)
+    for ax, label in zip(axes[0], s.partitions):
+        part = [r for r in rows if r["partition"] == label]
+        xs = [r["sources"] for r in part]
+        for key, style in (("paragon", "k--"), ("composed", "o-"), ("fedavg", "s-"), ("alone_mean", "^:")):
+            ax.plot(xs, [100 * r[key] for r in part], style, label=key.replace("_mean", " (mean)"))
+        ax.set(xscale="log", xticks=xs, xticklabels=[str(x) for x in xs], xlabel="sources",
+               ylabel="test accuracy (%)", title=label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_subsets(rows: list[dict], path: Path) -> Path:
+    """Composed subset vs paragon-on-subset accuracy against subset size."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    sizes = sorted({r["subset_size"] for r in rows})
+    for key, style in (("paragon", "k--o"), ("composed", "-s")):
+        means = [100 * np.mean([r[key] for r in rows if r["subset_size"] == k]) for k in sizes]
+        ax.plot(sizes, means, style, label=f"{key} (mean of draws)")
+        ax.scatter([r["subset_size"] for r in rows], [100 * r[key] for r in rows], s=10, alpha=0.5)
+    ax.set(xlabel="sources in the subset", ylabel="test accuracy (%)", title="à-la-carte subsets (IID pool)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the experiment; returns the JSON payload it wrote."""
+    parser = base_parser(NAME, __doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    configure_logging()
+    s, label = select_profile(args, TINY, QUICK, FULL)
+    if s.subset_pool not in s.sources or "iid" not in s.partitions or s.epochs % s.fedavg_local_epochs:
+        raise SystemExit("settings: subset_pool must be one of sources, 'iid' among partitions, and "
+                         "fedavg_local_epochs must divide epochs")
+    clock = Stopwatch()
+    spec = backbone_spec(args.tiny)
+    model = spec.load()
+    data_dir = write_idx_subset(args.data_dir, s.train_images, s.test_images, args.seed, args.work_dir / "data")
+    train = build_bank(model, load_split("fashion_mnist", str(data_dir), "train"), np.arange(s.train_images),
+                       args.work_dir / "bank-train")
+    test = build_bank(model, load_split("fashion_mnist", str(data_dir), "test"), np.arange(s.test_images),
+                      args.work_dir / "bank-test")
+    runs = federations(s, spec, data_dir, args.work_dir, args.seed)
+    run_federations(runs, max(s.sources), args.work_dir / "bank-train")
+    by_name = {r.name: r for r in runs}
+    para = paragon(model, train, train.index, s, args.seed)
+    paragon_acc = accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)
+    rows = comparison_rows(s, by_name, model, data_dir, test, paragon_acc, args.seed)
+    subsets = subset_rows(s, by_name, model, data_dir, train, test, args.seed)
+    uploads = [b for r in runs for b in r.uploads]
+    payload = {
+        "experiment": NAME,
+        "setup": setup_record(spec, s, label, args, dataset="Fashion-MNIST", train_images=s.train_images,
+                              test_images=s.test_images, seconds=clock.seconds(),
+                              upload_bytes_per_reply=max(uploads) if uploads else 0),
+        "comparison": rows, "subsets": subsets,
+        "max_gap_points": max(r["gap_points"] for r in rows),
+        "plots": [plot_comparison(rows, s, args.out / "accuracy_vs_sources.png").name,
+                  plot_subsets(subsets, args.out / "subsets.png").name],
+    }
+    write_csv(args.out / "comparison.csv", rows)
+    write_csv(args.out / "subsets.csv", subsets)
+    write_json(args.out / "result.json", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

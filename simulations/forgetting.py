@@ -1,0 +1,192 @@
+"""Forgetting a source: removing its prompt equals never having trained with it, bitwise.
+
+A pool of N sources is trained through the product's Flower apps (one à-la-carte round,
+fixed seeds: the ClientApp seeds each prompt by its source id and its data order by the
+partition seed). Then, for every source k:
+
+* **forgotten**: a copy of the full pool with ``PromptPool.remove("source-k")``;
+* **retrained**: a second federation in which node k never takes part (same partitions,
+  so every other source trains on the same data with the same seeds).
+
+The composed predictions (probabilities) of the two on the whole test set are compared
+bitwise, and the accuracy on source k's own data (its training images, and the test
+images of its classes) is reported before and after the removal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from common.data import load_split
+from common.model import APTViT, compose_probs
+from common.prompt import Prompt
+from server.pool import PromptPool
+from simulations.common import (
+    Bank,
+    Federation,
+    Stopwatch,
+    accuracy,
+    backbone_spec,
+    base_parser,
+    bank_logits,
+    build_bank,
+    configure_logging,
+    partition_shards,
+    pool_prompts,
+    product_run_config,
+    run_federations,
+    save_figure,
+    select_profile,
+    setup_record,
+    write_csv,
+    write_idx_subset,
+    write_json,
+)
+
+NAME = "forgetting"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one run."""
+
+    train_images: int
+    test_images: int
+    sources: int
+    partitioner: str  # "classes", "iid" or "dirichlet"
+    alpha: float
+    epochs: int
+    batch_size: int
+    lr: float
+
+
+TINY = Settings(40, 32, 2, "classes", 1.0, 1, 16, 3e-3)
+QUICK = Settings(80, 80, 3, "classes", 1.0, 2, 16, 3e-3)
+FULL = Settings(500, 500, 5, "classes", 1.0, 5, 16, 3e-3)
+
+
+def federations(s: Settings, run_config: dict, work: Path) -> list[Federation]:
+    """The full federation, then one without each source."""
+    runs = []
+    for skip in (None, *range(s.sources)):
+        name = "all" if skip is None else f"without-{skip}"
+        pool = work / "pools" / name
+        shutil.rmtree(pool, ignore_errors=True)
+        runs.append(Federation(name, {**run_config, "pool-dir": str(pool)},
+                               [k for k in range(s.sources) if k != skip], s.sources))
+    return runs
+
+
+def digest(prompts: list[Prompt]) -> str:
+    """SHA-256 of the prompts' tensors, in order."""
+    h = hashlib.sha256()
+    for p in prompts:
+        for name, array in sorted(p.arrays().items()):
+            h.update(name.encode() + array.tobytes())
+    return h.hexdigest()
+
+
+def forget(full_pool: Path, source: str, dest: Path) -> Path:
+    """A copy of the full pool with ``source`` removed through ``PromptPool.remove``."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(full_pool, dest)
+    PromptPool(dest).remove(source)
+    return dest
+
+
+def composed_probs(model: APTViT, bank: Bank, prompts: list[Prompt], indices: np.ndarray | None = None):
+    """Uniform composition of ``prompts`` on ``indices`` of ``bank``."""
+    return compose_probs(bank_logits(model, bank, prompts, indices))
+
+
+def source_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_dir: Path, train: Bank,
+                test: Bank, work: Path, seed: int) -> list[dict]:
+    """For each source: bitwise check, and accuracy on its data before/after forgetting."""
+    full_dir = Path(runs["all"].run_config["pool-dir"])
+    full = pool_prompts(full_dir, model)
+    full_test = composed_probs(model, test, list(full.values()))
+    shards = partition_shards(data_dir, s.sources, s.partitioner, s.alpha, seed)
+    rows = []
+    for k in range(s.sources):
+        source = f"source-{k}"
+        forgotten = list(pool_prompts(forget(full_dir, source, work / "forgotten" / source), model).values())
+        retrained = list(pool_prompts(Path(runs[f"without-{k}"].run_config["pool-dir"]), model).values())
+        after_test = composed_probs(model, test, forgotten)
+        own_test = np.flatnonzero(np.isin(test.labels, list(full[source].labels)))
+        own_train = shards[k]
+        rows.append({
+            "source": source, "labels": " ".join(map(str, full[source].labels)),
+            "train_images": len(own_train), "test_images_of_its_classes": len(own_test),
+            "bitwise_identical": bool(torch.equal(after_test, composed_probs(model, test, retrained))),
+            "prompts_identical": digest(forgotten) == digest(retrained),
+            "predictions_identical": bool(torch.equal(after_test.argmax(-1),
+                                                      composed_probs(model, test, retrained).argmax(-1))),
+            "own_train_acc_before": accuracy(composed_probs(model, train, list(full.values()), own_train),
+                                             train.labels_of(own_train)),
+            "own_train_acc_after": accuracy(composed_probs(model, train, forgotten, own_train),
+                                            train.labels_of(own_train)),
+            "own_classes_test_acc_before": accuracy(full_test[own_test], test.labels[own_test]),
+            "own_classes_test_acc_after": accuracy(after_test[own_test], test.labels[own_test]),
+            "test_acc_before": accuracy(full_test, test.labels),
+            "test_acc_after": accuracy(after_test, test.labels),
+        })
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Accuracy on each source's data before and after removing it."""
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(rows) + 2), 3.6))
+    x = np.arange(len(rows))
+    bars = (("own_train_acc_before", "its training images, before"), ("own_train_acc_after", "… after"),
+            ("own_classes_test_acc_before", "test images of its classes, before"),
+            ("own_classes_test_acc_after", "… after"))
+    for i, (key, label) in enumerate(bars):
+        ax.bar(x + (i - 1.5) * 0.2, [100 * r[key] for r in rows], 0.2, label=label)
+    ax.set_xticks(x, [f"{r['source']}\n{'identical' if r['bitwise_identical'] else 'DIFFERENT'}" for r in rows])
+    ax.set(ylabel="composed accuracy (%)", title="forgetting one source (label: bitwise check vs retrained)")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the experiment; returns the JSON payload it wrote."""
+    args = base_parser(NAME, __doc__.split("\n\n")[0]).parse_args(argv)
+    configure_logging()
+    s, label = select_profile(args, TINY, QUICK, FULL)
+    clock = Stopwatch()
+    spec = backbone_spec(args.tiny)
+    model = spec.load()
+    data_dir = write_idx_subset(args.data_dir, s.train_images, s.test_images, args.seed, args.work_dir / "data")
+    train = build_bank(model, load_split("fashion_mnist", str(data_dir), "train"), np.arange(s.train_images),
+                       args.work_dir / "bank-train")
+    test = build_bank(model, load_split("fashion_mnist", str(data_dir), "test"), np.arange(s.test_images),
+                      args.work_dir / "bank-test")
+    run_config = product_run_config(spec, data_dir, args.work_dir, partitioner=s.partitioner,
+                                    **{"dirichlet-alpha": s.alpha, "partition-seed": args.seed,
+                                       "local-epochs": s.epochs, "batch-size": s.batch_size,
+                                       "learning-rate": s.lr})
+    runs = federations(s, run_config, args.work_dir)
+    run_federations(runs, s.sources, args.work_dir / "bank-train")
+    rows = source_rows(s, {r.name: r for r in runs}, model, data_dir, train, test, args.work_dir, args.seed)
+    payload = {
+        "experiment": NAME,
+        "setup": setup_record(spec, s, label, args, dataset="Fashion-MNIST", train_images=s.train_images,
+                              test_images=s.test_images, seconds=clock.seconds()),
+        "sources": rows,
+        "all_bitwise_identical": all(r["bitwise_identical"] and r["prompts_identical"] for r in rows),
+        "plots": [plot(rows, args.out / "forgetting.png").name],
+    }
+    write_csv(args.out / "forgetting.csv", rows)
+    write_json(args.out / "result.json", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
