@@ -1,0 +1,627 @@
+"""The composition service: gRPC ``alacarte.v1.CompositionService`` over a prompt pool.
+
+``alacarte serve`` loads the frozen backbone once, watches the prompt pool and answers
+``Predict`` (classify images with the à-la-carte composition of chosen sources) and
+``ListSources``. It also serves ``grpc.health.v1.Health`` and server reflection.
+
+Request path:
+
+1. the handler thread authenticates the bearer token (``server.auth``), resolves the
+   selected sources against the current pool snapshot and the caller's rights, and decodes
+   and transforms every image -- so a bad request fails alone, before batching;
+2. the job goes to a bounded queue (``server.batcher``); one worker thread merges queued
+   jobs, whatever their source selections, into a single backbone pass
+   (``APTViT.backbone_kv``); jobs sharing a selection run their prompts together
+   (``APTViT.forward_kv``) and each job composes its own rows (``compose_probs``);
+3. the handler returns the top-k labels and the exact prompts used.
+
+The pool is re-read when ``PromptPool.generation()`` changes (checked on every request, one
+small SQLite query); only prompts whose file hash changed are loaded again, so new
+versions and forgotten sources take effect without a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import ipaddress
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from PIL import Image
+from torch import Tensor
+
+from common import alacarte_pb2 as pb
+from common import alacarte_pb2_grpc as pb_grpc
+from common.model import APTViT, compose_probs
+from common.prompt import Prompt, PromptError
+from server.auth import AuthenticationError, Principal, TokenFileError, TokenStore, add_user, remove_user
+from server.batcher import BatcherClosedError, DeadlineExceededError, DynamicBatcher, QueueFullError
+from server.pool import MAX_SOURCE_LEN, PoolCorruptError, PoolEntry, PoolError, PromptPool, UnknownSourceError
+
+__all__ = [
+    "HELP",
+    "SERVICE_NAME",
+    "Catalog",
+    "CompositionServer",
+    "CompositionServicer",
+    "RequestError",
+    "ServedPrompt",
+    "ServiceConfig",
+    "Snapshot",
+    "add_arguments",
+    "decode_images",
+    "load_class_names",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+HELP = "serve composition queries over gRPC from a prompt pool"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CompositionService"].full_name
+ANONYMOUS = Principal("anonymous", None)
+WEIGHTINGS = {pb.WEIGHTING_UNIFORM: None, pb.WEIGHTING_CONFIDENCE: "confidence"}
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+DEFAULT_TOP_K = 3
+MiB = 1 << 20
+
+
+class RequestError(Exception):
+    """A request is refused with a gRPC status ``code`` and a message for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Limits and security settings of a composition server (see ``alacarte serve --help``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tokens: Path | None = None
+    class_names: tuple[str, ...] = ()
+    max_batch: int = 32  # images per backbone pass
+    max_queue: int = 32  # requests waiting for the model
+    max_wait: float = 0.002  # seconds the worker waits to fill a batch
+    max_images: int = 64  # images per request
+    max_image_pixels: int = 4096 * 4096  # width x height of one decoded image
+    max_message_bytes: int = 64 * MiB
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("pass both --tls-cert and --tls-key (PEM files), or neither")
+        if min(self.max_batch, self.max_queue, self.max_images, self.max_image_pixels, self.max_message_bytes) < 1:
+            raise ValueError("max-batch, max-queue, max-images and the size limits must be >= 1")
+        if self.tokens is None and not is_loopback(self.host):
+            raise ValueError(f"refusing to serve {self.host} without authentication: pass --tokens FILE "
+                             "(create it with --add-token) or bind a loopback address such as 127.0.0.1")
+
+    @property
+    def rpc_threads(self) -> int:
+        """Handler threads: enough for a full queue plus the requests being decoded or run."""
+        return self.max_queue + 8
+
+
+# --------------------------------------------------------------------------- pool snapshot
+
+
+@dataclass(frozen=True)
+class ServedPrompt:
+    """A prompt ready to run, with the pool entry it was loaded from."""
+
+    entry: PoolEntry
+    prompt: Prompt
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The servable state of the pool at one ``generation``."""
+
+    generation: int
+    prompts: Mapping[str, ServedPrompt] = field(default_factory=dict)
+    unservable: Mapping[str, str] = field(default_factory=dict)  # source -> why it cannot be composed
+
+
+class Catalog:
+    """The pool's latest prompts, loaded on the model's device and refreshed on change."""
+
+    def __init__(self, pool: PromptPool, model: APTViT) -> None:
+        self.pool, self.model = pool, model
+        self._lock = threading.Lock()
+        self._snapshot = Snapshot(generation=-1)
+        self.current()
+
+    def current(self) -> Snapshot:
+        """The snapshot of the pool's current generation (reloading what changed)."""
+        generation = self.pool.generation()
+        if generation <= self._snapshot.generation:
+            return self._snapshot
+        with self._lock:
+            if generation > self._snapshot.generation:
+                self._snapshot = self._load(generation, self._snapshot)
+            return self._snapshot
+
+    def _load(self, generation: int, previous: Snapshot) -> Snapshot:
+        prompts: dict[str, ServedPrompt] = {}
+        unservable: dict[str, str] = {}
+        for entry in self.pool.entries():
+            old = previous.prompts.get(entry.source)
+            if old is not None and old.entry.sha256 == entry.sha256:
+                prompts[entry.source] = old
+                continue
+            try:
+                prompt = self.pool.get(entry.source, entry.version, model=self.model).requires_grad_(False)
+            except UnknownSourceError:  # forgotten meanwhile
+                continue
+            except (PromptError, PoolCorruptError) as err:
+                unservable[entry.source] = str(err)
+                logger.warning("source %r cannot be served: %s", entry.source, err)
+                continue
+            prompts[entry.source] = ServedPrompt(entry, prompt)
+        logger.info("prompt pool generation %d: %d source(s) servable", generation, len(prompts))
+        return Snapshot(generation, prompts, unservable)
+
+
+def select_prompts(snapshot: Snapshot, principal: Principal, requested: Sequence[str]) -> list[ServedPrompt]:
+    """The prompts a request composes, sorted by source; raises ``RequestError``.
+
+    An empty ``requested`` means every servable source the caller may use. A source outside
+    the caller's rights is PERMISSION_DENIED whether or not it exists (nothing leaks).
+    """
+    if not requested:
+        chosen = [s for s in snapshot.prompts if principal.may_use(s)]
+        if not chosen:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"no prompt that user {principal.user!r} may use is in the pool yet")
+    else:
+        chosen = list(dict.fromkeys(requested))
+        for source in chosen:
+            _check_source(snapshot, principal, source)
+    served = [snapshot.prompts[s] for s in sorted(chosen)]
+    sizes = {p.prompt.num_classes for p in served}
+    if len(sizes) > 1:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the selected sources (by default: all you may use) disagree on the label space "
+                           f"size {sorted(sizes)}; select sources trained on the same label space")
+    return served
+
+
+def _check_source(snapshot: Snapshot, principal: Principal, source: str) -> None:
+    if not principal.may_use(source):
+        raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                           f"user {principal.user!r} may not compose source {source[:MAX_SOURCE_LEN]!r}; "
+                           "ask the operator to extend your token's sources, or see ListSources")
+    if source in snapshot.unservable:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"source {source!r} cannot be served: {snapshot.unservable[source]}")
+    if source not in snapshot.prompts:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"unknown source {source[:MAX_SOURCE_LEN]!r} (never added, or forgotten); ListSources shows "
+                           "the sources you may compose")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def decode_images(
+    blobs: Sequence[bytes],
+    transform: Callable[[Image.Image], Tensor],
+    max_pixels: int,
+) -> Tensor:
+    """Decode PNG/JPEG ``blobs`` and apply the backbone ``transform``: ``[n, 3, H, W]``.
+
+    Raises ``RequestError(INVALID_ARGUMENT)`` naming the first bad image.
+    """
+    return torch.stack([_decode_one(i, blob, transform, max_pixels) for i, blob in enumerate(blobs)])
+
+
+def _decode_one(index: int, blob: bytes, transform: Callable[[Image.Image], Tensor], max_pixels: int) -> Tensor:
+    def bad(why: str) -> RequestError:
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {why}")
+
+    try:
+        with Image.open(io.BytesIO(blob), formats=ACCEPTED_FORMATS) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise bad(f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels; downscale it")
+            image.load()
+            return transform(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise bad(f"not a decodable {' or '.join(ACCEPTED_FORMATS)} image ({err})") from err
+
+
+# --------------------------------------------------------------------------- batched compute
+
+
+@dataclass(frozen=True)
+class _Job:
+    images: Tensor  # [n, 3, H, W]
+    prompts: tuple[Prompt, ...]
+    weighting: str | None
+
+
+class _Composer:
+    """The batcher's ``process``: one backbone pass for all jobs, prompts per selection."""
+
+    def __init__(self, model: APTViT) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def __call__(self, jobs: list[_Job]) -> list[Tensor | BaseException]:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(tuple(map(id, job.prompts)), []).append(i)
+        order = [i for members in groups.values() for i in members]
+        images = torch.cat([jobs[i].images for i in order]).to(self.model.device)
+        kv = self.model.backbone_kv(images)  # the one backbone pass of the batch
+        results: list[Tensor | BaseException] = [RuntimeError("job not run")] * len(jobs)
+        start = 0
+        for members in groups.values():
+            stop = start + sum(len(jobs[i].images) for i in members)
+            self._run_group(kv[:, :, start:stop], [jobs[i] for i in members], members, results)
+            start = stop
+        return results
+
+    def _run_group(self, kv: Tensor, jobs: list[_Job], members: list[int], results: list) -> None:
+        """Jobs sharing one prompt selection: run the prompts once, compose per job."""
+        try:
+            logits = self.model.forward_kv(kv, jobs[0].prompts)  # [k, n, C]
+        except Exception as err:  # fail these jobs only, not the batch
+            logger.exception("prompt forward failed for %d job(s)", len(jobs))
+            for i in members:
+                results[i] = err
+            return
+        start = 0
+        for i, job in zip(members, jobs):
+            stop = start + len(job.images)
+            results[i] = compose_probs(logits[:, start:stop], job.weighting).float().cpu()
+            start = stop
+
+
+# --------------------------------------------------------------------------- gRPC service
+
+
+class CompositionServicer(pb_grpc.CompositionServiceServicer):
+    """``Predict`` and ``ListSources`` over a catalog, a batcher and a token store."""
+
+    def __init__(self, catalog: Catalog, batcher: DynamicBatcher, tokens: TokenStore | None,
+                 config: ServiceConfig, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.catalog, self.batcher, self.tokens = catalog, batcher, tokens
+        self.config, self.transform = config, transform
+
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        """Classify ``request.images`` with the composition of the selected sources."""
+        try:
+            principal = self._authenticate(context)
+            served = select_prompts(self._snapshot(), principal, request.sources)
+            num_classes = served[0].prompt.num_classes
+            top_k = self._check_request(request, num_classes)
+            images = decode_images(request.images, self.transform, self.config.max_image_pixels)
+            job = _Job(images, tuple(s.prompt for s in served), WEIGHTINGS[request.weighting])
+            probs = self._run(job, context)
+        except RequestError as err:
+            context.abort(err.code, err.message)
+        return _predict_response(probs, top_k, served, self.config.class_names)
+
+    def ListSources(self, request: pb.ListSourcesRequest, context: grpc.ServicerContext) -> pb.ListSourcesResponse:
+        """The servable sources the caller may compose, sorted by id."""
+        try:
+            principal = self._authenticate(context)
+            snapshot = self._snapshot()
+        except RequestError as err:
+            context.abort(err.code, err.message)
+        return pb.ListSourcesResponse(
+            sources=[_source_info(snapshot.prompts[s].entry) for s in sorted(snapshot.prompts)
+                     if principal.may_use(s)],
+            class_names=self.config.class_names, backbone=self.catalog.model.backbone_name)
+
+    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
+        if self.tokens is None:
+            return ANONYMOUS
+        try:
+            return self.tokens.authenticate(context.invocation_metadata())
+        except AuthenticationError as err:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, str(err)) from err
+
+    def _snapshot(self) -> Snapshot:
+        try:
+            return self.catalog.current()
+        except (PoolError, sqlite3.Error, OSError) as err:
+            logger.exception("cannot read the prompt pool")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"the prompt pool is unreadable ({err}); retry later") from err
+
+    def _check_request(self, request: pb.PredictRequest, num_classes: int) -> int:
+        """Validate counts and options; return the effective ``top_k``."""
+        n = len(request.images)
+        if not 1 <= n <= self.config.max_images:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"a request carries 1 to {self.config.max_images} images, got {n}; split it")
+        if request.weighting not in WEIGHTINGS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"unknown weighting {request.weighting}; use UNIFORM or CONFIDENCE")
+        if not 0 <= request.top_k <= num_classes:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"top_k must be within 1..{num_classes} (0 = {DEFAULT_TOP_K}), got {request.top_k}")
+        return request.top_k or min(DEFAULT_TOP_K, num_classes)
+
+    def _run(self, job: _Job, context: grpc.ServicerContext) -> Tensor:
+        """Queue ``job`` and wait for its probabilities ``[n, C]`` within the deadline."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        try:
+            future = self.batcher.submit(job, size=len(job.images), deadline=deadline)
+        except QueueFullError as err:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from err
+        except BatcherClosedError as err:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from err
+        context.add_callback(future.cancel)  # client gone: drop the job if still queued
+        try:
+            return future.result(timeout=remaining)
+        except (concurrent.futures.TimeoutError, DeadlineExceededError) as err:
+            future.cancel()
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               "the deadline passed before the images were classified; allow more time") from err
+        except concurrent.futures.CancelledError as err:
+            raise RequestError(grpc.StatusCode.CANCELLED, "the request was cancelled") from err
+        except Exception as err:
+            logger.exception("composition failed")
+            raise RequestError(grpc.StatusCode.INTERNAL, f"composition failed: {type(err).__name__}: {err}") from err
+
+
+def _predict_response(probs: Tensor, top_k: int, served: Sequence[ServedPrompt],
+                      class_names: Sequence[str]) -> pb.PredictResponse:
+    values, indices = probs.topk(top_k, dim=1)
+    return pb.PredictResponse(
+        predictions=[
+            pb.ImagePrediction(labels=[
+                pb.LabelScore(index=c, name=class_names[c] if c < len(class_names) else "", probability=p)
+                for c, p in zip(row_idx, row_val)])
+            for row_idx, row_val in zip(indices.tolist(), values.tolist())],
+        prompts=[pb.PromptRef(source=s.entry.source, version=s.entry.version, sha256=s.entry.sha256)
+                 for s in served])
+
+
+def _source_info(entry: PoolEntry) -> pb.SourceInfo:
+    created = Timestamp()
+    created.FromNanoseconds(int(entry.created_at * 1e9))
+    return pb.SourceInfo(source=entry.source, version=entry.version, labels=entry.labels,
+                         num_classes=entry.num_classes, num_examples=entry.num_examples,
+                         created_at=created, sha256=entry.sha256)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class CompositionServer:
+    """A running composition server: gRPC server, health, reflection, batcher and catalog.
+
+    ``port`` is the bound port (useful with ``config.port = 0``). ``stop`` drains in-flight
+    requests, then stops the worker.
+    """
+
+    def __init__(self, model: APTViT, pool: PromptPool, config: ServiceConfig,
+                 transform: Callable[[Image.Image], Tensor]) -> None:
+        self.config = config
+        tokens = TokenStore(config.tokens) if config.tokens is not None else None
+        self.catalog = Catalog(pool, model)
+        self.batcher = DynamicBatcher(_Composer(model), max_batch=config.max_batch,
+                                      max_queue=config.max_queue, max_wait=config.max_wait, name="alacarte-batcher")
+        self.health = health.HealthServicer()
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes)]
+        self._server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="alacarte-rpc"),
+            options=options, maximum_concurrent_rpcs=config.rpc_threads)
+        pb_grpc.add_CompositionServiceServicer_to_server(
+            CompositionServicer(self.catalog, self.batcher, tokens, config, transform), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        try:
+            self.port = self._bind()
+            self._server.start()
+        except BaseException:
+            self.batcher.close()
+            raise
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients connect to."""
+        return f"[{self.config.host}]:{self.port}" if ":" in self.config.host else f"{self.config.host}:{self.port}"
+
+    def _bind(self) -> int:
+        address = f"[{self.config.host}]:{self.config.port}" if ":" in self.config.host \
+            else f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert is None:
+            return self._server.add_insecure_port(address)
+        credentials = grpc.ssl_server_credentials(
+            [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
+        return self._server.add_secure_port(address, credentials)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, finish in-flight requests (up to ``grace`` s), stop the worker."""
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.batcher.close()
+        logger.info("served %d request(s), %d image(s) in %d batch(es)",
+                    self.batcher.jobs, self.batcher.items, self.batcher.batches)
+
+    def __enter__(self) -> CompositionServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=0)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_class_names(spec: str) -> tuple[str, ...]:
+    """Class names from a built-in dataset name (``fashion_mnist``, ``mnist``) or a file.
+
+    A file holds one name per line, or a JSON list of names.
+    """
+    from common import data
+
+    builtin = {"fashion_mnist": data.FASHION_MNIST_CLASSES, "mnist": data.MNIST_CLASSES}
+    if spec in builtin:
+        return tuple(builtin[spec])
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--classes {spec!r} is neither {' nor '.join(builtin)} nor an existing file")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        import json
+
+        return tuple(map(str, json.loads(text)))
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``alacarte serve``."""
+    from common.config import AppConfig
+
+    defaults, limits = AppConfig(), ServiceConfig()
+    model = parser.add_argument_group("model and pool")
+    model.add_argument("--pool", type=Path, default=None,
+                       help="prompt pool directory (default: $ALACARTE_POOL, else $ALACARTE_HOME/pool)")
+    model.add_argument("--backbone", default=defaults.backbone, help="timm ViT name (default: %(default)s)")
+    model.add_argument("--checkpoint", default="",
+                       help="backbone weights file (default: the one `alacarte setup` prepared)")
+    model.add_argument("--img-size", type=int, default=defaults.img_size,
+                       help="input resolution (default: %(default)s)")
+    init = model.add_mutually_exclusive_group()
+    init.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
+                      help="pretrained backbone weights (default)")
+    init.add_argument("--random-init", dest="pretrained", action="store_false",
+                      help="seeded random backbone (tests; prompts must have been made on it)")
+    model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    model.add_argument("--classes", default=None,
+                       help="class names: fashion_mnist, mnist, or a file (one per line or a JSON list)")
+    net = parser.add_argument_group("network and security")
+    net.add_argument("--host", default=limits.host, help="address to bind (default: %(default)s)")
+    net.add_argument("--port", type=int, default=limits.port, help="port, 0 = any free one (default: %(default)s)")
+    net.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (enables TLS)")
+    net.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    net.add_argument("--tokens", type=Path, default=None,
+                     help="tokens file (JSON of salted hashes); without it only loopback is served, unauthenticated")
+    net.add_argument("--add-token", metavar="USER", default=None,
+                     help="create or replace USER's token in --tokens, print it once and exit")
+    net.add_argument("--sources", default=None, help="with --add-token: comma-separated sources, or '*' for all")
+    net.add_argument("--revoke-token", metavar="USER", default=None, help="remove USER from --tokens and exit")
+    perf = parser.add_argument_group("batching and limits")
+    perf.add_argument("--max-batch", type=int, default=limits.max_batch,
+                      help="images per backbone pass (default: %(default)s)")
+    perf.add_argument("--max-queue", type=int, default=limits.max_queue,
+                      help="requests waiting before RESOURCE_EXHAUSTED (default: %(default)s)")
+    perf.add_argument("--max-wait-ms", type=float, default=limits.max_wait * 1000,
+                      help="wait to fill a batch, in ms (default: %(default)s)")
+    perf.add_argument("--max-images", type=int, default=limits.max_images,
+                      help="images per request (default: %(default)s)")
+    perf.add_argument("--max-message-mb", type=int, default=limits.max_message_bytes // MiB,
+                      help="largest request or response, MiB (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``alacarte serve`` until SIGINT/SIGTERM (or a token command): 0 ok, 2 bad setup."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.add_token or args.revoke_token:
+        return _edit_tokens(args)
+    try:
+        config = _service_config(args)
+        model, pool, transform = _load(args)
+        server = CompositionServer(model, pool, config, transform)
+    except (ValueError, OSError, PoolError, TokenFileError, RuntimeError) as err:
+        print(f"alacarte serve: {err}", file=sys.stderr)
+        return 2
+    if config.tokens is None:
+        logger.warning("no --tokens: serving WITHOUT authentication (loopback only)")
+    elif config.tls_cert is None and not is_loopback(config.host):
+        logger.warning("tokens travel in cleartext: pass --tls-cert/--tls-key when serving %s", config.host)
+    print(f"alacarte serve: listening on {server.address} ({'TLS' if config.tls_cert else 'plaintext'}, "
+          f"{'tokens ' + str(config.tokens) if config.tokens else 'no auth'}, backbone {model.backbone_name})",
+          flush=True)
+    _wait_for_signal()
+    server.stop()
+    return 0
+
+
+def _edit_tokens(args: argparse.Namespace) -> int:
+    if args.tokens is None:
+        print("alacarte serve: --add-token/--revoke-token need --tokens FILE", file=sys.stderr)
+        return 2
+    try:
+        if args.revoke_token:
+            remove_user(args.tokens, args.revoke_token)
+            print(f"revoked the token of {args.revoke_token!r} in {args.tokens}")
+            return 0
+        if not args.sources:
+            raise ValueError("--add-token needs --sources a,b (or '*' for every source)")
+        sources = "*" if args.sources.strip() == "*" else [s.strip() for s in args.sources.split(",") if s.strip()]
+        token = add_user(args.tokens, args.add_token, sources)
+    except (ValueError, KeyError, TokenFileError, OSError) as err:
+        print(f"alacarte serve: {err}", file=sys.stderr)
+        return 2
+    print(f"token for {args.add_token!r} (shown once; only its hash is stored in {args.tokens}):\n{token}")
+    return 0
+
+
+def _service_config(args: argparse.Namespace) -> ServiceConfig:
+    return ServiceConfig(
+        host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, tokens=args.tokens,
+        class_names=load_class_names(args.classes) if args.classes else (), max_batch=args.max_batch,
+        max_queue=args.max_queue, max_wait=args.max_wait_ms / 1000, max_images=args.max_images,
+        max_message_bytes=args.max_message_mb * MiB)
+
+
+def _load(args: argparse.Namespace) -> tuple[APTViT, PromptPool, Callable[[Image.Image], Tensor]]:
+    """The backbone (as configured by ``AppConfig``), the existing pool and the transform."""
+    from common.config import AppConfig, build_model
+    from common.data import backbone_transform
+
+    root = args.pool or os.environ.get("ALACARTE_POOL") or None
+    config = AppConfig(backbone=args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                       img_size=args.img_size, pool_dir=str(root or ""))
+    pool = PromptPool(config.pool_path(), create=False)
+    model = build_model(config, device=args.device)
+    return model, pool, backbone_transform(model.backbone)
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
