@@ -9,6 +9,7 @@ size cap; images beyond the cap are recomputed each time.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class KVCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._slots: dict[int, int] = {}
         self._store: np.memmap | None = None
+        self._path: Path | None = None
         self.hits = 0
         self.misses = 0
 
@@ -68,35 +70,54 @@ class KVCache:
         hit = [b for b, key in enumerate(keys) if key in self._slots]
         self.hits, self.misses = self.hits + len(hit), self.misses + len(miss)
         device = self.model.device
-        parts: list[Tensor] = []
         if miss:
             computed = self.model.backbone_kv(images[miss].to(device))  # [L, 2, m, H, N, hd]
             self._write([keys[b] for b in miss], computed)
-            parts.append(computed)
+            if not hit:
+                return computed
+            out = computed.new_empty(*computed.shape[:2], len(keys), *computed.shape[3:])
+            for j, b in enumerate(miss):
+                out[:, :, b] = computed[:, :, j]
+        else:
+            L, two, *rest = self._store.shape[1:]
+            out = torch.empty(L, two, len(keys), *rest, dtype=torch.float32, device=device)
         if hit:
-            rows = self._store[[self._slots[keys[b]] for b in hit]]  # [h, L, 2, H, N, hd]
-            parts.append(torch.from_numpy(rows).to(device, torch.float32).movedim(0, 2))
-        order = torch.as_tensor(miss + hit).argsort().to(device)
-        return torch.cat(parts, dim=2).index_select(2, order)
+            rows = self._store[[self._slots[keys[b]] for b in hit]]  # [h, L, 2, H, N, hd], one read
+            for j, b in enumerate(hit):  # one strided copy (and cast to float32) per image
+                out[:, :, b] = torch.from_numpy(rows[j])
+        return out
 
     def _write(self, keys: list[int], kv: Tensor) -> None:
         rows = kv.movedim(2, 0).to("cpu", self.dtype).numpy()  # [m, L, 2, H, N, hd]
         if self._store is None:
             self._open(rows.shape[1:])
-        free = len(self._store) - len(self._slots)
-        for key, row in zip(keys[:free], rows[:free]):
-            self._slots[key] = len(self._slots)
-            self._store[self._slots[key]] = row
+        for key, row in zip(keys, rows):
+            if len(self._slots) >= len(self._store):
+                break
+            if key not in self._slots:  # an index may repeat within a batch
+                slot = len(self._slots)
+                self._store[slot] = row
+                self._slots[key] = slot
 
     def _open(self, item_shape: tuple[int, ...]) -> None:
-        item_bytes = int(np.prod(item_shape)) * np.dtype(_NUMPY_DTYPES[self.dtype]).itemsize
-        capacity = max(self.max_bytes // item_bytes, 1)
-        self._store = np.memmap(self.root / "kv.bin", dtype=_NUMPY_DTYPES[self.dtype], mode="w+",
-                                shape=(capacity, *item_shape))
+        dtype = _NUMPY_DTYPES[self.dtype]
+        item_bytes = int(np.prod(item_shape)) * np.dtype(dtype).itemsize
+        capacity = self.max_bytes // item_bytes
+        if capacity < 1:  # not even one image fits under the cap: cache nothing
+            self._store = np.empty((0, *item_shape), dtype=dtype)
+            return
+        # a unique file, so caches sharing a root folder never map the same file
+        fd, name = tempfile.mkstemp(dir=self.root, prefix="kv-", suffix=".bin")
+        os.close(fd)
+        self._path = Path(name)
+        self._store = np.memmap(self._path, dtype=dtype, mode="w+", shape=(capacity, *item_shape))
 
     def close(self) -> None:
-        """Drop the memory map and delete a temporary cache folder."""
+        """Drop the memory map and delete the cache file (and a temporary cache folder)."""
         self._store = None
         self._slots.clear()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
         if self._tmp is not None:
             self._tmp.cleanup()

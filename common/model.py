@@ -135,17 +135,31 @@ def _load_checkpoint(model: VisionTransformer, path: str) -> None:
 
 
 def backbone_fingerprint(backbone: nn.Module) -> str:
-    """SHA-256 of the backbone's weights (names, shapes and float32 bytes); cached on the module."""
+    """SHA-256 of the backbone's weights (names, shapes and float32 bytes); cached on the module.
+
+    The cache is keyed by the identity, storage, dtype and in-place version counter of every
+    tensor, so it is recomputed whenever a weight is modified, replaced or copied.
+    """
+    state = sorted(backbone.state_dict(keep_vars=True).items())
+    version = tuple((name, id(t), t.data_ptr(), t.dtype, _version_counter(t)) for name, t in state)
     cached = getattr(backbone, "_alacarte_fingerprint", None)
-    if cached is None:
+    if cached is None or cached[0] != version:
         digest = hashlib.sha256()
-        for name, tensor in sorted(backbone.state_dict().items()):
+        for name, tensor in state:
             digest.update(name.encode())
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        cached = digest.hexdigest()
+        cached = (version, digest.hexdigest())
         backbone._alacarte_fingerprint = cached
-    return cached
+    return cached[1]
+
+
+def _version_counter(tensor: Tensor) -> int | None:
+    """The in-place modification counter of ``tensor`` (inference-mode tensors have none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 class APTViT(nn.Module):
@@ -200,14 +214,15 @@ class APTViT(nn.Module):
             ``features [B, N, D]`` exactly as ``forward_features`` returns them, and
             ``kv [L, 2, B, heads, N, head_dim]``: each layer's backbone keys and values.
         """
-        captured: list[Tensor] = []
-        hooks = [blk.attn.qkv.register_forward_hook(_capture_kv(blk, captured)) for blk in self.backbone.blocks]
+        captured: list[Tensor] = []  # holds the one [L, 2, B, H, N, hd] buffer the hooks write into
+        hooks = [blk.attn.qkv.register_forward_hook(_capture_kv(blk, layer, self.depth, captured))
+                 for layer, blk in enumerate(self.backbone.blocks)]
         try:
             features = self.backbone.forward_features(images)
         finally:
             for hook in hooks:
                 hook.remove()
-        return features, torch.stack(captured)
+        return features, captured[0]
 
     def backbone_kv(self, images: Tensor) -> Tensor:
         """Per-layer backbone keys/values ``[L, 2, B, heads, N, head_dim]`` (no grad)."""
@@ -290,6 +305,8 @@ def compose_probs(logits: Tensor, weights: Tensor | str | None = None) -> Tensor
         if w.shape not in ((k,), (k, B)) or bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
             raise ValueError(f"weights must be finite, non-negative, of shape [{k}] or [{k}, {B}]; got {tuple(w.shape)}")
         w = w.reshape(k, -1).expand(k, B)
+        if not bool((w.sum(dim=0) > 0).all()):
+            raise ValueError("weights must give every image a positive total weight (all-zero weights)")
     w = w / w.sum(dim=0, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     return torch.einsum("kb,kbc->bc", w, probs)
 
@@ -304,14 +321,21 @@ def _check_supported(backbone: nn.Module) -> None:
                 "with ungated attention (vit_*, deit_*, DINOv2 ViTs)")
 
 
-def _capture_kv(blk: Block, out: list[Tensor]):
-    """Forward hook on ``blk.attn.qkv``: append this layer's keys/values ``[2, B, H, N, hd]``."""
+def _capture_kv(blk: Block, layer: int, depth: int, out: list[Tensor]):
+    """Forward hook on ``blk.attn.qkv``: copy this layer's keys/values into ``out[0][layer]``.
+
+    The first layer allocates ``out[0]`` (``[L, 2, B, H, N, hd]``); every layer writes its slice
+    in place, so the keys/values are copied once (no per-layer stack, then a second stack).
+    """
     attn = blk.attn
 
     def hook(_module: nn.Module, _inputs: tuple[Tensor], qkv: Tensor) -> None:
         B, N, _ = qkv.shape
         _, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out.append(torch.stack([attn.k_norm(k), v]))
+        if not out:
+            out.append(qkv.new_empty(depth, 2, B, attn.num_heads, N, attn.head_dim))
+        out[0][layer, 0].copy_(attn.k_norm(k))
+        out[0][layer, 1].copy_(v)
 
     return hook
 

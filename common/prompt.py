@@ -179,8 +179,8 @@ class Prompt(nn.Module):
         placed on its device. Raises a ``PromptError`` subclass naming what is wrong.
         """
         meta = _parse_metadata(metadata)
+        _check_arrays(arrays, meta)  # before allocating anything the metadata asks for
         prompt = cls(**meta)
-        _check_arrays(arrays, prompt)
         if model is not None:
             _check_backbone(prompt, model)
         with torch.no_grad():
@@ -278,6 +278,15 @@ def _check_labels(labels: Iterable[int], num_classes: int) -> tuple[int, ...]:
 def _parse_metadata(metadata: Mapping[str, str]) -> dict:
     if metadata.get("format") != FORMAT_NAME:
         raise PromptFormatError(f"not an {FORMAT_NAME} artefact (format={metadata.get('format')!r})")
+    # the version decides which fields exist, so it is checked before anything else
+    try:
+        version = int(metadata["format_version"]) if "format_version" in metadata else FORMAT_VERSION
+    except (ValueError, TypeError) as err:
+        raise PromptFormatError(f"prompt metadata is malformed ({err})") from err
+    if version != FORMAT_VERSION:
+        raise PromptVersionError(
+            f"prompt format version {metadata['format_version']} is not supported (this build reads "
+            f"version {FORMAT_VERSION}); upgrade alacarte or re-export the prompt")
     missing = [k for k in (*_INT_FIELDS, "backbone", "fingerprint", "labels", "source", "created_at")
                if k not in metadata]
     if missing:
@@ -288,10 +297,7 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
         created_at = float(metadata["created_at"])
     except (ValueError, TypeError) as err:
         raise PromptFormatError(f"prompt metadata is malformed ({err})") from err
-    if ints.pop("format_version") != FORMAT_VERSION:
-        raise PromptVersionError(
-            f"prompt format version {metadata['format_version']} is not supported (this build reads "
-            f"version {FORMAT_VERSION}); upgrade alacarte or re-export the prompt")
+    ints.pop("format_version")
     if not isinstance(labels, list) or not all(isinstance(c, int) for c in labels):
         raise PromptFormatError(f"prompt label set must be a JSON list of ints, got {metadata['labels']!r}")
     return ints | {
@@ -300,10 +306,12 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
     }
 
 
-def _check_arrays(arrays: Mapping[str, np.ndarray], prompt: Prompt) -> None:
+def _check_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
     if set(arrays) != set(TENSOR_NAMES):
         raise PromptShapeError(f"prompt tensors must be exactly {list(TENSOR_NAMES)}, got {sorted(arrays)}")
-    expected = {name: tuple(t.shape) for name, t in prompt.state_dict().items()}
+    D, C = meta["embed_dim"], meta["num_classes"]
+    expected = {"tokens": (meta["n_prompt"], D), "memory": (meta["depth"], meta["n_memory"], D),
+                "head.weight": (C, D), "head.bias": (C,)}
     for name in TENSOR_NAMES:
         arr = arrays[name]
         if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:

@@ -51,7 +51,8 @@ def _local_targets(prompt: Prompt, labels: Tensor) -> Tensor:
     """Map global labels to positions in the prompt's label set; error on a label it lacks."""
     table = torch.full((prompt.num_classes,), -1, dtype=torch.long, device=labels.device)
     table[list(prompt.labels)] = torch.arange(len(prompt.labels), device=labels.device)
-    targets = table[labels]
+    in_range = (labels >= 0) & (labels < prompt.num_classes)
+    targets = torch.where(in_range, table[labels.clamp(0, prompt.num_classes - 1)], -1)
     if bool((targets < 0).any()):
         outside = sorted(set(labels[targets < 0].tolist()))
         raise ValueError(f"labels {outside} are outside the prompt's label set {list(prompt.labels)}")

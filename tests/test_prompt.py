@@ -1,0 +1,361 @@
+"""The Prompt artefact: construction, round trips, and rejection of every kind of bad file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+from common.model import APTViT
+from common.prompt import (
+    FORMAT_VERSION,
+    BackboneMismatchError,
+    Prompt,
+    PromptError,
+    PromptFormatError,
+    PromptShapeError,
+    PromptValueError,
+    PromptVersionError,
+    read_metadata,
+    read_metadata_bytes,
+)
+from conftest import NUM_CLASSES, make_vit, random_prompt
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TENSORS = ("tokens", "memory", "head.weight", "head.bias")
+
+
+@pytest.fixture
+def prompt(model) -> Prompt:
+    p = random_prompt(model, seed=4, n_prompt=2, n_memory=3, labels=[1, 3, 5, 7], source="hospital-7")
+    p.num_examples = 123
+    return p
+
+
+def assert_same_prompt(a: Prompt, b: Prompt) -> None:
+    assert a.metadata() == b.metadata()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() == set(TENSORS)
+    for name in TENSORS:
+        assert sa[name].dtype == sb[name].dtype == torch.float32
+        assert torch.equal(sa[name], sb[name]), name
+    assert (a.labels, a.source, a.num_examples, a.created_at) == (b.labels, b.source, b.num_examples, b.created_at)
+    assert (a.n_prompt, a.n_memory, a.embed_dim, a.depth, a.num_classes) == (
+        b.n_prompt, b.n_memory, b.embed_dim, b.depth, b.num_classes)
+    assert (a.backbone, a.fingerprint) == (b.backbone, b.fingerprint)
+
+
+def bad_bytes(prompt: Prompt, arrays=None, **meta_changes) -> bytes:
+    """A safetensors file like ``prompt.to_bytes()`` with some arrays/metadata replaced."""
+    arrs = prompt.arrays() if arrays is None else arrays
+    meta = prompt.metadata()
+    for k, v in meta_changes.items():
+        if v is None:
+            meta.pop(k)
+        else:
+            meta[k] = v
+    return safetensors.numpy.save(arrs, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------
+# construction
+# --------------------------------------------------------------------------------------
+
+
+def test_init_shapes_and_binding(model):
+    p = Prompt.init(model, num_classes=NUM_CLASSES, n_prompt=2, n_memory=3, seed=0)
+    assert p.tokens.shape == (2, model.embed_dim)
+    assert p.memory.shape == (model.depth, 3, model.embed_dim)
+    assert p.head.weight.shape == (NUM_CLASSES, model.embed_dim) and p.head.bias.shape == (NUM_CLASSES,)
+    assert p.fingerprint == model.fingerprint and p.backbone == model.backbone_name
+    assert p.labels == tuple(range(NUM_CLASSES))
+    assert {n for n, _ in p.named_parameters()} == set(TENSORS)
+
+
+def test_init_deterministic_in_seed(model):
+    a, b, c = (Prompt.init(model, NUM_CLASSES, seed=s) for s in (0, 0, 1))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.memory, b.memory)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_init_starts_at_class_token_with_uniform_predictions(model, images):
+    p = Prompt.init(model, NUM_CLASSES, n_prompt=3, seed=0, labels=range(4))
+    cls = (model.backbone.cls_token[0, 0] + model.backbone.pos_embed[0, 0]).float()
+    assert (p.tokens - cls).abs().max() < 0.2
+    assert not torch.equal(p.tokens[0], p.tokens[1])
+    with torch.no_grad():
+        probs = model.compose(images, [p])
+    torch.testing.assert_close(probs[:, :4], torch.full((len(images), 4), 0.25))
+    assert torch.equal(probs[:, 4:], torch.zeros(len(images), NUM_CLASSES - 4))
+
+
+def test_label_mask_and_labels_normalised(model):
+    p = Prompt.init(model, NUM_CLASSES, labels=[7, 2, 2, 5])
+    assert p.labels == (2, 5, 7)
+    assert p.label_mask.tolist() == [i in (2, 5, 7) for i in range(NUM_CLASSES)]
+
+
+@pytest.mark.parametrize("labels", [[], [-1, 2], [0, NUM_CLASSES]])
+def test_bad_label_set_rejected_at_construction(model, labels):
+    with pytest.raises(PromptShapeError):
+        Prompt.init(model, NUM_CLASSES, labels=labels)
+
+
+@pytest.mark.parametrize("dims", [dict(embed_dim=0), dict(depth=0), dict(num_classes=0), dict(n_prompt=0),
+                                  dict(n_memory=-1)])
+def test_bad_dimensions_rejected(dims):
+    kwargs = dict(embed_dim=8, depth=2, num_classes=3, n_prompt=1, n_memory=2) | dims
+    with pytest.raises(PromptShapeError):
+        Prompt(**kwargs)
+
+
+def test_exception_hierarchy():
+    for exc in (PromptFormatError, PromptVersionError, PromptShapeError, PromptValueError, BackboneMismatchError):
+        assert issubclass(exc, PromptError) and issubclass(exc, ValueError)
+    assert issubclass(PromptVersionError, PromptFormatError)
+
+
+# --------------------------------------------------------------------------------------
+# round trips
+# --------------------------------------------------------------------------------------
+
+
+def test_save_load_roundtrip_bitwise(prompt, model, tmp_path):
+    path = prompt.save(tmp_path / "sub" / "p.safetensors")
+    assert path.is_file()
+    assert [f.name for f in path.parent.iterdir()] == ["p.safetensors"]  # no temporary left behind
+    for loaded in (Prompt.load(path), Prompt.load(path, model=model)):
+        assert_same_prompt(loaded, prompt)
+    assert read_metadata(path) == prompt.metadata()
+    # loaded prompts behave identically
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x, [Prompt.load(path, model)]), model(x, [prompt]))
+
+
+def test_save_overwrites_atomically(prompt, model, tmp_path):
+    path = tmp_path / "p.safetensors"
+    random_prompt(model, seed=9).save(path)
+    prompt.save(path)
+    assert_same_prompt(Prompt.load(path), prompt)
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_bytes_roundtrip(prompt, model):
+    data = prompt.to_bytes()
+    assert isinstance(data, bytes)
+    assert_same_prompt(Prompt.from_bytes(data), prompt)
+    assert_same_prompt(Prompt.from_bytes(data, model), prompt)
+    assert read_metadata_bytes(data) == prompt.metadata()
+    assert_same_prompt(Prompt.from_bytes(Prompt.from_bytes(data).to_bytes()), prompt)
+
+
+def test_arrays_roundtrip(prompt, model):
+    arrays, meta = prompt.arrays(), prompt.metadata()
+    assert set(arrays) == set(TENSORS)
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays.values())
+    assert all(isinstance(v, str) for v in meta.values())
+    arrays["tokens"][0, 0] += 1.0  # arrays are copies, not views of the parameters
+    assert prompt.tokens[0, 0].item() != arrays["tokens"][0, 0]
+    back = Prompt.from_arrays(prompt.arrays(), meta, model=model)
+    assert_same_prompt(back, prompt)
+    assert json.loads(meta["labels"]) == [1, 3, 5, 7] and meta["format_version"] == str(FORMAT_VERSION)
+
+
+def test_float64_prompt_exported_as_float32(prompt):
+    double = Prompt.from_bytes(prompt.to_bytes()).double()
+    assert_same_prompt(Prompt.from_bytes(double.to_bytes()), prompt)
+
+
+# --------------------------------------------------------------------------------------
+# rejection of bad artefacts
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TENSORS)
+def test_wrong_shape(prompt, name):
+    arrays = prompt.arrays()
+    arrays[name] = np.concatenate([arrays[name], arrays[name]], axis=0)
+    with pytest.raises(PromptShapeError, match=name):
+        Prompt.from_arrays(arrays, prompt.metadata())
+    with pytest.raises(PromptShapeError):
+        Prompt.from_bytes(bad_bytes(prompt, arrays))
+
+
+def test_shape_inconsistent_with_metadata(prompt):
+    with pytest.raises(PromptShapeError):
+        Prompt.from_bytes(bad_bytes(prompt, n_memory="4"))
+    with pytest.raises(PromptShapeError):
+        Prompt.from_bytes(bad_bytes(prompt, num_classes="11"))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32])
+@pytest.mark.parametrize("name", ["tokens", "head.bias"])
+def test_wrong_dtype(prompt, dtype, name):
+    arrays = prompt.arrays()
+    arrays[name] = arrays[name].astype(dtype)
+    with pytest.raises(PromptShapeError, match="float32"):
+        Prompt.from_arrays(arrays, prompt.metadata())
+    with pytest.raises(PromptShapeError, match="float32"):
+        Prompt.from_bytes(bad_bytes(prompt, arrays))
+
+
+def test_non_array_rejected(prompt):
+    arrays = prompt.arrays()
+    arrays["tokens"] = torch.from_numpy(arrays["tokens"])
+    with pytest.raises(PromptShapeError):
+        Prompt.from_arrays(arrays, prompt.metadata())
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", TENSORS)
+def test_non_finite_values(prompt, name, value):
+    arrays = prompt.arrays()
+    arrays[name].reshape(-1)[-1] = value
+    with pytest.raises(PromptValueError, match=name):
+        Prompt.from_arrays(arrays, prompt.metadata())
+    with pytest.raises(PromptValueError):
+        Prompt.from_bytes(bad_bytes(prompt, arrays))
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "renamed"])
+def test_tensor_keys(prompt, change):
+    arrays = prompt.arrays()
+    if change == "missing":
+        del arrays["memory"]
+    elif change == "extra":
+        arrays["backdoor"] = np.zeros(3, np.float32)
+    else:
+        arrays["head.w"] = arrays.pop("head.weight")
+    with pytest.raises(PromptShapeError):
+        Prompt.from_arrays(arrays, prompt.metadata())
+    with pytest.raises(PromptShapeError):
+        Prompt.from_bytes(bad_bytes(prompt, arrays))
+
+
+def test_truncated_files(prompt, tmp_path):
+    data = prompt.to_bytes()
+    for cut in (0, 5, 8, 9, 40, len(data) // 2, len(data) - 4, len(data) - 1):
+        with pytest.raises(PromptFormatError):
+            Prompt.from_bytes(data[:cut])
+        path = tmp_path / f"cut{cut}.safetensors"
+        path.write_bytes(data[:cut])
+        with pytest.raises(PromptFormatError):
+            Prompt.load(path)
+
+
+def test_garbage_and_corrupted_header(prompt):
+    data = prompt.to_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    rng = np.random.default_rng(0)
+    candidates = [
+        rng.bytes(len(data)),  # random garbage
+        b"\x10\x00\x00\x00\x00\x00\x00\x00" + rng.bytes(100),  # plausible length, garbage header
+        data[:8] + b"#" * header_len + data[8 + header_len:],  # header overwritten
+        data[:8] + data[8:20] + b"\xff\xfe" + data[22:],  # invalid utf-8 inside the header
+        data[:8] + b"[" + data[9:],  # broken JSON
+        (2).to_bytes(8, "little") + b"[]",  # JSON, but not an object
+        (2).to_bytes(8, "little") + b"{}",  # no metadata
+        b"PK\x03\x04" + data[4:],  # a zip file's magic
+    ]
+    for bad in candidates:
+        with pytest.raises(PromptFormatError):
+            Prompt.from_bytes(bad)
+
+
+def test_corrupted_tensor_offsets(prompt):
+    data = prompt.to_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    header["memory"]["data_offsets"][1] += 4  # points past its tensor
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    body = data[8 + header_len:]
+    with pytest.raises(PromptError):
+        Prompt.from_bytes(len(raw).to_bytes(8, "little") + raw + body)
+
+
+@pytest.mark.parametrize("version", ["2", "0", "999"])
+def test_unknown_format_version(prompt, version):
+    with pytest.raises(PromptVersionError, match="version"):
+        Prompt.from_bytes(bad_bytes(prompt, format_version=version))
+
+
+def test_future_version_with_different_fields_reports_version(prompt):
+    # a future format may rename fields: the version must be what is reported
+    with pytest.raises(PromptVersionError):
+        Prompt.from_bytes(bad_bytes(prompt, format_version="2", n_memory=None, depth=None))
+
+
+@pytest.mark.parametrize("changes", [
+    dict(format="something-else"),
+    dict(format=None),
+    dict(fingerprint=None),
+    dict(labels=None),
+    dict(format_version=None),
+    dict(n_prompt="one"),
+    dict(format_version="1.5"),
+    dict(created_at="yesterday"),
+    dict(labels="[1, 2"),
+    dict(labels='{"a": 1}'),
+    dict(labels='[1.5, 2]'),
+])
+def test_bad_metadata(prompt, changes):
+    with pytest.raises(PromptFormatError):
+        Prompt.from_bytes(bad_bytes(prompt, **changes))
+    meta = prompt.metadata()
+    for k, v in changes.items():
+        meta.pop(k) if v is None else meta.__setitem__(k, v)
+    with pytest.raises(PromptFormatError):
+        Prompt.from_arrays(prompt.arrays(), meta)
+
+
+@pytest.mark.parametrize("labels", ["[]", "[-1]", f"[0, {NUM_CLASSES}]", "[3, 100]"])
+def test_label_set_out_of_range(prompt, labels):
+    with pytest.raises(PromptShapeError, match="label set"):
+        Prompt.from_bytes(bad_bytes(prompt, labels=labels))
+
+
+def test_backbone_mismatch(prompt, model, vit_tiny):
+    data = prompt.to_bytes()
+    Prompt.from_bytes(data, model)  # fits its own backbone
+    other_seed = APTViT(make_vit(seed=1))  # same architecture, other weights
+    with pytest.raises(BackboneMismatchError, match="trained on"):
+        Prompt.from_bytes(data, other_seed)
+    other_size = APTViT(make_vit(seed=0, img_size=48))  # same seed, other pos-embed
+    with pytest.raises(BackboneMismatchError):
+        Prompt.from_bytes(data, other_size)
+    with pytest.raises(BackboneMismatchError):
+        Prompt.from_arrays(prompt.arrays(), prompt.metadata(), APTViT(vit_tiny))
+    # without a model the file itself is fine
+    assert_same_prompt(Prompt.from_bytes(data), prompt)
+
+
+def test_width_depth_mismatch_with_forged_fingerprint(prompt, vit_tiny):
+    tiny = APTViT(vit_tiny)
+    with pytest.raises(PromptShapeError, match="width"):
+        Prompt.from_bytes(bad_bytes(prompt, fingerprint=tiny.fingerprint), tiny)
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Prompt.load(tmp_path / "nope.safetensors")
+
+
+def test_huge_dimensions_in_metadata_rejected_without_allocating(prompt):
+    # a forged header must not make the reader allocate terabytes before checking shapes
+    with pytest.raises(PromptShapeError):
+        Prompt.from_bytes(bad_bytes(prompt, depth=str(10**9), n_memory=str(10**6)))
+    with pytest.raises(PromptShapeError):
+        Prompt.from_bytes(bad_bytes(prompt, num_classes=str(10**12)))
+
+
+def test_prompt_without_memory_roundtrip(model):
+    p = random_prompt(model, seed=1, n_memory=0, n_prompt=4)
+    back = Prompt.from_bytes(p.to_bytes(), model)
+    assert_same_prompt(back, p)
+    assert back.memory.shape == (model.depth, 0, model.embed_dim)

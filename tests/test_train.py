@@ -1,0 +1,281 @@
+"""Prompt training, evaluation, and the backbone key/value cache."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common.train as train_mod
+from common.kv_cache import KVCache
+from common.model import APTViT
+from common.prompt import Prompt
+from common.train import TrainConfig, evaluate, train_prompt
+from conftest import IMG, NUM_CLASSES, make_vit, random_prompt
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CLASSES = (2, 7)  # global labels of the toy problem
+
+
+def toy_batches(n: int = 32, batch: int = 8, seed: int = 0, offset: int = 0):
+    """A separable 2-class problem: two fixed random patterns plus noise, as (images, labels, indices)."""
+    gen = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(99))
+    which = torch.arange(n) % 2
+    images = patterns[which] + 0.5 * torch.randn(n, 3, IMG, IMG, generator=gen)
+    labels = torch.tensor(CLASSES)[which]
+    indices = torch.arange(offset, offset + n)
+    return [(images[i:i + batch], labels[i:i + batch], indices[i:i + batch]) for i in range(0, n, batch)]
+
+
+def quiet(**kwargs) -> TrainConfig:
+    return TrainConfig(progress=False, **kwargs)
+
+
+def fresh_prompt(model, seed=0, labels=CLASSES, **kwargs) -> Prompt:
+    return Prompt.init(model, NUM_CLASSES, seed=seed, labels=labels, **kwargs)
+
+
+def mean_loss(model, prompt, batches) -> float:
+    with torch.no_grad():
+        total = 0.0
+        for images, labels, _ in batches:
+            logits = model(images, [prompt])[0][:, list(prompt.labels)]
+            targets = torch.tensor([prompt.labels.index(int(c)) for c in labels])
+            total += F.cross_entropy(logits, targets, reduction="sum").item()
+    return total / sum(len(b[1]) for b in batches)
+
+
+# --------------------------------------------------------------------------------------
+# train_prompt
+# --------------------------------------------------------------------------------------
+
+
+def test_training_learns_a_separable_problem(model):
+    batches = toy_batches()
+    prompt = fresh_prompt(model)
+    before = mean_loss(model, prompt, batches)
+    assert before == pytest.approx(math.log(2), abs=1e-6)  # zero head: uniform over the label set
+    metrics = train_prompt(model, prompt, batches, quiet(epochs=8, lr=1e-2))
+    after = mean_loss(model, prompt, batches)
+    assert after < 0.5 * before
+    assert metrics["loss"] < before and metrics["accuracy"] >= 0.9
+    assert metrics["num_examples"] == 32 and prompt.num_examples == 32
+    assert metrics["steps"] == 8 * len(batches) and metrics["seconds"] > 0
+    assert not prompt.training
+    held_out = toy_batches(seed=1)
+    result = evaluate(model, [prompt], [(x, y) for x, y, _ in held_out])
+    assert result["prompt_accuracy"][0] >= 0.9 and result["accuracy"] >= 0.9
+
+
+def test_training_changes_only_the_prompt(model):
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    fingerprint = model.fingerprint
+    prompt = fresh_prompt(model, n_prompt=2, n_memory=2)
+    bystander = random_prompt(model, seed=5)
+    bystander_before = copy.deepcopy(bystander.state_dict())
+    prompt_before = copy.deepcopy(prompt.state_dict())
+    train_prompt(model, prompt, toy_batches(16), quiet(epochs=2))
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, backbone_before[k]), k
+    for p in model.backbone.parameters():
+        assert p.grad is None and not p.requires_grad
+    assert not model.backbone.training
+    assert model.fingerprint == fingerprint
+    for k, v in bystander.state_dict().items():
+        assert torch.equal(v, bystander_before[k])
+    after = prompt.state_dict()
+    for k in ("tokens", "memory", "head.weight", "head.bias"):
+        assert not torch.equal(after[k], prompt_before[k]), f"{k} was not trained"
+    assert all(not torch.equal(after["memory"][layer], prompt_before["memory"][layer]) for layer in range(model.depth))
+
+
+def test_label_outside_label_set(model):
+    prompt = fresh_prompt(model, labels=(2,))
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        train_prompt(model, prompt, toy_batches(8), quiet())
+    bad = [(torch.zeros(2, 3, IMG, IMG), torch.tensor([2, NUM_CLASSES + 3]), torch.arange(2))]
+    with pytest.raises(ValueError, match="outside"):
+        train_prompt(model, fresh_prompt(model), bad, quiet())
+    bad = [(torch.zeros(2, 3, IMG, IMG), torch.tensor([2, -1]), torch.arange(2))]
+    with pytest.raises(ValueError, match="outside"):
+        train_prompt(model, fresh_prompt(model), bad, quiet())
+
+
+def test_empty_loader_and_bad_config(model):
+    with pytest.raises(ValueError, match="empty"):
+        train_prompt(model, fresh_prompt(model), [], quiet())
+    with pytest.raises(ValueError, match="epochs"):
+        train_prompt(model, fresh_prompt(model), toy_batches(8), quiet(epochs=0))
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, [fresh_prompt(model)], [])
+
+
+def test_label_smoothing_and_two_tuple_batches(model):
+    batches = [(x, y) for x, y, _ in toy_batches(16)]
+    metrics = train_prompt(model, fresh_prompt(model), batches, quiet(label_smoothing=0.1))
+    assert math.isfinite(metrics["loss"])
+    with pytest.raises(ValueError, match="indices"):
+        train_prompt(model, fresh_prompt(model), batches, quiet(), cache=KVCache(model, dtype=torch.float32))
+
+
+def test_evaluate_per_prompt_and_composed(model):
+    batches = toy_batches(24, batch=10)
+    prompts = [random_prompt(model, seed=s) for s in range(3)] + [random_prompt(model, seed=3, labels=CLASSES)]
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    result = evaluate(model, prompts, [(x, y) for x, y, _ in batches], weights=weights)
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        logits = model(images, prompts)
+        probs = model.compose(images, prompts, weights)
+    expected = [(logits[i].argmax(-1) == labels).float().mean().item() for i in range(len(prompts))]
+    assert result["prompt_accuracy"] == pytest.approx(expected)
+    assert result["accuracy"] == pytest.approx((probs.argmax(-1) == labels).float().mean().item())
+    nll = -probs.gather(1, labels[:, None]).log().mean().item()
+    assert result["nll"] == pytest.approx(nll, rel=1e-5)
+    assert result["num_examples"] == 24
+    # a uniform composition differs from the weighted one when weights change the argmax
+    conf = evaluate(model, prompts, [(x, y) for x, y, _ in batches], weights="confidence")
+    assert 0.0 <= conf["accuracy"] <= 1.0 and conf["prompt_accuracy"] == result["prompt_accuracy"]
+
+
+# --------------------------------------------------------------------------------------
+# KVCache
+# --------------------------------------------------------------------------------------
+
+
+def test_cache_float32_is_exact(model, images, prompts):
+    cache = KVCache(model, dtype=torch.float32)
+    indices = torch.arange(len(images))
+    expected_kv = model.backbone_kv(images)
+    first = cache.kv(indices, images)
+    assert (cache.hits, cache.misses, len(cache)) == (0, len(images), len(images))
+    second = cache.kv(indices, torch.full_like(images, float("nan")))  # hits never look at the images
+    assert (cache.hits, cache.misses) == (len(images), len(images))
+    assert torch.equal(first, expected_kv) and torch.equal(second, expected_kv)
+    assert second.dtype == torch.float32 and second.shape == expected_kv.shape
+    with torch.no_grad():
+        assert torch.equal(model.forward_kv(second, prompts), model(images, prompts))
+    cache.close()
+
+
+def test_cache_mixed_hits_and_misses_keep_batch_order(model, images):
+    cache = KVCache(model, dtype=torch.float32)
+    cache.kv(torch.tensor([10, 12]), images[[0, 2]])
+    order = torch.tensor([3, 0, 4, 2, 1])
+    got = cache.kv(torch.tensor([10, 11, 12, 13, 14])[order], images[order])
+    assert (cache.hits, cache.misses) == (2, 5)
+    torch.testing.assert_close(got, model.backbone_kv(images[order]), rtol=0, atol=1e-5)
+
+
+def test_cache_float16_is_close(model, images, prompts):
+    cache = KVCache(model)  # fp16 by default
+    indices = torch.arange(len(images))
+    cache.kv(indices, images)
+    kv16 = cache.kv(indices, images)
+    assert cache.hits == len(images) and kv16.dtype == torch.float32
+    kv = model.backbone_kv(images)
+    assert not torch.equal(kv16, kv)  # it really went through half precision
+    torch.testing.assert_close(kv16, kv, rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_kv(kv16, prompts), model(images, prompts), rtol=0, atol=1e-2)
+    cache.close()
+
+
+def test_cache_size_cap(model, images, tmp_path):
+    item = model.backbone_kv(images[:1])[:, :, 0]  # [L, 2, H, N, hd]
+    item_bytes = item.numel() * 2
+    cache = KVCache(model, root=tmp_path, max_bytes=3 * item_bytes + item_bytes // 2)
+    indices = torch.arange(len(images))
+    expected = model.backbone_kv(images)
+    for _ in range(3):
+        got = cache.kv(indices, images)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert len(cache) == 3
+    assert cache.hits == 2 * 3 and cache.misses == len(images) + 2 * (len(images) - 3)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].stat().st_size <= cache.max_bytes
+    cache.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_cache_cap_below_one_image_caches_nothing(model, images, tmp_path):
+    cache = KVCache(model, root=tmp_path, max_bytes=100, dtype=torch.float32)
+    indices = torch.arange(len(images))
+    for _ in range(2):
+        assert torch.equal(cache.kv(indices, images), model.backbone_kv(images))
+    assert len(cache) == 0 and cache.hits == 0 and cache.misses == 2 * len(images)
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) <= 100
+
+
+def test_cache_repeated_index_in_a_batch(model, images):
+    cache = KVCache(model, dtype=torch.float32)
+    x = images[[0, 0, 1]]
+    cache.kv(torch.tensor([0, 0, 1]), x)
+    assert len(cache) == 2
+    got = cache.kv(torch.tensor([0, 1, 2]), images[:3])
+    assert cache.hits == 2
+    torch.testing.assert_close(got, model.backbone_kv(images[:3]), rtol=0, atol=1e-5)
+
+
+def test_caches_sharing_a_root_do_not_collide(model, images, tmp_path):
+    a = KVCache(model, root=tmp_path, dtype=torch.float32)
+    b = KVCache(model, root=tmp_path, dtype=torch.float32)
+    idx = torch.arange(2)
+    a.kv(idx, images[:2])
+    b.kv(idx, images[2:4])
+    assert torch.equal(a.kv(idx, images[:2]), model.backbone_kv(images[:2]))
+    assert torch.equal(b.kv(idx, images[2:4]), model.backbone_kv(images[2:4]))
+    a.close()
+    b.close()
+
+
+def test_cache_rejects_bad_dtype(model):
+    with pytest.raises(ValueError):
+        KVCache(model, dtype=torch.bfloat16)
+
+
+def test_training_with_cache_follows_the_same_trajectory(model, monkeypatch):
+    losses: list[float] = []
+    real = F.cross_entropy
+
+    def recording(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(train_mod.F, "cross_entropy", recording)
+    batches = toy_batches(24)
+    plain = fresh_prompt(model, seed=3, n_memory=2)
+    cached = copy.deepcopy(plain)
+    m1 = train_prompt(model, plain, batches, quiet(epochs=3))
+    trajectory, losses[:] = list(losses), []
+    cache = KVCache(model, dtype=torch.float32)
+    m2 = train_prompt(model, cached, batches, quiet(epochs=3), cache=cache)
+    assert len(trajectory) == 9 and losses == trajectory
+    assert m1["loss"] == m2["loss"] and m1["accuracy"] == m2["accuracy"]
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, cached.state_dict()[k]), k
+    assert cache.misses == 24 and cache.hits == 2 * 24
+    assert len(set(trajectory)) > 1  # it did train
+
+
+def test_training_with_fp16_cache_is_close(model):
+    batches = toy_batches(16)
+    plain, cached = fresh_prompt(model, seed=1), fresh_prompt(model, seed=1)
+    m1 = train_prompt(model, plain, batches, quiet(epochs=2))
+    m2 = train_prompt(model, cached, batches, quiet(epochs=2), cache=KVCache(model))
+    assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-2)
+    torch.testing.assert_close(cached.tokens, plain.tokens, rtol=0, atol=1e-2)
+
+
+def test_cache_on_another_backbone_is_separate(images):
+    a, b = APTViT(make_vit(0)), APTViT(make_vit(1))
+    ca, cb = KVCache(a, dtype=torch.float32), KVCache(b, dtype=torch.float32)
+    idx = torch.arange(2)
+    assert not torch.equal(ca.kv(idx, images[:2]), cb.kv(idx, images[:2]))
