@@ -21,7 +21,6 @@ every accuracy is measured on the same held-out test images.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +28,16 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common.data import load_split
 from common.model import APTViT
 from simulations.common import (
-    Bank,
     BackboneSpec,
+    Bank,
     Federation,
     Stopwatch,
     accuracy,
     backbone_spec,
-    base_parser,
     bank_logits,
-    build_bank,
+    base_parser,
     composed_accuracy,
     configure_logging,
     fresh_prompt,
@@ -51,9 +48,9 @@ from simulations.common import (
     save_figure,
     select_profile,
     setup_record,
+    shared_subset,
     train_on_bank,
     write_csv,
-    write_idx_subset,
     write_json,
 )
 
@@ -190,6 +187,7 @@ def plot_comparison(rows: list[dict], s: Settings, path: Path) -> Path:
             ax.plot(xs, [100 * r[key] for r in part], style, label=key.replace("_mean", " (mean)"))
         ax.set(xscale="log", xticks=xs, xticklabels=[str(x) for x in xs], xlabel="sources",
                ylabel="test accuracy (%)", title=label)
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     return save_figure(fig, path)
@@ -221,13 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     clock = Stopwatch()
     spec = backbone_spec(args.tiny)
     model = spec.load()
-    data_dir = write_idx_subset(args.data_dir, s.train_images, s.test_images, args.seed, args.work_dir / "data")
-    train = build_bank(model, load_split("fashion_mnist", str(data_dir), "train"), np.arange(s.train_images),
-                       args.work_dir / "bank-train")
-    test = build_bank(model, load_split("fashion_mnist", str(data_dir), "test"), np.arange(s.test_images),
-                      args.work_dir / "bank-test")
+    data_dir, train, test = shared_subset(args, model, s.train_images, s.test_images)
     runs = federations(s, spec, data_dir, args.work_dir, args.seed)
-    run_federations(runs, max(s.sources), args.work_dir / "bank-train")
+    run_federations(runs, max(s.sources), train.root)
     by_name = {r.name: r for r in runs}
     para = paragon(model, train, train.index, s, args.seed)
     paragon_acc = accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)

@@ -19,6 +19,7 @@ features for the probes).
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +36,15 @@ from simulations.common import (
     Stopwatch,
     accuracy,
     backbone_spec,
-    base_parser,
     bank_logits,
+    base_parser,
     build_bank,
     configure_logging,
     fresh_prompt,
     save_figure,
     select_profile,
     setup_record,
+    shared_subset,
     stratified_indices,
     train_on_bank,
     write_csv,
@@ -60,7 +62,9 @@ LABELS = {"apt_composed": "APT (composed prompts)", "sequential_prompt": "sequen
 class Settings:
     """Sizes of one run."""
 
-    train_per_class: int
+    train_images: int  # the shared Fashion-MNIST subset the tasks draw from
+    test_images: int
+    train_per_class: int  # at most this many per class (Split CIFAR-100: exactly)
     test_per_class: int
     epochs: int
     batch_size: int
@@ -69,9 +73,9 @@ class Settings:
     probe_lr: float
 
 
-TINY = Settings(8, 4, 1, 16, 3e-3, 5, 1e-2)
-QUICK = Settings(12, 10, 2, 16, 3e-3, 20, 1e-2)
-FULL = Settings(60, 50, 5, 16, 3e-3, 50, 1e-2)
+TINY = Settings(48, 32, 4, 3, 1, 16, 3e-3, 5, 1e-2)
+QUICK = Settings(96, 96, 8, 8, 2, 16, 3e-3, 20, 1e-2)
+FULL = Settings(600, 500, 45, 35, 5, 16, 3e-3, 50, 1e-2)
 
 
 @dataclass
@@ -83,14 +87,24 @@ class Task:
     test: np.ndarray
 
 
-def make_tasks(train: Bank, test: Bank, num_classes: int, per_task: int) -> list[Task]:
-    """Consecutive class groups of ``per_task`` classes."""
+def make_tasks(train: Bank, test: Bank, num_classes: int, per_task: int, s: Settings, seed: int) -> list[Task]:
+    """Consecutive groups of ``per_task`` classes, with up to ``*_per_class`` images each."""
     tasks = []
     for start in range(0, num_classes, per_task):
         classes = list(range(start, start + per_task))
-        tasks.append(Task(classes, train.index[np.isin(train.labels, classes)],
-                          test.index[np.isin(test.labels, classes)]))
+        tasks.append(Task(classes, train.index[stratified_indices(train.labels, s.train_per_class, classes, seed)],
+                          test.index[stratified_indices(test.labels, s.test_per_class, classes, seed)]))
     return tasks
+
+
+def cifar100_banks(args: argparse.Namespace, model: APTViT, s: Settings) -> tuple[Bank, Bank]:
+    """Banks of ``*_per_class`` images of every CIFAR-100 class."""
+    banks = []
+    for split, n in (("train", s.train_per_class), ("test", s.test_per_class)):
+        raw = load_split("cifar100", args.cifar100, split)
+        banks.append(build_bank(model, raw, stratified_indices(raw.labels, n, range(len(raw.classes)), args.seed),
+                                args.work_dir / f"cifar100-bank-{split}"))
+    return banks[0], banks[1]
 
 
 Scorer = Callable[[np.ndarray], torch.Tensor]  # test indices -> [n, C] scores
@@ -179,7 +193,7 @@ def summary_rows(matrices: dict[str, list[list[float]]]) -> list[dict]:
     rows = []
     for name, matrix in matrices.items():
         for t, accs in enumerate(matrix):
-            drops = [max(matrix[l][j] for l in range(j, t)) - accs[j] for j in range(t)]
+            drops = [max(matrix[step][j] for step in range(j, t)) - accs[j] for j in range(t)]
             rows.append({"method": name, "after_task": t + 1, "average_accuracy": float(np.mean(accs)),
                          "forgetting": float(np.mean(drops)) if drops else 0.0,
                          "accuracy_per_task": " ".join(f"{a:.3f}" for a in accs)})
@@ -211,18 +225,16 @@ def main(argv: list[str] | None = None) -> dict:
     configure_logging()
     s, label = select_profile(args, TINY, QUICK, FULL)
     clock = Stopwatch()
-    dataset, data_dir, per_task = ("cifar100", args.cifar100, 10) if args.cifar100 else \
-        ("fashion_mnist", args.data_dir or None, 2)
     spec = backbone_spec(args.tiny)
     model = spec.load()
-    raw_train, raw_test = (load_split(dataset, data_dir, split) for split in ("train", "test"))
-    num_classes = len(raw_train.classes)
-    classes = range(num_classes)
-    train = build_bank(model, raw_train, stratified_indices(raw_train.labels, s.train_per_class, classes, args.seed),
-                       args.work_dir / f"{dataset}-bank-train")
-    test = build_bank(model, raw_test, stratified_indices(raw_test.labels, s.test_per_class, classes, args.seed),
-                      args.work_dir / f"{dataset}-bank-test")
-    tasks = make_tasks(train, test, num_classes, per_task)
+    if args.cifar100:
+        dataset, per_task = "cifar100", 10
+        train, test = cifar100_banks(args, model, s)
+    else:
+        dataset, per_task = "fashion_mnist", 2
+        _, train, test = shared_subset(args, model, s.train_images, s.test_images)
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    tasks = make_tasks(train, test, num_classes, per_task, s, args.seed)
     scorers = {"apt_composed": run_apt(model, train, test, tasks, s, num_classes, args.seed),
                "sequential_prompt": run_sequential_prompt(model, train, test, tasks, s, num_classes, args.seed),
                **run_probes(train, test, tasks, s, num_classes, args.seed)}
@@ -233,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "experiment": NAME,
         "setup": setup_record(spec, s, label, args, dataset=title, tasks=len(tasks), classes_per_task=per_task,
-                              train_images=len(train.index), test_images=len(test.index),
+                              train_images=int(sum(len(t.train) for t in tasks)),
+                              test_images=int(sum(len(t.test) for t in tasks)),
                               seconds=clock.seconds()),
         "summary": rows, "matrices": matrices,
         "final": {r["method"]: {"average_accuracy": r["average_accuracy"], "forgetting": r["forgetting"]}

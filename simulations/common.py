@@ -28,8 +28,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -170,6 +171,23 @@ def write_idx_subset(data_dir: str, n_train: int, n_test: int, seed: int, dest: 
     return dest
 
 
+def shared_subset(args: argparse.Namespace, model: APTViT, n_train: int, n_test: int) -> tuple[Path, Bank, Bank]:
+    """A Fashion-MNIST subset (IDX files) and the banks of all its train and test images.
+
+    They live under ``<work-dir>/../shared``, keyed by data folder, seed, backbone and each
+    split's size (a split's subset depends only on its size and the seed), so experiments
+    that use the same sizes share one backbone pass.
+    """
+    source = str(Path(args.data_dir).resolve()) if args.data_dir else "default"
+    key = hashlib.sha256(source.encode()).hexdigest()[:10]
+    root = args.work_dir.parent / "shared" / f"fashion_mnist-seed{args.seed}-{key}"
+    data_dir = write_idx_subset(args.data_dir, n_train, n_test, args.seed, root / f"data-{n_train}-{n_test}")
+    banks = [build_bank(model, load_split("fashion_mnist", str(data_dir), split), np.arange(n),
+                        root / f"bank-{model.backbone_name}-{split}-{n}")
+             for split, n in (("train", n_train), ("test", n_test))]
+    return data_dir, banks[0], banks[1]
+
+
 # --------------------------------------------------------------------------- KV bank
 
 
@@ -182,7 +200,8 @@ class BankCache(KVCache):
 
     def __init__(self, model: APTViT, root: Path, index: np.ndarray, shape: tuple[int, ...]) -> None:
         super().__init__(model, root=root, max_bytes=0)
-        self._store = np.memmap(root / "kv.f16", dtype=np.float16, mode="r", shape=shape)
+        # copy-on-write: readable as ordinary (writable) arrays, the file itself is never changed
+        self._store = np.memmap(root / "kv.f16", dtype=np.float16, mode="c", shape=shape)
         self._slots = {int(k): slot for slot, k in enumerate(index)}
 
 
@@ -463,6 +482,8 @@ def run_federations(federations: list[Federation], num_supernodes: int, bank_dir
     """
     from flwr.simulation import run_simulation
 
+    # Ray starts its workers at nice 15; on a busy shared machine that starves the clients
+    os.environ.setdefault("RAY_worker_niceness", "0")
     backend = {"client_resources": {"num_cpus": 2, "num_gpus": 0.0},
                "init_args": {"num_cpus": 2, "num_gpus": 0, "log_to_driver": False}}
     run_simulation(_federation_server(federations, str(bank_dir or ""), num_supernodes), client_app, num_supernodes,
@@ -561,9 +582,3 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
 def configure_logging() -> None:
     """INFO logs with timestamps (the experiments run for minutes)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-
-
-def chunks(items: Sequence[P], size: int) -> Iterator[Sequence[P]]:
-    """Consecutive slices of ``items`` of at most ``size``."""
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

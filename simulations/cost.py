@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from common.data import Shard, backbone_transform, load_split
 from common.model import APTViT
 from simulations.common import (
-    Bank,
     BackboneSpec,
+    Bank,
     Federation,
     Stopwatch,
     backbone_spec,
     base_parser,
-    build_bank,
     configure_logging,
     fresh_prompt,
     product_run_config,
@@ -46,6 +45,7 @@ from simulations.common import (
     save_figure,
     select_profile,
     setup_record,
+    shared_subset,
     train_on_bank,
     write_csv,
     write_idx_subset,
@@ -60,6 +60,8 @@ NUM_CLASSES = 10
 class Settings:
     """Sizes of one run."""
 
+    train_images: int  # the shared Fashion-MNIST subset (its bank is reused)
+    test_images: int
     epoch_images: int
     batch_size: int
     prompt_counts: tuple[int, ...]
@@ -69,9 +71,9 @@ class Settings:
     images_per_client: int
 
 
-TINY = Settings(32, 16, (1, 2, 4), 8, 4, (2, 4), 4)
-QUICK = Settings(32, 16, (1, 2, 4, 8), 8, 8, (2, 4), 4)
-FULL = Settings(64, 16, (1, 2, 4, 8, 16, 32, 64), 8, 16, (2, 20), 8)
+TINY = Settings(48, 32, 32, 16, (1, 2, 4), 8, 4, (2, 4), 4)
+QUICK = Settings(96, 96, 32, 16, (1, 2, 4, 8), 8, 8, (2, 4), 4)
+FULL = Settings(600, 500, 64, 16, (1, 2, 4, 8, 16, 32, 64), 8, 16, (2, 20), 8)
 
 
 def batched_epoch(model: APTViT, prompts: list, bank: Bank, indices: np.ndarray, batch_size: int) -> None:
@@ -87,17 +89,19 @@ def batched_epoch(model: APTViT, prompts: list, bank: Bank, indices: np.ndarray,
 
 
 def training_rows(model: APTViT, bank: Bank, s: Settings) -> list[dict]:
-    """Seconds per epoch vs number of prompts, batched vs one by one."""
+    """Seconds per epoch (the bank's first ``epoch_images`` images) vs number of prompts,
+    batched vs one by one."""
+    indices = bank.index[:s.epoch_images]
     rows = []
     for k in s.prompt_counts:
         prompts = [fresh_prompt(model, NUM_CLASSES, seed=i) for i in range(k)]
         start = time.perf_counter()
-        batched_epoch(model, prompts, bank, bank.index, s.batch_size)
+        batched_epoch(model, prompts, bank, indices, s.batch_size)
         batched = time.perf_counter() - start
         start = time.perf_counter()
         for prompt in prompts:
-            train_on_bank(model, prompt, bank, bank.index, 1, s.batch_size, 3e-3, 0)
-        rows.append({"prompts": k, "images": len(bank.index), "batched_s": round(batched, 3),
+            train_on_bank(model, prompt, bank, indices, 1, s.batch_size, 3e-3, 0)
+        rows.append({"prompts": k, "images": len(indices), "batched_s": round(batched, 3),
                      "one_by_one_s": round(time.perf_counter() - start, 3)})
     return rows
 
@@ -210,6 +214,7 @@ def plot(train: list[dict], infer: list[dict], memory: list[dict], path: Path) -
         ax.plot([r["prompts"] for r in measured], [r["one_by_one_s"] for r in measured], "s-", label="one by one")
         ax.set(xscale="log", yscale="log", xticks=ks, xticklabels=[str(k) for k in ks], xlabel="prompts",
                ylabel="seconds", title=title)
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[2].bar([str(r["clients"]) for r in memory], [r["peak_rss_mib"] for r in memory])
@@ -232,10 +237,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     clock = Stopwatch()
     model = spec.load()
     torch.manual_seed(args.seed)
-    data_dir = write_idx_subset(args.data_dir, s.epoch_images, s.infer_images, args.seed, args.work_dir / "data")
-    raw_train, raw_test = (load_split("fashion_mnist", str(data_dir), split) for split in ("train", "test"))
-    bank = build_bank(model, raw_train, np.arange(s.epoch_images), args.work_dir / "bank-train")
-    test = Shard(raw_test, np.arange(s.infer_images), backbone_transform(model.backbone))
+    data_dir, bank, _ = shared_subset(args, model, s.train_images, s.test_images)
+    test = Shard(load_split("fashion_mnist", str(data_dir), "test"), np.arange(s.infer_images),
+                 backbone_transform(model.backbone))
     images = torch.stack([test[i][0] for i in range(len(test))])
     train_rows = training_rows(model, bank, s)
     infer_rows = inference_rows(model, images, s)

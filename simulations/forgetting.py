@@ -24,7 +24,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.data import load_split
 from common.model import APTViT, compose_probs
 from common.prompt import Prompt
 from server.pool import PromptPool
@@ -34,9 +33,8 @@ from simulations.common import (
     Stopwatch,
     accuracy,
     backbone_spec,
-    base_parser,
     bank_logits,
-    build_bank,
+    base_parser,
     configure_logging,
     partition_shards,
     pool_prompts,
@@ -45,8 +43,8 @@ from simulations.common import (
     save_figure,
     select_profile,
     setup_record,
+    shared_subset,
     write_csv,
-    write_idx_subset,
     write_json,
 )
 
@@ -67,9 +65,9 @@ class Settings:
     lr: float
 
 
-TINY = Settings(40, 32, 2, "classes", 1.0, 1, 16, 3e-3)
-QUICK = Settings(80, 80, 3, "classes", 1.0, 2, 16, 3e-3)
-FULL = Settings(500, 500, 5, "classes", 1.0, 5, 16, 3e-3)
+TINY = Settings(48, 32, 2, "classes", 1.0, 1, 16, 3e-3)
+QUICK = Settings(96, 96, 3, "classes", 1.0, 2, 16, 3e-3)
+FULL = Settings(600, 500, 5, "classes", 1.0, 5, 16, 3e-3)
 
 
 def federations(s: Settings, run_config: dict, work: Path) -> list[Federation]:
@@ -163,17 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
     clock = Stopwatch()
     spec = backbone_spec(args.tiny)
     model = spec.load()
-    data_dir = write_idx_subset(args.data_dir, s.train_images, s.test_images, args.seed, args.work_dir / "data")
-    train = build_bank(model, load_split("fashion_mnist", str(data_dir), "train"), np.arange(s.train_images),
-                       args.work_dir / "bank-train")
-    test = build_bank(model, load_split("fashion_mnist", str(data_dir), "test"), np.arange(s.test_images),
-                      args.work_dir / "bank-test")
+    data_dir, train, test = shared_subset(args, model, s.train_images, s.test_images)
     run_config = product_run_config(spec, data_dir, args.work_dir, partitioner=s.partitioner,
                                     **{"dirichlet-alpha": s.alpha, "partition-seed": args.seed,
                                        "local-epochs": s.epochs, "batch-size": s.batch_size,
                                        "learning-rate": s.lr})
     runs = federations(s, run_config, args.work_dir)
-    run_federations(runs, s.sources, args.work_dir / "bank-train")
+    run_federations(runs, s.sources, train.root)
     rows = source_rows(s, {r.name: r for r in runs}, model, data_dir, train, test, args.work_dir, args.seed)
     payload = {
         "experiment": NAME,
