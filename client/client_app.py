@@ -63,7 +63,7 @@ def load_node_data(context: Context, config: AppConfig, model: APTViT) -> NodeDa
             seed=config.partition_seed, max_examples=config.examples_per_source or None,
             val_fraction=config.val_fraction, transform=transform)
         return NodeData(str(node.get("source", f"source-{pid}")), train, val)
-    if "data-dir" not in node or "source" not in node:
+    if not str(node.get("data-dir", "")) or not str(node.get("source", "")):
         raise ConfigError("a deployed SuperNode needs --node-config \"source='NAME' data-dir='/path/to/data'\"")
     train, val = load_local_dataset(str(node["data-dir"]), config.dataset, transform,
                                     max_examples=config.examples_per_source or None,

@@ -98,12 +98,12 @@ class AppConfig:
         return str(Path(self.data_dir).expanduser()) if self.data_dir else None
 
     def pool_path(self) -> Path:
-        """``pool-dir``, by default ``$ALACARTE_HOME/pool``."""
+        """``pool-dir``, else ``$ALACARTE_POOL``, else ``$ALACARTE_HOME/pool`` (as ``alacarte serve``)."""
         if self.pool_dir:
             return Path(self.pool_dir).expanduser()
-        from common.assets import alacarte_home
+        from server.pool import default_pool_dir
 
-        return alacarte_home() / "pool"
+        return default_pool_dir()
 
 
 def build_model(config: AppConfig, device: str | None = None) -> APTViT:

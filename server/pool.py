@@ -76,6 +76,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+POOL_ENV = "ALACARTE_POOL"
 INDEX_NAME = "pool.sqlite"
 PROMPTS_DIR = "prompts"
 SCHEMA_VERSION = 1
@@ -180,6 +181,14 @@ class RepairReport:
 
     def __bool__(self) -> bool:
         return bool(self.orphans or self.dangling)
+
+
+def default_pool_dir() -> Path:
+    """``$ALACARTE_POOL``, else ``$ALACARTE_HOME/pool``: where the app and the service look by default."""
+    from common.assets import alacarte_home
+
+    env = os.environ.get(POOL_ENV)
+    return Path(env).expanduser() if env else alacarte_home() / "pool"
 
 
 def validate_source(source: str) -> str:

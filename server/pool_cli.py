@@ -13,12 +13,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from server.pool import PoolError, PromptPool
+from server.pool import POOL_ENV, PoolError, PromptPool
 
 __all__ = ["HELP", "add_arguments", "format_labels", "format_metrics", "format_time", "run"]
 
 HELP = "inspect or edit a prompt pool on disk (ls, show, rm)"
-POOL_ENV = "ALACARTE_POOL"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from common.model import APTViT
 from common.prompt import Prompt
 from common.records import prompts_records
 from common.train import evaluate
-from server.federation import FEDAVG_SOURCE, run_alacarte, run_fedavg
+from server.federation import FEDAVG_SOURCE, run_alacarte, run_fedavg, send_and_collect
 from server.pool import PromptPool
 
 app = ServerApp()
@@ -54,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
     if test is not None:
         print(format_table(f"Server test split ({len(test)} images)", prompts,
                            evaluate(model, list(prompts.values()), DataLoader(test, batch_size=config.batch_size))))
-    if config.federated_eval:
+    if config.federated_eval and nodes:
         federated_evaluate(grid, config, prompts, nodes)
 
 
@@ -68,24 +68,24 @@ def server_test_split(config: AppConfig, model: APTViT) -> Shard | None:
 
 
 def federated_evaluate(grid: Grid, config: AppConfig, prompts: dict[str, Prompt], nodes: dict[int, str]) -> None:
-    """Send every prompt to every node; print each node's accuracy on its validation split.
+    """Send the prompts to the run's nodes; print each one's composed accuracy on its validation split.
 
-    ``nodes`` maps node ids to source names for the table (unknown nodes show their id).
+    ``nodes`` are the nodes that took part (node id -> source); nodes that left are not waited for.
     """
     content = prompts_records(list(prompts.values()))
-    messages = [Message(RecordDict(content), dst_node_id=nid, message_type=MessageType.EVALUATE, group_id="eval")
-                for nid in grid.get_node_ids()]
+    live = set(grid.get_node_ids())
+    messages = {nid: Message(RecordDict(content), dst_node_id=nid, message_type=MessageType.EVALUATE,
+                             group_id="eval") for nid in nodes if nid in live}
     rows = []
-    for reply in grid.send_and_receive(messages, timeout=config.reply_timeout):
+    for nid, reply in send_and_collect(grid, messages, config.reply_timeout).items():
         if reply.has_error():
-            log(WARNING, "node %s failed to evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
+            log(WARNING, "node %s (source %s) failed to evaluate: %s", nid, nodes[nid], reply.error.reason)
             continue
         m = reply.content["metrics"]
-        nid = reply.metadata.src_node_id
-        rows.append((nodes.get(nid, str(nid)), int(m["num-examples"]), float(m["accuracy"])))
-    lines = [f"{'node (source)':<20}  {'val images':>10}  {'composed acc':>12}"]
+        rows.append((nodes[nid], int(m["num-examples"]), float(m["accuracy"])))
+    lines = [f"{'source':<20}  {'val images':>10}  {'composed acc':>12}"]
     lines += [f"{name:<20}  {n:>10}  {acc:>12.3f}" for name, n, acc in sorted(rows)]
-    print("\nFederated evaluation of the composed model (each node's validation split)\n" + "\n".join(lines))
+    print("\nFederated evaluation of the composed model (each source's validation split)\n" + "\n".join(lines))
 
 
 def format_table(title: str, prompts: dict[str, Prompt], result: dict) -> str:

@@ -27,7 +27,6 @@ import concurrent.futures
 import io
 import ipaddress
 import logging
-import os
 import signal
 import sqlite3
 import sys
@@ -611,9 +610,8 @@ def _load(args: argparse.Namespace) -> tuple[APTViT, PromptPool, Callable[[Image
     from common.config import AppConfig, build_model
     from common.data import backbone_transform
 
-    root = args.pool or os.environ.get("ALACARTE_POOL") or None
     config = AppConfig(backbone=args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                       img_size=args.img_size, pool_dir=str(root or ""))
+                       img_size=args.img_size, pool_dir=str(args.pool or ""))
     pool = PromptPool(config.pool_path(), create=False)
     model = build_model(config, device=args.device)
     return model, pool, backbone_transform(model.backbone)
