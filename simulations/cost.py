@@ -153,6 +153,7 @@ def process_tree_rss(root: int) -> int:
 
 def memory_probe(clients: int, args: argparse.Namespace) -> dict:
     """Run the probe subprocess for ``clients`` clients; its stats plus the peak tree RSS."""
+    args.work_dir.mkdir(parents=True, exist_ok=True)
     out = args.work_dir / f"probe-{clients}.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "simulations.cost", "--memory-probe", str(clients), "--work-dir",
