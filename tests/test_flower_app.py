@@ -13,7 +13,7 @@ from synthetic import make_idx_dataset
 
 from client.client_app import evaluate_prompts, identify, train
 from common.config import AppConfig, ConfigError, build_model
-from common.prompt import TENSOR_NAMES, BackboneMismatchError, Prompt, PromptShapeError, PromptValueError
+from common.prompt import TENSOR_NAMES, BackboneMismatchError, PromptShapeError, PromptValueError
 from common.records import TRAIN_METRICS, ReplyError, check_train_reply, prompt_from_records, prompts_records
 from server.federation import accept_reply
 from server.pool import PromptPool, StaleVersionError
