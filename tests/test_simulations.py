@@ -108,6 +108,9 @@ def test_cost_tiny(data_dir, results, tmp_path):
 
 
 def test_render_mentions_every_experiment(results, tmp_path):
+    """Runs last: renders what the tiny runs above wrote (skipped when run alone)."""
+    if not any(results.iterdir()):
+        pytest.skip("no tiny results in this session; run the whole module")
     text = render(results, tmp_path / "RESULTS.md")
     for name in EXPERIMENTS:
         if (results / name).exists():
