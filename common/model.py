@@ -214,14 +214,15 @@ class APTViT(nn.Module):
             ``features [B, N, D]`` exactly as ``forward_features`` returns them, and
             ``kv [L, 2, B, heads, N, head_dim]``: each layer's backbone keys and values.
         """
-        captured: list[Tensor] = []  # holds the one [L, 2, B, H, N, hd] buffer the hooks write into
-        hooks = [blk.attn.qkv.register_forward_hook(_capture_kv(blk, layer, self.depth, captured))
-                 for layer, blk in enumerate(self.backbone.blocks)]
-        try:
-            features = self.backbone.forward_features(images)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        captured: list[Tensor] = []  # the one [L, 2, B, H, N, hd] buffer every layer writes into
+
+        def store(layer: int, k: Tensor, v: Tensor) -> None:
+            if not captured:
+                captured.append(k.new_empty(self.depth, 2, *k.shape))
+            captured[0][layer, 0].copy_(k)
+            captured[0][layer, 1].copy_(v)
+
+        features = self._run_backbone(images, store)
         return features, captured[0]
 
     def backbone_kv(self, images: Tensor) -> Tensor:
@@ -232,35 +233,86 @@ class APTViT(nn.Module):
         """Per-prompt logits ``[k, B, C]`` for ``k`` prompts over one shared backbone pass.
 
         Logits of classes outside a prompt's label set are ``-inf`` (its softmax is 0 there).
+        Same result as ``forward_kv(backbone_kv(images), prompts)``, but each layer's prompt
+        tokens run as soon as that layer's backbone keys/values exist, so the keys/values of
+        all layers are never gathered into one tensor (saves a large copy and allocation).
         """
-        return self.forward_kv(self.backbone_kv(images), prompts)
+        groups = self._groups(prompts)
+        grad = torch.is_grad_enabled()  # the backbone runs without grad, the prompts may need it
+        states = [self._group_tokens(members, images.shape[0]) for members in groups]
+
+        def run_layer(layer: int, k: Tensor, v: Tensor) -> None:
+            with torch.set_grad_enabled(grad):
+                for g, (x, memory) in enumerate(states):
+                    states[g] = (_prompt_block(self.backbone.blocks[layer], x, memory[:, layer], (k, v)), memory)
+
+        with torch.no_grad():
+            self._run_backbone(images, run_layer)
+        return self._assemble([self._group_logits(x, members) for (x, _), members in zip(states, groups)], groups)
 
     def forward_kv(self, kv: Tensor, prompts: Sequence[Prompt]) -> Tensor:
         """Like ``forward`` but from precomputed backbone keys/values (e.g. a cache)."""
+        groups = self._groups(prompts)
+        kv = kv.to(device=self.device, dtype=self.backbone.patch_embed.proj.weight.dtype)
+        return self._assemble([self._forward_group(kv, members) for members in groups], groups)
+
+    def _run_backbone(self, images: Tensor, on_layer) -> Tensor:
+        """``forward_features(images)``, calling ``on_layer(layer, k, v)`` with each layer's keys/values.
+
+        ``k``/``v`` are ``[B, H, N, hd]`` views of the layer's qkv projection (keys after
+        ``k_norm``), valid during the call. Hooks ignore passes run by other threads, so
+        concurrent calls on the shared backbone do not see each other's layers.
+        """
+        owner, busy = threading.get_ident(), [False]
+        hooks = [blk.attn.qkv.register_forward_hook(_capture_kv(blk, layer, on_layer, owner, busy))
+                 for layer, blk in enumerate(self.backbone.blocks)]
+        try:
+            return self.backbone.forward_features(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    @staticmethod
+    def _groups(prompts: Sequence[Prompt]) -> list[list[tuple[int, Prompt]]]:
+        """Prompts grouped by (n_prompt, n_memory): ``[[(index, prompt), ...], ...]``."""
         if not prompts:
             raise ValueError("forward needs at least one prompt")
         num_classes = {p.num_classes for p in prompts}
         if len(num_classes) != 1:
             raise ValueError(f"prompts disagree on the label space size: {sorted(num_classes)}")
-        kv = kv.to(device=self.device, dtype=self.backbone.patch_embed.proj.weight.dtype)
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, int], list] = {}
         for i, p in enumerate(prompts):
-            groups.setdefault((p.n_prompt, p.n_memory), []).append(i)
-        if len(groups) == 1:
-            return self._forward_group(kv, list(prompts))
-        out = kv.new_empty(len(prompts), kv.shape[2], num_classes.pop())
-        for idx in groups.values():
-            out[idx] = self._forward_group(kv, [prompts[i] for i in idx])
+            groups.setdefault((p.n_prompt, p.n_memory), []).append((i, p))
+        return list(groups.values())
+
+    @staticmethod
+    def _assemble(outputs: list[Tensor], groups: list[list]) -> Tensor:
+        """Per-group logits ``[G, B, C]`` back into prompt order ``[k, B, C]``."""
+        if len(outputs) == 1:
+            return outputs[0]
+        k = sum(len(members) for members in groups)
+        out = outputs[0].new_empty(k, *outputs[0].shape[1:])
+        for logits, members in zip(outputs, groups):
+            out[[i for i, _ in members]] = logits
         return out
 
-    def _forward_group(self, kv: Tensor, prompts: list[Prompt]) -> Tensor:
+    def _forward_group(self, kv: Tensor, members: list) -> Tensor:
         """All prompts share (n_prompt, n_memory): stack them and run every layer once."""
-        B = kv.shape[2]
-        tokens = torch.stack([p.tokens for p in prompts])  # [G, P, D]
-        x = tokens[:, None].expand(-1, B, -1, -1)  # [G, B, P, D]
-        memory = torch.stack([p.memory for p in prompts])  # [G, L, M, D]
+        x, memory = self._group_tokens(members, kv.shape[2])
         for layer, blk in enumerate(self.backbone.blocks):
             x = _prompt_block(blk, x, memory[:, layer], kv[layer])
+        return self._group_logits(x, members)
+
+    @staticmethod
+    def _group_tokens(members: list, batch: int) -> tuple[Tensor, Tensor]:
+        """Input tokens ``[G, B, P, D]`` and memory ``[G, L, M, D]`` of a group."""
+        prompts = [p for _, p in members]
+        tokens = torch.stack([p.tokens for p in prompts])  # [G, P, D]
+        return tokens[:, None].expand(-1, batch, -1, -1), torch.stack([p.memory for p in prompts])
+
+    def _group_logits(self, x: Tensor, members: list) -> Tensor:
+        """Final norm, mean over prompt tokens, each prompt's head and label mask: ``[G, B, C]``."""
+        prompts = [p for _, p in members]
         feats = self.backbone.norm(x).mean(dim=2)  # [G, B, D]
         weight = torch.stack([p.head.weight for p in prompts])  # [G, C, D]
         bias = torch.stack([p.head.bias for p in prompts])  # [G, C]
@@ -321,21 +373,24 @@ def _check_supported(backbone: nn.Module) -> None:
                 "with ungated attention (vit_*, deit_*, DINOv2 ViTs)")
 
 
-def _capture_kv(blk: Block, layer: int, depth: int, out: list[Tensor]):
-    """Forward hook on ``blk.attn.qkv``: copy this layer's keys/values into ``out[0][layer]``.
+def _capture_kv(blk: Block, layer: int, on_layer, owner: int, busy: list[bool]):
+    """Forward hook on ``blk.attn.qkv``: ``on_layer(layer, k, v)`` with the keys/values ``[B, H, N, hd]``.
 
-    The first layer allocates ``out[0]`` (``[L, 2, B, H, N, hd]``); every layer writes its slice
-    in place, so the keys/values are copied once (no per-layer stack, then a second stack).
+    Only the backbone pass of thread ``owner`` is reported: not passes of other threads (the
+    backbone is shared), nor the prompt path's own ``qkv`` calls made from inside ``on_layer``.
     """
     attn = blk.attn
 
     def hook(_module: nn.Module, _inputs: tuple[Tensor], qkv: Tensor) -> None:
+        if busy[0] or threading.get_ident() != owner:
+            return
         B, N, _ = qkv.shape
         _, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if not out:
-            out.append(qkv.new_empty(depth, 2, B, attn.num_heads, N, attn.head_dim))
-        out[0][layer, 0].copy_(attn.k_norm(k))
-        out[0][layer, 1].copy_(v)
+        busy[0] = True
+        try:
+            on_layer(layer, attn.k_norm(k), v)
+        finally:
+            busy[0] = False
 
     return hook
 
@@ -346,7 +401,8 @@ def _prompt_block(blk: Block, x: Tensor, memory: Tensor, kv: Tensor) -> Tensor:
     Args:
         x: ``[G, B, P, D]`` prompt tokens entering the block.
         memory: ``[G, M, D]`` this layer's memory tokens (shared over the batch).
-        kv: ``[2, B, H, N, hd]`` the layer's backbone keys/values (shared by all prompts).
+        kv: ``[2, B, H, N, hd]`` the layer's backbone keys/values (shared by all prompts), or a
+            pair ``(k, v)`` of ``[B, H, N, hd]``.
 
     Returns:
         ``[G, B, P, D]`` prompt tokens leaving the block.
@@ -355,7 +411,7 @@ def _prompt_block(blk: Block, x: Tensor, memory: Tensor, kv: Tensor) -> Tensor:
     G, B, P, D = x.shape
     M = memory.shape[1]
     H, hd = attn.num_heads, attn.head_dim
-    N = kv.shape[3]
+    N = kv[0].shape[2]
 
     qkv = attn.qkv(blk.norm1(x)).reshape(G, B, P, 3, H, hd).permute(3, 0, 1, 4, 2, 5)  # [3, G, B, H, P, hd]
     q, k_own, v_own = qkv.unbind(0)

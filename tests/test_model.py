@@ -114,10 +114,55 @@ def test_captured_kv_are_each_layers_keys_and_values(name, images, request):
         torch.testing.assert_close(kv[layer, 1], qkv[2], rtol=0, atol=1e-6)
 
 
-def test_forward_kv_equals_forward(model, images, prompts):
+def test_forward_kv_equals_forward(model, model64, images, prompts):
+    # forward runs the prompts layer by layer inside the backbone pass; forward_kv from stored kv
     kv = model.backbone_kv(images)
     with torch.no_grad():
-        assert torch.equal(model(images, prompts), model.forward_kv(kv, prompts))
+        torch.testing.assert_close(model(images, prompts), model.forward_kv(kv, prompts), rtol=1e-5, atol=1e-5)
+    prompts64 = as_double(mixed_prompts(model64))
+    x = images.double()
+    with torch.no_grad():
+        torch.testing.assert_close(model64(x, prompts64), model64.forward_kv(model64.backbone_kv(x), prompts64),
+                                   rtol=0, atol=1e-10)
+
+
+def test_forward_leaves_no_hooks_and_backbone_untouched(model, images, prompts):
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    with torch.no_grad():
+        model(images, prompts)
+    with pytest.raises(ValueError):
+        model(images, [])
+    assert all(not blk.attn.qkv._forward_hooks for blk in model.backbone.blocks)
+    assert all(torch.equal(v, before[k]) for k, v in model.backbone.state_dict().items())
+
+
+def test_concurrent_threads_share_the_backbone(model, images):
+    # hooks live on the shared backbone: a pass in one thread must not see another thread's layers
+    import threading
+
+    prompts = [random_prompt(model, seed=s) for s in range(2)]
+    with torch.no_grad():
+        expected_logits = model(images, prompts)
+        expected_kv = model.backbone_kv(images[:2])
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(4):
+                    if i % 2:
+                        torch.testing.assert_close(model(images, prompts), expected_logits, rtol=1e-5, atol=1e-5)
+                    else:
+                        torch.testing.assert_close(model.backbone_kv(images[:2]), expected_kv, rtol=1e-5, atol=1e-5)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
 
 
 # --------------------------------------------------------------------------------------
