@@ -22,6 +22,7 @@ Usage: ``python benchmarks/bench_core.py [--quick]`` (``--help`` for the options
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -222,11 +223,12 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark the APT core (structured attention, training step, KV cache) on CPU.")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute on 2 cores)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per pair (default 7, quick 3)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 1-2 minutes on 2 idle cores)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each single-batch pair (default 15, quick 5); epochs use a third")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: the CPUs available to this process that "
-                             "other jobs leave free: CPUs minus the 1-minute load average, at least 1)")
+                             "other jobs leave free: CPUs minus the 1-minute load average, rounded up, "
+                             "at least 1)")
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (random init)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args.load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # more threads than free cores makes every small op wait for a descheduled thread
-    threads = args.threads or max(1, min(cpus, round(cpus - args.load_start)))
+    threads = args.threads or max(1, min(cpus, math.ceil(cpus - args.load_start)))
     torch.set_num_threads(threads)
     print(f"running ({'quick' if args.quick else 'full'}), {torch.get_num_threads()} threads ...", file=sys.stderr)
     rows = run(args)
