@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         print(f"  {msg}", file=sys.stderr, flush=True)
 
     with torch.no_grad():
-        log("forward k=16 vs k=1")
+        log(f"forward k={args.k} vs k=1")
         t = paired(lambda: model(images, prompts), lambda: model(images, prompts[:1]), reps)
         rows.append(Row(f"APT forward, k={args.k} vs k=1", f"k={args.k}", "k=1", t, 1.15, "<=", clock))
 
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     prompt = make_prompts(model, 1, args.n_prompt, args.n_memory)[0]
     optimizer = torch.optim.AdamW(prompt.parameters(), lr=1e-3)
 
-    def train_step() -> None:
+    def train_step() -> None:  # what train_prompt does per batch without a cache
         kv = model.backbone_kv(images)
         loss = F.cross_entropy(model.forward_kv(kv, [prompt])[0], labels)
         optimizer.zero_grad(set_to_none=True)
@@ -173,8 +173,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         uncached_prompt = make_prompts(model, 1, args.n_prompt, args.n_memory)[0]
         cached_prompt = make_prompts(model, 1, args.n_prompt, args.n_memory)[0]
         t = paired(lambda: train_prompt(model, uncached_prompt, loader, config),
-                           lambda: train_prompt(model, cached_prompt, loader, config, cache),
-                           args.epoch_reps, warmup=0)
+                   lambda: train_prompt(model, cached_prompt, loader, config, cache),
+                   args.epoch_reps, warmup=0)
     finally:
         cache.close()
     rows.append(Row(f"training epoch uncached vs cached ({n} images, fp16 KVCache)", "uncached", "cached", t,

@@ -9,7 +9,6 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
@@ -41,7 +40,7 @@ def reference_logits(model: APTViT, images: torch.Tensor, prompts) -> tuple[torc
     """
     bb = model.backbone
     x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
-    B, N, D = x.shape
+    B, N, _ = x.shape
     seq = torch.cat([x] + [p.tokens.expand(B, -1, -1) for p in prompts], dim=1)
     owner_q = [-1] * N + [i for i, p in enumerate(prompts) for _ in range(p.n_prompt)]
     owner_k = owner_q + [i for i, p in enumerate(prompts) for _ in range(p.n_memory)]
