@@ -188,8 +188,12 @@ class Prompt(nn.Module):
         return prompt.to(model.device) if model is not None else prompt
 
     def to_bytes(self) -> bytes:
-        """Serialise to safetensors bytes with the metadata in the header."""
-        return safetensors.numpy.save(self.arrays(), metadata=self.metadata())
+        """Serialise to safetensors bytes with the metadata in the header.
+
+        The bytes are a function of the prompt alone (the header's keys are sorted), so equal
+        prompts have equal checksums in the pool.
+        """
+        return _canonical_header(safetensors.numpy.save(self.arrays(), metadata=self.metadata()))
 
     @classmethod
     def from_bytes(cls, data: bytes, model: APTViT | None = None) -> Prompt:
@@ -231,6 +235,18 @@ def read_metadata_bytes(data: bytes) -> dict[str, str]:
     if not isinstance(metadata, dict):
         raise PromptFormatError("prompt file metadata is not a mapping")
     return metadata
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """Safetensors bytes with the JSON header's keys sorted (the library orders them at random).
+
+    Tensor offsets are relative to the end of the header, so only the header is rewritten;
+    it stays space-padded to a multiple of 8 bytes as the format requires.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -154,6 +154,12 @@ def test_bytes_roundtrip(prompt, model):
     assert_same_prompt(Prompt.from_bytes(Prompt.from_bytes(data).to_bytes()), prompt)
 
 
+def test_bytes_are_deterministic(prompt):
+    """safetensors orders header keys at random; the artefact must not (the pool checksums it)."""
+    assert len({prompt.to_bytes() for _ in range(20)}) == 1
+    assert int.from_bytes(prompt.to_bytes()[:8], "little") % 8 == 0  # header stays 8-byte aligned
+
+
 def test_arrays_roundtrip(prompt, model):
     arrays, meta = prompt.arrays(), prompt.metadata()
     assert set(arrays) == set(TENSORS)
