@@ -141,6 +141,15 @@ def _starting_prompt(content: RecordDict, model: APTViT, data: NodeData, config:
     return fresh
 
 
+def use_kv_cache(source: str, model: APTViT, cache: KVCache) -> None:
+    """Make ``cache`` this process's backbone key/value cache of ``source`` for ``model``.
+
+    For simulations that precompute one cache over every client's images and lend it to all
+    the simulated clients of a process; a real client builds its own on its first epoch.
+    """
+    _KV_CACHES[(source, model.fingerprint)] = cache
+
+
 def _kv_cache(source: str, model: APTViT) -> KVCache:
     """This process's backbone key/value cache for ``source`` (kept across rounds)."""
     key = (source, model.fingerprint)

@@ -439,7 +439,7 @@ def _delegate(handler: Callable[[Message, Context], Message], msg: Message, cont
     node_config = {"partition-id": pid, "num-partitions": int(sim["num-partitions"]), "source": source}
     if sim["bank"]:
         model = build_model(AppConfig.from_run_config(run_config), device="cpu")
-        product._KV_CACHES[(source, model.fingerprint)] = _shared_bank(model, str(sim["bank"]))
+        product.use_kv_cache(source, model, _shared_bank(model, str(sim["bank"])))
     return handler(msg, Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config,
                                 state=context.state, run_config=run_config))
 

@@ -11,7 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 from synthetic import make_idx_dataset
 
-from client.client_app import evaluate_prompts, identify, train
+from client.client_app import evaluate_prompts, identify, train, use_kv_cache
+from common.kv_cache import KVCache
 from common.config import AppConfig, ConfigError, build_model
 from common.prompt import TENSOR_NAMES, BackboneMismatchError, PromptShapeError, PromptValueError
 from common.records import TRAIN_METRICS, ReplyError, check_train_reply, prompt_from_records, prompts_records
@@ -106,6 +107,14 @@ def test_train_starts_from_the_sent_prompt(run_config, train_reply, model):
     assert reply.content["metrics"]["parent-version"] == 1
     assert trained.labels == sent.labels
     assert not np.array_equal(trained.arrays()["tokens"], sent.arrays()["tokens"])
+
+
+def test_train_uses_a_lent_kv_cache(run_config, model):
+    lent = KVCache(model)
+    use_kv_cache("source-1", model, lent)
+    train(message(RecordDict({"config": ConfigRecord({"parent-version": 0})})), context(run_config, partition=1))
+    # one epoch: every image of source-1's shard went through the lent cache, source-0's did not
+    assert lent.misses > 0 and len(lent) == lent.misses
 
 
 def test_evaluate_reply(run_config, train_reply, model):
