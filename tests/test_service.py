@@ -21,8 +21,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import IMG, NUM_CLASSES, random_prompt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from PIL import Image
 
 from common import alacarte_pb2 as pb
@@ -30,15 +33,12 @@ from common import alacarte_pb2_grpc as pb_grpc
 from common.cli import main as cli_main
 from common.data import backbone_transform
 from common.model import APTViT, load_backbone
-from common.prompt import Prompt
 from server.auth import AuthenticationError, TokenStore, add_user, remove_user
 from server.batcher import DeadlineExceededError, DynamicBatcher, QueueFullError
 from server.pool import PromptPool
 from server.query import CompositionClient
 from server.service import SERVICE_NAME, CompositionServer, ServiceConfig
 
-NUM_CLASSES = 10
-IMG = 32
 SOURCES = ("a", "b", "c", "d")
 USERS = {"alice": ["a", "b"], "bob": ["c"], "ops": "*"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,26 +52,14 @@ def model() -> APTViT:
     return APTViT(load_backbone("vit_tiny_patch16_224", pretrained=False, img_size=IMG, device="cpu"))
 
 
-def make_prompt(model: APTViT, seed: int, **kwargs) -> Prompt:
-    """``Prompt.init`` with random memory and head, so every prompt predicts differently."""
-    kwargs.setdefault("num_classes", NUM_CLASSES)
-    prompt = Prompt.init(model, seed=seed, **kwargs)
-    gen = torch.Generator().manual_seed(100 + seed)
-    with torch.no_grad():
-        prompt.memory.add_(torch.randn(prompt.memory.shape, generator=gen))
-        prompt.head.weight.copy_(0.3 * torch.randn(prompt.head.weight.shape, generator=gen))
-        prompt.head.bias.copy_(torch.randn(prompt.head.bias.shape, generator=gen))
-    return prompt
-
-
 def fill_pool(root: Path, model: APTViT, other_label_space: bool = True) -> PromptPool:
     """Sources ``SOURCES`` (``d`` trained on classes 0-4), and ``seven`` over 7 classes only."""
     pool = PromptPool(root)
     for i, source in enumerate(SOURCES):
         labels = range(5) if source == "d" else None
-        pool.add(source, make_prompt(model, seed=i, labels=labels))
+        pool.add(source, random_prompt(model, seed=i, labels=labels))
     if other_label_space:
-        pool.add("seven", make_prompt(model, seed=9, num_classes=7))
+        pool.add("seven", random_prompt(model, seed=9, num_classes=7))
     return pool
 
 
@@ -322,7 +310,7 @@ def test_forget_and_new_version_without_restart(start, model, tmp_path) -> None:
         before = client.predict(IMAGES, ["a", "b"], top_k=NUM_CLASSES)
         assert [(p.source, p.version) for p in before.prompts] == [("a", 1), ("b", 1)]
 
-        pool.add("a", make_prompt(model, seed=42))
+        pool.add("a", random_prompt(model, seed=42))
         after = client.predict(IMAGES, ["a", "b"], top_k=NUM_CLASSES)
         assert [(p.source, p.version) for p in after.prompts] == [("a", 2), ("b", 1)]
         torch.testing.assert_close(dense(after.predictions), local_probs(model, pool, IMAGES, ["a", "b"]),
@@ -338,8 +326,8 @@ def test_forget_and_new_version_without_restart(start, model, tmp_path) -> None:
 
 def test_unservable_prompt_is_reported(start, model, tmp_path) -> None:
     pool = PromptPool(tmp_path / "pool")
-    pool.add("a", make_prompt(model, seed=0))
-    foreign = make_prompt(model, seed=1)
+    pool.add("a", random_prompt(model, seed=0))
+    foreign = random_prompt(model, seed=1)
     foreign.fingerprint = "0" * 64  # trained on another backbone
     pool.add("alien", foreign)
     server = start(pool)
@@ -563,7 +551,7 @@ def test_alacarte_serve_command(model, tmp_path) -> None:
             result = client.predict(IMAGES, ["a", "c"], top_k=NUM_CLASSES)
             assert result.predictions[0][0].name in ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                                                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-            pool.add("e", make_prompt(model, seed=7))
+            pool.add("e", random_prompt(model, seed=7))
             assert "e" in [s.source for s in client.list_sources()]
         torch.testing.assert_close(dense(result.predictions), local_probs(model, pool, IMAGES, ["a", "c"]),
                                    atol=1e-5, rtol=0)
