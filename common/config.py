@@ -44,7 +44,7 @@ class AppConfig:
     val_fraction: float = 0.1
     test_examples: int = 1000
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     label_smoothing: float = 0.0
     n_prompt: int = 1
     n_memory: int = 4

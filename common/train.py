@@ -31,7 +31,7 @@ class TrainConfig:
     """Optimisation settings of one prompt (AdamW with a cosine schedule)."""
 
     epochs: int = 1
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     progress: bool = True

@@ -66,7 +66,7 @@ class Settings:
 
 
 TINY = Settings(48, 32, 2, "classes", 1.0, 1, 16, 3e-3)
-QUICK = Settings(96, 96, 3, "classes", 1.0, 2, 16, 3e-3)
+QUICK = Settings(96, 96, 3, "classes", 1.0, 2, 16, 1e-2)
 FULL = Settings(600, 500, 5, "classes", 1.0, 10, 16, 1e-2)
 
 
