@@ -76,7 +76,7 @@ class Settings:
 
 
 TINY = Settings(48, 32, (2,), ("iid",), 1, 1, 16, 3e-3, 2, (1,), 1)
-QUICK = Settings(96, 96, (1, 4), ("iid", "dirichlet-0.1"), 2, 1, 16, 1e-2, 4, (1, 2), 1)
+QUICK = Settings(96, 96, (1, 4), ("iid", "dirichlet-0.1"), 6, 2, 16, 1e-2, 4, (1, 2), 1)
 FULL = Settings(600, 500, (1, 2, 5, 10, 20), ("iid", "dirichlet-0.1", "dirichlet-1"), 10, 2, 16, 1e-2,
                 10, (1, 2, 5), 2)
 

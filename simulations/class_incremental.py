@@ -74,7 +74,7 @@ class Settings:
 
 
 TINY = Settings(48, 32, 4, 3, 1, 16, 3e-3, 5, 1e-2)
-QUICK = Settings(96, 96, 8, 8, 2, 16, 1e-2, 20, 1e-2)
+QUICK = Settings(96, 96, 8, 8, 10, 16, 1e-2, 20, 1e-2)
 FULL = Settings(600, 500, 60, 50, 10, 16, 1e-2, 50, 1e-2)
 
 

@@ -1,8 +1,11 @@
-"""The experiment scripts: each one's ``--tiny`` mode runs end to end and writes its JSON and
-PNG, and ``simulations.render`` turns the results into a RESULTS.md that mentions them.
+"""The experiment scripts: each one's ``--tiny`` and ``--quick`` modes run end to end and write
+their JSON and PNG, and ``simulations.render`` turns the results into a RESULTS.md that
+mentions them.
 
-``--tiny`` uses the random tiny ViT at 32 px and generated IDX data; the Flower experiments
-start a real (Ray) simulation, so each takes tens of seconds.
+``--tiny`` uses the random tiny ViT at 32 px and generated IDX data; ``--quick`` uses the real
+assets ``bash setup.sh`` prepares (pretrained DINOv2 ViT-S/14 at 112 px, Fashion-MNIST), so
+its accuracies are meaningful. The Flower experiments start a real (Ray) simulation, so each
+takes tens of seconds (tiny) to a few minutes (quick).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 import torch
 from synthetic import make_idx_dataset
 
+from common.assets import default_checkpoint, default_data_dir
 from common.data import load_split
 from simulations.common import apply_overrides, backbone_spec, build_bank
 from simulations.render import render
@@ -35,18 +39,42 @@ def results(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("results")
 
 
-def run_tiny(name: str, data_dir: Path, results: Path, work: Path) -> dict:
-    """Run ``python -m simulations.<name> --tiny`` and return its result.json."""
-    cmd = [sys.executable, "-m", f"simulations.{name}", "--tiny", "--data-dir", str(data_dir),
-           "--out", str(results / name), "--work-dir", str(work)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="session")
+def quick_work(tmp_path_factory) -> Path:
+    """One scratch root for the ``--quick`` runs, so they share the DINOv2 key/value bank."""
+    if default_checkpoint() is None or default_data_dir() is None:
+        pytest.fail("the --quick experiments need the prepared DINOv2 and Fashion-MNIST: run `bash setup.sh`")
+    return tmp_path_factory.mktemp("quick")
+
+
+def run_profile(name: str, profile: str, results: Path, work: Path, data_dir: Path | None = None) -> dict:
+    """Run ``python -m simulations.<name> --<profile>`` and return its result.json."""
+    cmd = [sys.executable, "-m", f"simulations.{name}", f"--{profile}", "--out", str(results / name),
+           "--work-dir", str(work / name)]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = sorted((results / name).glob("**/result.json"))
     assert len(found) == 1
     payload = json.loads(found[0].read_text())
     for png in payload["plots"]:
         assert (found[0].parent / png).stat().st_size > 1000
-    assert payload["setup"]["profile"] == "tiny" and payload["setup"]["resolution"] == 32
+    assert payload["setup"]["profile"] == profile
+    return payload
+
+
+def run_tiny(name: str, data_dir: Path, results: Path, work: Path) -> dict:
+    """Run ``python -m simulations.<name> --tiny`` on the generated IDX data."""
+    payload = run_profile(name, "tiny", results, work, data_dir)
+    assert payload["setup"]["resolution"] == 32
+    return payload
+
+
+def run_quick(name: str, results: Path, work: Path) -> dict:
+    """Run ``python -m simulations.<name> --quick`` on the prepared DINOv2 and Fashion-MNIST."""
+    payload = run_profile(name, "quick", results, work)
+    assert payload["setup"]["resolution"] == 112 and "DINOv2" in payload["setup"]["backbone"]
     return payload
 
 
@@ -107,12 +135,47 @@ def test_cost_tiny(data_dir, results, tmp_path):
         assert row["peak_rss_mib"] > 0 and row["upload_bytes_per_client_round"] < row["backbone_bytes_fp32"]
 
 
+@pytest.mark.slow
+def test_alacarte_vs_paragon_quick(results, quick_work):
+    payload = run_quick("alacarte_vs_paragon", results, quick_work)
+    rows = {(r["partition"], r["sources"]): r for r in payload["comparison"]}
+    assert set(rows) == {("iid", 1), ("iid", 4), ("dirichlet-0.1", 1), ("dirichlet-0.1", 4)}
+    single = rows["iid", 1]
+    assert single["composed"] == single["alone_mean"]  # a pool of one prompt is that prompt
+    assert single["paragon"] > 0.4  # pretrained features: far above the 10-class chance level
+    assert all(r["prompts_in_pool"] == r["sources"] for r in rows.values())
+
+
+@pytest.mark.slow
+def test_class_incremental_quick(results, quick_work):
+    payload = run_quick("class_incremental", results, quick_work)
+    first_task = payload["matrices"]["apt_composed"][0][0]
+    assert first_task > 0.7  # two Fashion-MNIST classes on DINOv2 features are easy
+    assert payload["final"]["probe_joint"]["average_accuracy"] > payload["final"]["probe_sequential"]["average_accuracy"]
+
+
+@pytest.mark.slow
+def test_forgetting_quick_is_bitwise_exact(results, quick_work):
+    payload = run_quick("forgetting", results, quick_work)
+    assert payload["all_bitwise_identical"] and len(payload["sources"]) == 3
+    assert all(row["own_classes_test_acc_after"] == 0.0 for row in payload["sources"])
+
+
+@pytest.mark.slow
+def test_cost_quick(results, quick_work):
+    payload = run_quick("cost", results, quick_work)
+    assert [r["prompts"] for r in payload["training"]] == [1, 2, 4, 8]
+    assert [r["clients"] for r in payload["memory"]] == [2, 4]
+    assert all(r["batched_s"] > 0 and r["one_by_one_s"] > 0 for r in payload["inference"])
+
+
 def test_render_mentions_every_experiment(results, tmp_path):
-    """Runs last: renders what the tiny runs above wrote (skipped when run alone)."""
-    if not any(results.iterdir()):
-        pytest.skip("no tiny results in this session; run the whole module")
+    """Runs last: renders what the runs above wrote (skipped when run alone)."""
+    written = sorted(results.glob("*/**/result.json"))
+    if not written:
+        pytest.skip("no results in this session; run the whole module")
     text = render(results, tmp_path / "RESULTS.md")
-    for name in EXPERIMENTS:
-        if (results / name).exists():
-            assert f"simulations.{name}" in text
-    assert "vit_tiny_patch16_224" in text and ".png)" in text and "Not the full configuration" in text
+    for path in written:
+        payload = json.loads(path.read_text())
+        assert f"simulations.{payload['experiment']}" in text and payload["setup"]["backbone"] in text
+    assert ".png)" in text and "Not the full configuration" in text
