@@ -5,7 +5,9 @@ Fashion-MNIST is split into N sources and
 
 * **composed**: each source trains its own prompt through the product's Flower apps
   (``server.server_app.main`` + the ClientApp handlers in ``flwr.simulation``, mode
-  ``alacarte``); the pool's prompts are composed uniformly (``compose_probs``);
+  ``alacarte``); the pool's prompts are composed uniformly (``compose_probs``), and
+  weighted per image by each source's density (``composed_density``: ``common.density``,
+  fitted on exactly the images that source's ClientApp trained on);
 * **paragon**: one prompt trained on the union of all sources, same epochs (``train_prompt``);
 * **FedAvg**: one shared prompt through the same Flower apps, mode ``fedavg``, with
   rounds × local epochs = the same number of epochs;
@@ -27,8 +29,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
-from common.model import APTViT
+from common.density import SourceDensity, density_weights
+from common.model import APTViT, compose_probs
 from simulations.common import (
     BackboneSpec,
     Bank,
@@ -127,8 +131,14 @@ def paragon(model: APTViT, bank: Bank, indices: np.ndarray, s: Settings, seed: i
     return prompt
 
 
-def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_dir: Path, test: Bank,
-                    paragon_acc: float, seed: int) -> list[dict]:
+def density_accuracy(logits: torch.Tensor, densities: list[SourceDensity], test: Bank) -> float:
+    """Accuracy of the prompts ``logits [k, n, C]`` composed with their sources' density weights."""
+    weights = density_weights(densities, torch.as_tensor(test.features))
+    return accuracy(compose_probs(logits, weights), test.labels)
+
+
+def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_dir: Path, train: Bank,
+                    test: Bank, paragon_acc: float, seed: int) -> list[dict]:
     """One row per (partitioning, N): accuracies of the four methods and the gap to the paragon."""
     rows = []
     for label in s.partitions:
@@ -139,16 +149,19 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
             logits = bank_logits(model, test, prompts)
             alone = [accuracy(logits[i].softmax(-1), test.labels) for i in range(len(prompts))]
             shared = list(pool_prompts(Path(runs[f"{key}-fedavg"].run_config["pool-dir"]), model).values())
-            sizes = [len(x) for x in partition_shards(data_dir, n, part.partitioner, part.alpha, seed)]
+            shards = partition_shards(data_dir, n, part.partitioner, part.alpha, seed)
+            sizes = [len(x) for x in shards]
             composed = composed_accuracy(logits, test.labels)
+            density = density_accuracy(logits, [train.density_of(x) for x in shards], test)
             rows.append({
                 "partition": label, "sources": n, "prompts_in_pool": len(prompts),
                 "images_per_source_mean": float(np.mean(sizes)), "images_per_source_min": min(sizes),
                 "images_per_source_max": max(sizes),
-                "composed": composed, "paragon": paragon_acc,
+                "composed": composed, "composed_density": density, "paragon": paragon_acc,
                 "fedavg": composed_accuracy(bank_logits(model, test, shared), test.labels),
                 "alone_mean": float(np.mean(alone)), "alone_min": min(alone), "alone_max": max(alone),
                 "gap_points": round(100 * (paragon_acc - composed), 2),
+                "gap_density_points": round(100 * (paragon_acc - density), 2),
                 "alacarte_seconds": round(runs[f"{key}-alacarte"].seconds, 1),
                 "fedavg_seconds": round(runs[f"{key}-fedavg"].seconds, 1),
             })
@@ -162,6 +175,7 @@ def subset_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_di
     pool = Path(runs[f"iid-{n}-alacarte"].run_config["pool-dir"])
     logits = bank_logits(model, test, list(pool_prompts(pool, model).values()))
     shards = partition_shards(data_dir, n, "iid", 0.5, seed)
+    densities = [train.density_of(x) for x in shards]
     rng = np.random.default_rng(seed)
     rows = []
     for size in s.subset_sizes:
@@ -169,10 +183,11 @@ def subset_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_di
             chosen = sorted(int(i) for i in rng.choice(n, size=size, replace=False))
             union = np.concatenate([shards[i] for i in chosen])
             composed = composed_accuracy(logits, test.labels, chosen)
+            density = density_accuracy(logits[chosen], [densities[i] for i in chosen], test)
             para = accuracy(bank_logits(model, test, [paragon(model, train, union, s, seed)])[0].softmax(-1),
                             test.labels)
             rows.append({"subset_size": size, "draw": draw, "sources": " ".join(map(str, chosen)),
-                         "images": len(union), "composed": composed, "paragon": para,
+                         "images": len(union), "composed": composed, "composed_density": density, "paragon": para,
                          "gap_points": round(100 * (para - composed), 2)})
     return rows
 
@@ -183,7 +198,8 @@ def plot_comparison(rows: list[dict], s: Settings, path: Path) -> Path:
     for ax, label in zip(axes[0], s.partitions):
         part = [r for r in rows if r["partition"] == label]
         xs = [r["sources"] for r in part]
-        for key, style in (("paragon", "k--"), ("composed", "o-"), ("fedavg", "s-"), ("alone_mean", "^:")):
+        for key, style in (("paragon", "k--"), ("composed", "o-"), ("composed_density", "D-"), ("fedavg", "s-"),
+                           ("alone_mean", "^:")):
             ax.plot(xs, [100 * r[key] for r in part], style, label=key.replace("_mean", " (mean)"))
         ax.set(xscale="log", xticks=xs, xticklabels=[str(x) for x in xs], xlabel="sources",
                ylabel="test accuracy (%)", title=label)
@@ -197,7 +213,7 @@ def plot_subsets(rows: list[dict], path: Path) -> Path:
     """Composed subset vs paragon-on-subset accuracy against subset size."""
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
     sizes = sorted({r["subset_size"] for r in rows})
-    for key, style in (("paragon", "k--o"), ("composed", "-s")):
+    for key, style in (("paragon", "k--o"), ("composed", "-s"), ("composed_density", "-D")):
         means = [100 * np.mean([r[key] for r in rows if r["subset_size"] == k]) for k in sizes]
         ax.plot(sizes, means, style, label=f"{key} (mean of draws)")
         ax.scatter([r["subset_size"] for r in rows], [100 * r[key] for r in rows], s=10, alpha=0.5)
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     by_name = {r.name: r for r in runs}
     para = paragon(model, train, train.index, s, args.seed)
     paragon_acc = accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)
-    rows = comparison_rows(s, by_name, model, data_dir, test, paragon_acc, args.seed)
+    rows = comparison_rows(s, by_name, model, data_dir, train, test, paragon_acc, args.seed)
     subsets = subset_rows(s, by_name, model, data_dir, train, test, args.seed)
     uploads = [b for r in runs for b in r.uploads]
     payload = {
@@ -235,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
                               upload_bytes_per_reply=max(uploads) if uploads else 0),
         "comparison": rows, "subsets": subsets,
         "max_gap_points": max(r["gap_points"] for r in rows),
+        "max_gap_density_points": max(r["gap_density_points"] for r in rows),
         "plots": [plot_comparison(rows, s, args.out / "accuracy_vs_sources.png").name,
                   plot_subsets(subsets, args.out / "subsets.png").name],
     }

@@ -7,6 +7,9 @@ forgetting (best earlier accuracy minus current accuracy, over tasks 1..t-1) of
 
 * **APT (composed)**: one prompt per task, trained on that task only, never touched again;
   the prediction composes the prompts of tasks 1..t (``compose_probs``);
+* **APT (density-weighted)**: the same prompts, each weighted per image by the posterior of
+  its task given the image's pooled backbone features (``common.density``: a small PPCA
+  density of each task's own training features, fitted with its prompt; no old data used);
 * **sequential prompt**: one prompt over all classes fine-tuned on task 1, then 2, ... (forgets);
 * **linear probe, sequential**: a linear head on frozen backbone features, trained on each
   task in turn (forgets);
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data import load_split
+from common.density import density_weights
 from common.model import APTViT, compose_probs
 from simulations.common import (
     Bank,
@@ -52,8 +56,9 @@ from simulations.common import (
 )
 
 NAME = "class_incremental"
-METHODS = ("apt_composed", "sequential_prompt", "probe_sequential", "probe_joint")
-LABELS = {"apt_composed": "APT (composed prompts)", "sequential_prompt": "sequential prompt (forgets)",
+METHODS = ("apt_composed", "apt_density", "sequential_prompt", "probe_sequential", "probe_joint")
+LABELS = {"apt_composed": "APT (composed prompts)", "apt_density": "APT, density-weighted composition",
+          "sequential_prompt": "sequential prompt (forgets)",
           "probe_sequential": "linear probe, sequential (forgets)",
           "probe_joint": "linear probe, joint (upper bound)"}
 
@@ -111,16 +116,22 @@ Scorer = Callable[[np.ndarray], torch.Tensor]  # test indices -> [n, C] scores
 
 
 def run_apt(model: APTViT, train: Bank, test: Bank, tasks: list[Task], s: Settings,
-            num_classes: int, seed: int) -> list[Scorer]:
-    """One prompt per task; after task t, the composition of prompts 1..t."""
-    prompts, scorers = [], []
+            num_classes: int, seed: int) -> dict[str, list[Scorer]]:
+    """One prompt per task; after task t, the composition of prompts 1..t: uniform
+    (``apt_composed``) and weighted by each task's source density (``apt_density``)."""
+    prompts, densities = [], []
+    out: dict[str, list[Scorer]] = {"apt_composed": [], "apt_density": []}
+    test_features = torch.as_tensor(test.features)
     for t, task in enumerate(tasks):
         prompt = fresh_prompt(model, num_classes, seed=seed + t, labels=task.classes, source=f"task-{t}")
         train_on_bank(model, prompt, train, task.train, s.epochs, s.batch_size, s.lr, seed)
         prompts.append(prompt)
+        densities.append(train.density_of(task.train))
         logits = bank_logits(model, test, list(prompts))
-        scorers.append(_frozen_scores(compose_probs(logits), test))
-    return scorers
+        out["apt_composed"].append(_frozen_scores(compose_probs(logits), test))
+        weights = density_weights(densities, test_features)
+        out["apt_density"].append(_frozen_scores(compose_probs(logits, weights), test))
+    return out
 
 
 def run_sequential_prompt(model: APTViT, train: Bank, test: Bank, tasks: list[Task], s: Settings,
@@ -136,8 +147,7 @@ def run_sequential_prompt(model: APTViT, train: Bank, test: Bank, tasks: list[Ta
 
 def _frozen_scores(scores: torch.Tensor, test: Bank) -> Scorer:
     """A scorer over the bank's test slots, fixed now (later training does not change it)."""
-    slot = {int(k): i for i, k in enumerate(test.index)}
-    return lambda idx: scores[[slot[int(i)] for i in idx]]
+    return lambda idx: scores[test.slots_of(idx)]
 
 
 def train_probe(head: torch.nn.Linear, features: np.ndarray, labels: np.ndarray, s: Settings, seed: int) -> None:
@@ -156,14 +166,13 @@ def train_probe(head: torch.nn.Linear, features: np.ndarray, labels: np.ndarray,
 def run_probes(train: Bank, test: Bank, tasks: list[Task], s: Settings, num_classes: int,
                seed: int) -> dict[str, list[Scorer]]:
     """Sequential and joint linear probes on the bank's pooled features."""
-    slot_train = {int(k): i for i, k in enumerate(train.index)}
     dim = train.features.shape[1]
     torch.manual_seed(seed)
     sequential = torch.nn.Linear(dim, num_classes)
     out: dict[str, list[Scorer]] = {"probe_sequential": [], "probe_joint": []}
     seen: list[int] = []
     for task in tasks:
-        rows = [slot_train[int(i)] for i in task.train]
+        rows = train.slots_of(task.train)
         train_probe(sequential, train.features[rows], train.labels[rows], s, seed)
         seen += rows
         torch.manual_seed(seed)
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         _, train, test = shared_subset(args, model, s.train_images, s.test_images)
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     tasks = make_tasks(train, test, num_classes, per_task, s, args.seed)
-    scorers = {"apt_composed": run_apt(model, train, test, tasks, s, num_classes, args.seed),
+    scorers = {**run_apt(model, train, test, tasks, s, num_classes, args.seed),
                "sequential_prompt": run_sequential_prompt(model, train, test, tasks, s, num_classes, args.seed),
                **run_probes(train, test, tasks, s, num_classes, args.seed)}
     matrices = accuracy_matrices(scorers, tasks, test)

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from common.assets import default_checkpoint, write_idx_gz  # noqa: E402
 from common.data import RawDataset, Shard, backbone_transform, limit_per_partition, load_split  # noqa: E402
+from common.density import SourceDensity  # noqa: E402
 from common.kv_cache import KVCache  # noqa: E402
 from common.model import APTViT, compose_probs, load_backbone  # noqa: E402
 from common.prompt import Prompt  # noqa: E402
@@ -221,10 +222,19 @@ class Bank:
         return DataLoader(_BankItems(self, indices), batch_size=batch_size, shuffle=seed is not None,
                           generator=torch.Generator().manual_seed(seed) if seed is not None else None)
 
+    def slots_of(self, indices: np.ndarray) -> list[int]:
+        """Bank slots of global ``indices``."""
+        slots = {int(k): s for s, k in enumerate(self.index)}
+        return [slots[int(i)] for i in indices]
+
     def labels_of(self, indices: np.ndarray) -> np.ndarray:
         """Labels of global ``indices``."""
-        slots = {int(k): s for s, k in enumerate(self.index)}
-        return self.labels[[slots[int(i)] for i in indices]]
+        return self.labels[self.slots_of(indices)]
+
+    def density_of(self, indices: np.ndarray) -> SourceDensity:
+        """The :class:`SourceDensity` of the images ``indices`` (a source's training data)."""
+        slots = self.slots_of(indices)
+        return SourceDensity.fit(torch.as_tensor(self.features[slots]), torch.as_tensor(self.labels[slots]))
 
 
 class _BankItems(Dataset):

@@ -9,7 +9,9 @@ partition seed). Then, for every source k:
   so every other source trains on the same data with the same seeds).
 
 The composed predictions (probabilities) of the two on the whole test set are compared
-bitwise, and the accuracy on source k's own data (its training images, and the test
+bitwise, for the uniform composition and for the density-weighted one (each source's
+``common.density`` fitted on its own shard goes with its prompt), and the accuracy of the
+density-weighted composition on source k's own data (its training images, and the test
 images of its classes) is reported before and after the removal.
 """
 
@@ -24,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from common.density import SourceDensity, density_weights
 from common.model import APTViT, compose_probs
 from common.prompt import Prompt
 from server.pool import PromptPool
@@ -99,36 +102,45 @@ def forget(full_pool: Path, source: str, dest: Path) -> Path:
     return dest
 
 
-def composed_probs(model: APTViT, bank: Bank, prompts: list[Prompt], indices: np.ndarray | None = None):
-    """Uniform composition of ``prompts`` on ``indices`` of ``bank``."""
-    return compose_probs(bank_logits(model, bank, prompts, indices))
+def composed_probs(model: APTViT, bank: Bank, prompts: dict[str, Prompt], densities: dict[str, SourceDensity] | None,
+                   indices: np.ndarray | None = None) -> torch.Tensor:
+    """Composition of ``prompts`` on ``indices`` of ``bank``: weighted by their sources'
+    ``densities`` (same keys), or uniform when ``densities`` is None."""
+    indices = bank.index if indices is None else indices
+    logits = bank_logits(model, bank, list(prompts.values()), indices)
+    if densities is None:
+        return compose_probs(logits)
+    features = torch.as_tensor(bank.features[bank.slots_of(indices)])
+    return compose_probs(logits, density_weights([densities[k] for k in prompts], features))
 
 
 def source_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_dir: Path, train: Bank,
                 test: Bank, work: Path, seed: int) -> list[dict]:
-    """For each source: bitwise check, and accuracy on its data before/after forgetting."""
+    """For each source: bitwise checks, and accuracy on its data before/after forgetting."""
     full_dir = Path(runs["all"].run_config["pool-dir"])
     full = pool_prompts(full_dir, model)
-    full_test = composed_probs(model, test, list(full.values()))
     shards = partition_shards(data_dir, s.sources, s.partitioner, s.alpha, seed)
+    densities = {f"source-{k}": train.density_of(shard) for k, shard in enumerate(shards)}
+    full_test = composed_probs(model, test, full, densities)
     rows = []
     for k in range(s.sources):
         source = f"source-{k}"
-        forgotten = list(pool_prompts(forget(full_dir, source, work / "forgotten" / source), model).values())
-        retrained = list(pool_prompts(Path(runs[f"without-{k}"].run_config["pool-dir"]), model).values())
-        after_test = composed_probs(model, test, forgotten)
+        forgotten = pool_prompts(forget(full_dir, source, work / "forgotten" / source), model)
+        retrained = pool_prompts(Path(runs[f"without-{k}"].run_config["pool-dir"]), model)
+        after_test = composed_probs(model, test, forgotten, densities)
+        identical = {rule: torch.equal(composed_probs(model, test, forgotten, d), composed_probs(model, test, retrained, d))
+                     for rule, d in (("uniform", None), ("density", densities))}
         own_test = np.flatnonzero(np.isin(test.labels, list(full[source].labels)))
         own_train = shards[k]
         rows.append({
             "source": source, "labels": " ".join(map(str, full[source].labels)),
             "train_images": len(own_train), "test_images_of_its_classes": len(own_test),
-            "bitwise_identical": bool(torch.equal(after_test, composed_probs(model, test, retrained))),
-            "prompts_identical": digest(forgotten) == digest(retrained),
-            "predictions_identical": bool(torch.equal(after_test.argmax(-1),
-                                                      composed_probs(model, test, retrained).argmax(-1))),
-            "own_train_acc_before": accuracy(composed_probs(model, train, list(full.values()), own_train),
+            "bitwise_identical": all(identical.values()),
+            "bitwise_identical_uniform": identical["uniform"], "bitwise_identical_density": identical["density"],
+            "prompts_identical": digest(list(forgotten.values())) == digest(list(retrained.values())),
+            "own_train_acc_before": accuracy(composed_probs(model, train, full, densities, own_train),
                                              train.labels_of(own_train)),
-            "own_train_acc_after": accuracy(composed_probs(model, train, forgotten, own_train),
+            "own_train_acc_after": accuracy(composed_probs(model, train, forgotten, densities, own_train),
                                             train.labels_of(own_train)),
             "own_classes_test_acc_before": accuracy(full_test[own_test], test.labels[own_test]),
             "own_classes_test_acc_after": accuracy(after_test[own_test], test.labels[own_test]),

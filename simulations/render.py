@@ -53,6 +53,7 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
     s = payload["setup"]
     rows = payload["comparison"]
     met = sum(r["gap_points"] <= GOAL_POINTS for r in rows)
+    met_density = sum(r["gap_density_points"] <= GOAL_POINTS for r in rows)
     body = [
         "## 1. Composed pool vs paragon vs FedAvg vs each source alone",
         f"`python -m simulations.alacarte_vs_paragon` — {s['dataset']}; the union of all sources is the same "
@@ -60,21 +61,27 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         f"Pool prompts and FedAvg come from the product's Flower apps in `flwr.simulation`; {s['settings']['epochs']} "
         f"epochs for every method (FedAvg: {s['settings']['epochs'] // s['settings']['fedavg_local_epochs']} rounds × "
         f"{s['settings']['fedavg_local_epochs']} local epochs); batch {s['settings']['batch_size']}, "
-        f"lr {s['settings']['lr']}. Gap = paragon − composed, in points.",
+        f"lr {s['settings']['lr']}. *composed*: uniform mean of the pool's prompts; *density*: the same prompts "
+        "weighted per image by each source's feature density (`common.density`, fitted on that source's own "
+        "images). Gap = paragon − composed, in points.",
         setup_line(s, f"{s['train_images']} training images split over N sources (images per source in the table)"),
-        table(["partition", "N", "images/source mean (min–max)", "composed", "paragon", "FedAvg",
-               "alone (mean)", "gap (points)"],
+        table(["partition", "N", "images/source mean (min–max)", "composed", "density", "paragon", "FedAvg",
+               "alone (mean)", "gap (points)", "gap, density"],
               [[r["partition"], r["sources"], f"{r['images_per_source_mean']:.0f} ({r['images_per_source_min']}–"
-                f"{r['images_per_source_max']})", pct(r["composed"]), pct(r["paragon"]), pct(r["fedavg"]),
-                pct(r["alone_mean"]), f"{r['gap_points']:+.1f}"] for r in rows]),
+                f"{r['images_per_source_max']})", pct(r["composed"]), pct(r["composed_density"]), pct(r["paragon"]),
+                pct(r["fedavg"]), pct(r["alone_mean"]), f"{r['gap_points']:+.1f}", f"{r['gap_density_points']:+.1f}"]
+               for r in rows]),
         f"**Goal (composed within {GOAL_POINTS:.0f} points of the paragon): met in {met} of {len(rows)} "
-        f"configurations; largest gap {payload['max_gap_points']:+.1f} points.**",
+        f"configurations (density-weighted: {met_density}); largest gap {payload['max_gap_points']:+.1f} points "
+        f"(density-weighted: {payload['max_gap_density_points']:+.1f}).**",
         "### À-la-carte subsets",
         f"Random subsets of the IID pool of {s['settings']['subset_pool']} sources, composed, vs a paragon trained on "
         "exactly the union of the chosen sources' data (same epochs).",
-        table(["subset size", "draw", "sources", "images", "composed", "paragon on subset", "gap (points)"],
-              [[r["subset_size"], r["draw"], r["sources"], r["images"], pct(r["composed"]), pct(r["paragon"]),
-                f"{r['gap_points']:+.1f}"] for r in payload["subsets"]]),
+        table(["subset size", "draw", "sources", "images", "composed", "density", "paragon on subset",
+               "gap (points)"],
+              [[r["subset_size"], r["draw"], r["sources"], r["images"], pct(r["composed"]),
+                pct(r["composed_density"]), pct(r["paragon"]), f"{r['gap_points']:+.1f}"]
+               for r in payload["subsets"]]),
         figures(folder, payload, output),
     ]
     return "\n\n".join(body)
@@ -89,7 +96,8 @@ def class_incremental_section(folder: Path, payload: dict, output: Path) -> str:
     body = [
         f"## 2. Class-incremental: {s['dataset']}",
         "`python -m simulations.class_incremental` — one prompt per task trained on that task only, composed over "
-        "the tasks seen so far, vs a single prompt fine-tuned sequentially and linear probes on the frozen "
+        "the tasks seen so far (`apt_composed`: uniformly; `apt_density`: weighted per image by each task's "
+        "feature density, fitted on that task's data only), vs a single prompt fine-tuned sequentially and linear probes on the frozen "
         "backbone's pooled features (sequential: forgets; joint: upper bound that re-uses old data). Predictions "
         f"are among all classes seen so far. {s['settings']['epochs']} epochs per task for the prompts.",
         setup_line(s, f"{s['settings']['train_per_class']} training / {s['settings']['test_per_class']} test images "
@@ -112,10 +120,11 @@ def forgetting_section(folder: Path, payload: dict, output: Path) -> str:
         f"`python -m simulations.forgetting` — a pool of {s['settings']['sources']} sources "
         f"(partitioner `{s['settings']['partitioner']}`) trained through the product's Flower apps; for each source, "
         "`PromptPool.remove` on a copy of the pool is compared with a federation in which that source never took "
-        "part. Accuracies are of the composed pool, before → after the removal.",
+        "part. Accuracies are of the density-weighted composition of the pool, before → after the removal.",
         setup_line(s, f"{s['train_images']} training images over {s['settings']['sources']} sources (per source in "
                       f"the table), {s['test_images']} test images"),
-        f"Composed predictions after removal bitwise identical to the pool trained without the source: {verdict}.",
+        "Composed probabilities (uniform and density-weighted) after removal bitwise identical to the pool trained "
+        f"without the source: {verdict}.",
         table(["source", "classes", "train images", "probabilities identical", "prompts identical",
                "acc. on its training images", "acc. on test images of its classes", "overall test acc."],
               [[r["source"], r["labels"], r["train_images"], r["bitwise_identical"], r["prompts_identical"],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
 import struct
 import sys
 import types
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import cifar_rows, dump_pickle
 
 from common import data
 from common.data import (
@@ -150,23 +150,14 @@ def test_mnist_has_no_default_location(tmp_path):
 # --------------------------------------------------------------------------- CIFAR
 
 
-def cifar_rows(images: np.ndarray) -> np.ndarray:
-    return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-
-
-def dump(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps({k.encode(): v for k, v in obj.items()}))
-
-
 def test_cifar10_pickle_folder(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     names = [f"c{k}".encode() for k in range(10)]
-    dump(folder / "batches.meta", {"label_names": names})
+    dump_pickle(folder / "batches.meta", {"label_names": names})
     batches = {}
     for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
         images, labels = images_and_labels(4, 10, (32, 32, 3), seed=len(batches))
-        dump(folder / name, {"data": cifar_rows(images), "labels": labels.tolist()})
+        dump_pickle(folder / name, {"data": cifar_rows(images), "labels": labels.tolist()})
         batches[name] = (images, labels)
     train = load_split("cifar10", tmp_path, "train")
     test = load_split("cifar10", folder, "test")
@@ -179,11 +170,11 @@ def test_cifar10_pickle_folder(tmp_path):
 
 def test_cifar100_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
-    dump(folder / "meta", {"fine_label_names": [f"f{k}".encode() for k in range(100)],
+    dump_pickle(folder / "meta", {"fine_label_names": [f"f{k}".encode() for k in range(100)],
                            "coarse_label_names": [b"x"] * 20})
     for split, n in (("train", 6), ("test", 3)):
         images, _ = images_and_labels(n, 100, (32, 32, 3))
-        dump(folder / split, {"data": cifar_rows(images), "fine_labels": [99, 50, 1, 2, 3, 4][:n],
+        dump_pickle(folder / split, {"data": cifar_rows(images), "fine_labels": [99, 50, 1, 2, 3, 4][:n],
                               "coarse_labels": [0] * n})
     test = load_split("cifar100", folder, "test")
     assert len(test) == 3 and len(test.classes) == 100

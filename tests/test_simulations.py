@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import make_idx_dataset
+from synthetic import make_cifar100_folder, make_idx_dataset
 
 from common.assets import default_checkpoint, default_data_dir
 from common.data import load_split
@@ -47,12 +47,10 @@ def quick_work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("quick")
 
 
-def run_profile(name: str, profile: str, results: Path, work: Path, data_dir: Path | None = None) -> dict:
-    """Run ``python -m simulations.<name> --<profile>`` and return its result.json."""
+def run_profile(name: str, profile: str, results: Path, work: Path, *extra: str) -> dict:
+    """Run ``python -m simulations.<name> --<profile> [extra...]`` and return its result.json."""
     cmd = [sys.executable, "-m", f"simulations.{name}", f"--{profile}", "--out", str(results / name),
-           "--work-dir", str(work / name)]
-    if data_dir is not None:
-        cmd += ["--data-dir", str(data_dir)]
+           "--work-dir", str(work / name), *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = sorted((results / name).glob("**/result.json"))
@@ -66,7 +64,7 @@ def run_profile(name: str, profile: str, results: Path, work: Path, data_dir: Pa
 
 def run_tiny(name: str, data_dir: Path, results: Path, work: Path) -> dict:
     """Run ``python -m simulations.<name> --tiny`` on the generated IDX data."""
-    payload = run_profile(name, "tiny", results, work, data_dir)
+    payload = run_profile(name, "tiny", results, work, "--data-dir", str(data_dir))
     assert payload["setup"]["resolution"] == 32
     return payload
 
@@ -117,8 +115,17 @@ def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
 def test_class_incremental_tiny(data_dir, results, tmp_path):
     payload = run_tiny("class_incremental", data_dir, results, tmp_path)
     assert payload["setup"]["tasks"] == 5
-    assert set(payload["final"]) == {"apt_composed", "sequential_prompt", "probe_sequential", "probe_joint"}
+    assert set(payload["final"]) == {"apt_composed", "apt_density", "sequential_prompt", "probe_sequential", "probe_joint"}
     assert all(len(m) == 5 for m in payload["matrices"].values())
+
+
+def test_class_incremental_split_cifar100_tiny(tmp_path):
+    folder = make_cifar100_folder(tmp_path / "cifar", per_class_train=5, per_class_test=3)
+    payload = run_profile("class_incremental", "tiny", tmp_path / "results", tmp_path / "work", "--cifar100",
+                          str(folder))
+    assert payload["setup"]["dataset"] == "Split CIFAR-100 (10 x 10)" and payload["setup"]["tasks"] == 10
+    assert payload["setup"]["train_images"] == 100 * 4  # TINY keeps 4 training images per class
+    assert all(len(m) == 10 and len(m[-1]) == 10 for m in payload["matrices"].values())
 
 
 def test_forgetting_tiny_is_bitwise_exact(data_dir, results, tmp_path):
@@ -141,7 +148,7 @@ def test_alacarte_vs_paragon_quick(results, quick_work):
     rows = {(r["partition"], r["sources"]): r for r in payload["comparison"]}
     assert set(rows) == {("iid", 1), ("iid", 4), ("dirichlet-0.1", 1), ("dirichlet-0.1", 4)}
     single = rows["iid", 1]
-    assert single["composed"] == single["alone_mean"]  # a pool of one prompt is that prompt
+    assert single["composed"] == single["composed_density"] == single["alone_mean"]  # one prompt is that prompt
     assert single["paragon"] > 0.4  # pretrained features: far above the 10-class chance level
     assert all(r["prompts_in_pool"] == r["sources"] for r in rows.values())
 
@@ -158,6 +165,7 @@ def test_class_incremental_quick(results, quick_work):
 def test_forgetting_quick_is_bitwise_exact(results, quick_work):
     payload = run_quick("forgetting", results, quick_work)
     assert payload["all_bitwise_identical"] and len(payload["sources"]) == 3
+    assert all(row["bitwise_identical_density"] and row["prompts_identical"] for row in payload["sources"])
     assert all(row["own_classes_test_acc_after"] == 0.0 for row in payload["sources"])
 
 

@@ -1,0 +1,108 @@
+"""Source densities (common/density.py): the PPCA log-density is a real Gaussian log-density,
+the posterior weights pick the source an image came from, and bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+
+from common.density import SourceDensity, density_weights
+from common.model import compose_probs
+
+DIM = 12
+
+
+def clusters(centres: list[float], n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` points around each centre (all coordinates equal to it), labelled by centre index."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.cat([c + torch.randn(n, DIM, generator=gen) for c in centres])
+    return x.double(), torch.arange(len(centres)).repeat_interleave(n)
+
+
+def ppca_covariance(d: SourceDensity, k: int) -> torch.Tensor:
+    """The covariance the fitted PPCA of class ``k`` stands for: V diag(λ) Vᵀ + σ² (I − V Vᵀ)."""
+    v, lam, res = d.basis[k], d.variances[k], d.residual[k]
+    return v.T @ torch.diag(lam) @ v + res * (torch.eye(DIM, dtype=v.dtype) - v.T @ v)
+
+
+def test_log_density_is_the_gaussian_mixture_it_stands_for():
+    x, y = clusters([0.0, 3.0])
+    d = SourceDensity.fit(x, y, rank=4)
+    query = torch.randn(7, DIM, dtype=torch.float64)
+    prior = torch.tensor([0.5, 0.5], dtype=torch.float64).log()
+    per_class = torch.stack([MultivariateNormal(d.mean[k], ppca_covariance(d, k)).log_prob(query) for k in range(2)], -1)
+    torch.testing.assert_close(d.log_density(query), torch.logsumexp(per_class + prior, -1))
+
+
+def test_full_rank_fit_recovers_the_sample_covariance():
+    x, y = clusters([1.0], n=200)
+    d = SourceDensity.fit(x, y, rank=DIM - 1)
+    sample = torch.cov(x.T)
+    torch.testing.assert_close(ppca_covariance(d, 0), sample, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(d.mean[0], x.mean(0))
+
+
+def test_weights_pick_the_source_an_image_came_from():
+    a, b = SourceDensity.fit(*clusters([0.0, 1.0])), SourceDensity.fit(*clusters([6.0, 7.0], seed=1))
+    test_a, _ = clusters([0.5], n=10, seed=2)
+    test_b, _ = clusters([6.5], n=10, seed=3)
+    w = density_weights([a, b], torch.cat([test_a, test_b]), temperature=1.0)
+    assert w.shape == (2, 20)
+    torch.testing.assert_close(w.sum(0), torch.ones(20, dtype=w.dtype))
+    assert bool((w[0, :10] > 0.99).all()) and bool((w[1, 10:] > 0.99).all())
+    # tempering keeps the order but softens the weights towards uniform
+    soft = density_weights([a, b], torch.cat([test_a, test_b]), temperature=1e6)
+    assert bool((soft[0, :10] > soft[1, :10]).all()) and float((soft - 0.5).abs().max()) < 0.01
+
+
+def test_density_weighted_composition_fixes_confident_foreign_prompts():
+    """Two prompts, each sure of its own classes on every image: uniform composition is a coin
+    flip on which prompt wins, density weights trust the prompt whose data the image resembles."""
+    a, b = SourceDensity.fit(*clusters([0.0, 1.0])), SourceDensity.fit(*clusters([6.0, 7.0], seed=1))
+    images, _ = clusters([6.0], n=5, seed=4)  # drawn like source b's class 0 (global class 2)
+    logits = torch.full((2, 5, 4), float("-inf"))
+    logits[0, :, 0], logits[0, :, 1] = 9.0, 0.0  # prompt a: classes 0/1, confident in 0
+    logits[1, :, 2], logits[1, :, 3] = 2.0, 0.0  # prompt b: classes 2/3, less confident in 2
+    assert bool((compose_probs(logits).argmax(-1) == 0).all())
+    weighted = compose_probs(logits, density_weights([a, b], images.float()))
+    assert bool((weighted.argmax(-1) == 2).all())
+
+
+def test_small_classes_get_a_floored_variance():
+    x, y = clusters([0.0, 5.0], n=1)  # one image per class: no spread to estimate
+    d = SourceDensity.fit(x, y)
+    assert bool((d.residual > 0).all()) and bool(torch.isfinite(d.log_density(x)).all())
+    assert d.num_images == 2 and d.classes.tolist() == [0, 1]
+
+
+def test_arrays_round_trip_and_validation():
+    d = SourceDensity.fit(*clusters([0.0, 2.0]), rank=3)
+    again = SourceDensity.from_arrays(d.to_arrays())
+    query = torch.randn(4, DIM, dtype=torch.float64)
+    torch.testing.assert_close(again.log_density(query), d.log_density(query))
+    arrays = d.to_arrays()
+    with pytest.raises(ValueError, match="lack"):
+        SourceDensity.from_arrays({k: v for k, v in arrays.items() if k != "mean"})
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        SourceDensity.from_arrays({**arrays, "mean": arrays["mean"][:1]})
+
+
+@pytest.mark.parametrize(("features", "labels", "rank", "match"), [
+    (torch.zeros(0, DIM), torch.zeros(0, dtype=torch.long), 2, "n > 0"),
+    (torch.zeros(4, DIM), torch.zeros(3, dtype=torch.long), 2, "labels"),
+    (torch.zeros(4, DIM), torch.zeros(4, dtype=torch.long), DIM, "rank"),
+])
+def test_fit_rejects_bad_input(features, labels, rank, match):
+    with pytest.raises(ValueError, match=match):
+        SourceDensity.fit(features, labels, rank=rank)
+
+
+def test_weights_reject_bad_input():
+    d = SourceDensity.fit(*clusters([0.0]))
+    with pytest.raises(ValueError, match="at least one"):
+        density_weights([], torch.zeros(2, DIM))
+    with pytest.raises(ValueError, match="dimension"):
+        density_weights([d], torch.zeros(2, DIM + 1))
+    with pytest.raises(ValueError, match="temperature"):
+        density_weights([d], torch.zeros(2, DIM), temperature=0.0)
