@@ -31,7 +31,8 @@ def test_log_density_is_the_gaussian_mixture_it_stands_for():
     d = SourceDensity.fit(x, y, rank=4)
     query = torch.randn(7, DIM, dtype=torch.float64)
     prior = torch.tensor([0.5, 0.5], dtype=torch.float64).log()
-    per_class = torch.stack([MultivariateNormal(d.mean[k], ppca_covariance(d, k)).log_prob(query) for k in range(2)], -1)
+    per_class = torch.stack([MultivariateNormal(d.mean[k], ppca_covariance(d, k)).log_prob(query)
+                             for k in range(2)], -1)
     torch.testing.assert_close(d.log_density(query), torch.logsumexp(per_class + prior, -1))
 
 
