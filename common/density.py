@@ -8,8 +8,8 @@ backbone features — per class, a probabilistic PCA (mean, ``rank`` principal d
 their variances, one isotropic residual variance; Tipping & Bishop 1999) — fitted on that
 source's data only. :func:`density_weights` turns the densities of the selected sources into
 per-image composition weights, the tempered posterior ``p(source | x) ∝ (n_source ·
-p(x | source))^(1/T)``, for ``compose_probs(logits, weights)``. Removing a source still
-removes all its information: its density goes with its prompt.
+p(x | source))^(1/T)``, for ``compose_probs(logits, weights)``. Kept with its prompt,
+removing a source still removes all its information.
 
 The log-density sums over D strongly correlated feature dimensions, so the untempered
 posterior is nearly one-hot and over-trusts densities fitted on a few images; the default
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -77,13 +77,13 @@ class SourceDensity:
 
     def to_arrays(self) -> dict[str, Tensor]:
         """Tensors to store next to a prompt (``from_arrays`` inverts it)."""
-        return {"classes": self.classes, "counts": self.counts, "mean": self.mean, "basis": self.basis,
-                "variances": self.variances, "residual": self.residual}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Tensor]) -> SourceDensity:
         """Rebuild from :meth:`to_arrays`; raises ``ValueError`` on missing or inconsistent tensors."""
-        missing = {"classes", "counts", "mean", "basis", "variances", "residual"} - set(arrays)
+        names = [f.name for f in fields(cls)]
+        missing = set(names) - set(arrays)
         if missing:
             raise ValueError(f"source density arrays lack {sorted(missing)}")
         k, r, d = arrays["basis"].shape
@@ -91,7 +91,7 @@ class SourceDensity:
         bad = {n: tuple(arrays[n].shape) for n, s in shapes.items() if tuple(arrays[n].shape) != s}
         if bad:
             raise ValueError(f"source density arrays have inconsistent shapes {bad} for basis {(k, r, d)}")
-        return cls(**{n: arrays[n] for n in ("classes", "counts", "mean", "basis", "variances", "residual")})
+        return cls(**{n: arrays[n] for n in names})
 
 
 def _fit_class(x: Tensor, rank: int, floor: float) -> tuple[Tensor, ...]:

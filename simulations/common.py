@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -222,10 +223,14 @@ class Bank:
         return DataLoader(_BankItems(self, indices), batch_size=batch_size, shuffle=seed is not None,
                           generator=torch.Generator().manual_seed(seed) if seed is not None else None)
 
+    @functools.cached_property
+    def _slots(self) -> dict[int, int]:
+        """Global index -> bank slot."""
+        return {int(k): s for s, k in enumerate(self.index)}
+
     def slots_of(self, indices: np.ndarray) -> list[int]:
         """Bank slots of global ``indices``."""
-        slots = {int(k): s for s, k in enumerate(self.index)}
-        return [slots[int(i)] for i in indices]
+        return [self._slots[int(i)] for i in indices]
 
     def labels_of(self, indices: np.ndarray) -> np.ndarray:
         """Labels of global ``indices``."""

@@ -127,10 +127,11 @@ def source_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_di
         source = f"source-{k}"
         forgotten = pool_prompts(forget(full_dir, source, work / "forgotten" / source), model)
         retrained = pool_prompts(Path(runs[f"without-{k}"].run_config["pool-dir"]), model)
-        after_test = composed_probs(model, test, forgotten, densities)
-        identical = {rule: torch.equal(composed_probs(model, test, forgotten, d),
-                                       composed_probs(model, test, retrained, d))
-                     for rule, d in (("uniform", None), ("density", densities))}
+        rules = {"uniform": None, "density": densities}
+        after = {rule: composed_probs(model, test, forgotten, d) for rule, d in rules.items()}
+        identical = {rule: torch.equal(after[rule], composed_probs(model, test, retrained, d))
+                     for rule, d in rules.items()}
+        after_test = after["density"]
         own_test = np.flatnonzero(np.isin(test.labels, list(full[source].labels)))
         own_train = shards[k]
         rows.append({

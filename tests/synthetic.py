@@ -56,5 +56,6 @@ def make_cifar100_folder(root: Path, per_class_train: int, per_class_test: int) 
     for split, per_class in (("train", per_class_train), ("test", per_class_test)):
         grey, labels = separable_images(100 * per_class, num_classes=100, size=32, seed=split == "test")
         rows = cifar_rows(np.repeat(grey[..., None], 3, axis=-1))
-        dump_pickle(folder / split, {"data": rows, "fine_labels": labels.tolist(), "coarse_labels": [0] * len(labels)})
+        dump_pickle(folder / split, {"data": rows, "fine_labels": labels.tolist(),
+                                     "coarse_labels": [0] * len(labels)})
     return root

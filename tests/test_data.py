@@ -171,11 +171,11 @@ def test_cifar10_pickle_folder(tmp_path):
 def test_cifar100_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     dump_pickle(folder / "meta", {"fine_label_names": [f"f{k}".encode() for k in range(100)],
-                           "coarse_label_names": [b"x"] * 20})
+                                  "coarse_label_names": [b"x"] * 20})
     for split, n in (("train", 6), ("test", 3)):
         images, _ = images_and_labels(n, 100, (32, 32, 3))
         dump_pickle(folder / split, {"data": cifar_rows(images), "fine_labels": [99, 50, 1, 2, 3, 4][:n],
-                              "coarse_labels": [0] * n})
+                                     "coarse_labels": [0] * n})
     test = load_split("cifar100", folder, "test")
     assert len(test) == 3 and len(test.classes) == 100
     np.testing.assert_array_equal(test.labels, [99, 50, 1])
