@@ -3,8 +3,11 @@
 Handlers (Flower Message API):
 
 * ``query``: tells the server which source this node is (and its label set);
-* ``train``: trains the prompt it was sent (or a fresh one) for ``local-epochs`` and replies
-  with exactly the prompt's arrays, its metadata and scalar metrics;
+* ``train``: trains the prompt it was sent (or a fresh one) with the recipe of
+  ``common.train`` (probe-initialised head, prompt tuning kept only where the local validation
+  split says it helps), fits this source's density on its training features (unless
+  ``share-density = false``), and replies with exactly the prompt's arrays (density
+  included), its metadata and scalar metrics;
 * ``evaluate``: evaluates the prompt(s) it was sent, alone and composed, on its local
   validation split.
 
@@ -31,7 +34,7 @@ from common.kv_cache import KVCache
 from common.model import APTViT
 from common.prompt import Prompt
 from common.records import prompt_from_records, prompt_records, prompts_from_records
-from common.train import TrainConfig, evaluate, train_prompt
+from common.train import evaluate, source_density, train_prompt
 
 app = ClientApp()
 
@@ -89,12 +92,17 @@ def train(msg: Message, context: Context) -> Message:
     prompt = _starting_prompt(msg.content, model, data, config)
     loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(config.partition_seed))
+    val_loader = DataLoader(data.val, batch_size=config.batch_size) if len(data.val) else None
+    if val_loader is None:
+        log(WARNING, "source %s: no validation split (val-fraction = 0); the last epoch is kept", data.source)
     cache = _kv_cache(data.source, model) if config.kv_cache else None
-    metrics = train_prompt(model, prompt, loader, TrainConfig(
-        epochs=config.local_epochs, lr=config.learning_rate, label_smoothing=config.label_smoothing,
-        progress=config.progress), cache=cache)
-    log(INFO, "source %s: trained on %d examples, loss %.3f, accuracy %.3f",
-        data.source, metrics["num_examples"], metrics["loss"], metrics["accuracy"])
+    metrics = train_prompt(model, prompt, loader, config.train_config(), cache=cache, val_loader=val_loader)
+    log(INFO, "source %s: %d steps on %d examples, kept epoch %d of %d (validation loss %.3f), "
+        "last-epoch loss %.3f, accuracy %.3f", data.source, metrics["steps"], metrics["num_examples"],
+        metrics["selected_epoch"], metrics["epochs"], metrics["val_loss"], metrics["loss"], metrics["accuracy"])
+    prompt.density = None
+    if config.mode == "alacarte" and config.share_density:
+        prompt.density = source_density(model, DataLoader(data.train, batch_size=config.batch_size), cache)
     train_config = msg.content.get("config", ConfigRecord())
     reply = RecordDict({**prompt_records(prompt), "metrics": MetricRecord({
         "num-examples": int(metrics["num_examples"]),
@@ -103,6 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         "parent-version": int(train_config.get("parent-version", 0)),
         "seconds": float(metrics["seconds"]),
     })})
+    reply["parent"] = ConfigRecord({"sha256": str(train_config.get("parent-sha256", ""))})  # the server's stale check
     return Message(reply, reply_to=msg)
 
 

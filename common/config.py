@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.model import APTViT, load_backbone
+from common.train import TrainConfig
 
 __all__ = ["AppConfig", "ConfigError", "build_model"]
 
@@ -29,7 +30,10 @@ class AppConfig:
     """Run configuration shared by the ServerApp and the ClientApps."""
 
     num_server_rounds: int = 1
-    local_epochs: int = 3
+    local_epochs: int = 10
+    min_steps: int = 100
+    probe_init: bool = True
+    share_density: bool = True
     mode: str = "alacarte"
     backbone: str = DEFAULT_BACKBONE
     checkpoint: str = ""
@@ -44,7 +48,7 @@ class AppConfig:
     val_fraction: float = 0.1
     test_examples: int = 1000
     batch_size: int = 32
-    learning_rate: float = 1e-2
+    learning_rate: float = 3e-3
     label_smoothing: float = 0.0
     n_prompt: int = 1
     n_memory: int = 4
@@ -54,6 +58,7 @@ class AppConfig:
     max_prompt_bytes: int = 8 << 20
     federated_eval: bool = True
     progress: bool = False
+    node_sources: str = ""  # JSON file {node id: source} binding nodes to sources (deploy/keys.sh --register)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
@@ -77,10 +82,18 @@ class AppConfig:
         for name in ("num_server_rounds", "local_epochs", "img_size", "batch_size", "n_prompt"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.n_memory < 0 or self.examples_per_source < 0 or self.test_examples < 0:
-            raise ConfigError("n-memory, examples-per-source and test-examples must be >= 0")
+        if min(self.n_memory, self.examples_per_source, self.test_examples, self.min_steps) < 0:
+            raise ConfigError("n-memory, examples-per-source, test-examples and min-steps must be >= 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.learning_rate <= 0 or self.reply_timeout <= 0:
             raise ConfigError("learning-rate and reply-timeout must be > 0")
+
+    def train_config(self) -> TrainConfig:
+        """The client's training recipe (``common.train``) from the run config."""
+        return TrainConfig(epochs=self.local_epochs, min_steps=self.min_steps, lr=self.learning_rate,
+                           label_smoothing=self.label_smoothing, probe_init=self.probe_init,
+                           progress=self.progress)
 
     def checkpoint_path(self) -> str | None:
         """The backbone weights file: ``checkpoint``, else the one ``alacarte setup`` prepared."""

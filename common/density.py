@@ -1,34 +1,41 @@
 """Source densities: which sources' data does an image resemble?
 
 A prompt only knows the classes of its own source, and its softmax is confident on any image,
-so the uniform mean of :func:`common.model.compose_probs` cannot tell a source's expert
+so the uniform mean of :func:`common.compose.compose_probs` cannot tell a source's expert
 prediction from a confident guess on foreign data (class-incremental learning, label-skewed
 sources). A :class:`SourceDensity` is a small generative model of one source's pooled frozen
 backbone features — per class, a probabilistic PCA (mean, ``rank`` principal directions and
 their variances, one isotropic residual variance; Tipping & Bishop 1999) — fitted on that
-source's data only. :func:`density_weights` turns the densities of the selected sources into
-per-image composition weights, the tempered posterior ``p(source | x) ∝ (n_source ·
-p(x | source))^(1/T)``, for ``compose_probs(logits, weights)``. Kept with its prompt,
-removing a source still removes all its information.
+source's data only. :func:`common.compose.density_weights` turns the densities of the
+selected sources into per-image composition weights. A density travels inside its prompt's
+artefact (``Prompt.density``), so removing a source still removes all its information.
 
 The log-density sums over D strongly correlated feature dimensions, so the untempered
-posterior is nearly one-hot and over-trusts densities fitted on a few images; the default
-``T = D / 4`` and the variance floor were chosen on the experiments of ``simulations/`` (no
-separate validation split: read their gains as slightly optimistic).
+posterior is nearly one-hot and over-trusts densities fitted on a few images; the posterior
+temperature (``common.compose.TEMPERATURE_PER_DIM``) and the variance floor below are chosen
+on validation images (``simulations/tune_density.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
 DEFAULT_RANK = 8
 VARIANCE_FLOOR = 0.1  # residual variances are at least this fraction of the source's mean variance
-TEMPERATURE_PER_DIM = 0.25  # default posterior temperature, per feature dimension
+MAX_RANK = 32  # principal directions per class a density may carry
+MAX_DENSITY_BYTES = 4 << 20  # a density's arrays in all (10 classes x rank 8 x 384 dims is 0.14 MB)
+
+__all__ = ["DEFAULT_RANK", "DensityError", "MAX_DENSITY_BYTES", "MAX_RANK", "SourceDensity", "VARIANCE_FLOOR"]
+
+
+class DensityError(ValueError):
+    """Source density arrays are missing, inconsistent, too large or hold invalid values."""
 
 
 @dataclass(frozen=True)
@@ -43,15 +50,19 @@ class SourceDensity:
     residual: Tensor  # [K] isotropic variance of the other D - r directions
 
     @classmethod
-    def fit(cls, features: Tensor, labels: Tensor, rank: int = DEFAULT_RANK) -> SourceDensity:
-        """Fit on a source's features ``[n, D]`` and labels ``[n]``; raises ``ValueError`` on bad input."""
+    def fit(cls, features: Tensor, labels: Tensor, rank: int = DEFAULT_RANK,
+            floor: float = VARIANCE_FLOOR) -> SourceDensity:
+        """Fit on a source's features ``[n, D]`` and labels ``[n]``; raises ``ValueError`` on bad input.
+
+        ``floor``: residual variances are at least this fraction of the source's mean variance.
+        """
         if features.ndim != 2 or labels.shape != features.shape[:1] or len(labels) == 0:
             raise ValueError(f"need features [n, D] and labels [n] with n > 0; got {tuple(features.shape)} "
                              f"and {tuple(labels.shape)}")
         if not 0 < rank < features.shape[1]:
             raise ValueError(f"rank must be in 1..{features.shape[1] - 1}, got {rank}")
         x = features.detach().to(torch.float64)
-        floor = VARIANCE_FLOOR * (float(x.var(0).mean()) if len(x) > 1 else 1.0) + 1e-12
+        floor = floor * (float(x.var(0).mean()) if len(x) > 1 else 1.0) + 1e-12
         classes = torch.unique(labels.detach().cpu()).to(torch.int64)
         parts = [_fit_class(x[labels.to(x.device) == c], rank, floor) for c in classes.tolist()]
         return cls(classes, *(torch.stack(p) for p in zip(*parts, strict=True)))
@@ -64,34 +75,44 @@ class SourceDensity:
     def log_density(self, features: Tensor) -> Tensor:
         """``log p(x | source)`` of features ``[B, D]`` -> ``[B]`` (a mixture over the source's classes)."""
         x = features.detach().to(torch.float64)
-        centred = x[:, None, :] - self.mean.to(x.device)  # [B, K, D]
-        proj = torch.einsum("bkd,krd->bkr", centred, self.basis.to(x.device))  # [B, K, r]
-        residual, variances = self.residual.to(x.device), self.variances.to(x.device)
+        centred = x[:, None, :] - self.mean.to(x)  # [B, K, D]
+        proj = torch.einsum("bkd,krd->bkr", centred, self.basis.to(x))  # [B, K, r]
+        residual, variances = self.residual.to(x), self.variances.to(x)
         dim, rank = x.shape[1], self.basis.shape[1]
         outside = (centred.pow(2).sum(-1) - proj.pow(2).sum(-1)) / residual  # [B, K]
         inside = (proj.pow(2) / variances).sum(-1)  # [B, K]
         log_det = variances.log().sum(-1) + (dim - rank) * residual.log()  # [K]
         log_gauss = -0.5 * (outside + inside + log_det + dim * math.log(2 * math.pi))
-        log_prior = (self.counts / self.counts.sum()).log().to(x.device)
+        log_prior = (self.counts / self.counts.sum()).log().to(x)
         return torch.logsumexp(log_gauss + log_prior, dim=-1)
 
-    def to_arrays(self) -> dict[str, Tensor]:
-        """Tensors to store next to a prompt (``from_arrays`` inverts it)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The density as numpy arrays (``classes`` int64, the rest float32); ``from_arrays`` inverts it."""
+        return {f.name: getattr(self, f.name).detach().cpu().numpy().astype(np.int64 if f.name == "classes"
+                                                                           else np.float32)
+                for f in fields(self)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, Tensor]) -> SourceDensity:
-        """Rebuild from :meth:`to_arrays`; raises ``ValueError`` on missing or inconsistent tensors."""
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], max_bytes: int | None = None) -> SourceDensity:
+        """Rebuild from :meth:`to_arrays`, validating everything; raises ``DensityError``.
+
+        Checks: exactly the expected arrays, their dtypes, consistent shapes, a rank in
+        ``1..MAX_RANK`` below the feature dimension, at most ``max_bytes`` (default
+        ``MAX_DENSITY_BYTES``) in all, strictly
+        increasing non-negative classes, positive finite counts and variances, finite means
+        and directions.
+        """
         names = [f.name for f in fields(cls)]
-        missing = set(names) - set(arrays)
-        if missing:
-            raise ValueError(f"source density arrays lack {sorted(missing)}")
-        k, r, d = arrays["basis"].shape
-        shapes = {"classes": (k,), "counts": (k,), "mean": (k, d), "variances": (k, r), "residual": (k,)}
-        bad = {n: tuple(arrays[n].shape) for n, s in shapes.items() if tuple(arrays[n].shape) != s}
-        if bad:
-            raise ValueError(f"source density arrays have inconsistent shapes {bad} for basis {(k, r, d)}")
-        return cls(**{n: arrays[n] for n in names})
+        if set(arrays) != set(names):
+            raise DensityError(f"source density arrays must be exactly {names}, got {sorted(arrays)}")
+        for name in names:
+            want = np.int64 if name == "classes" else np.float32
+            if not isinstance(arrays[name], np.ndarray) or arrays[name].dtype != want:
+                raise DensityError(f"source density array {name!r} must be {np.dtype(want)}, "
+                                   f"got {getattr(arrays[name], 'dtype', type(arrays[name]).__name__)}")
+        _check_density_shapes(arrays, MAX_DENSITY_BYTES if max_bytes is None else max_bytes)
+        _check_density_values(arrays)
+        return cls(**{n: torch.from_numpy(np.array(arrays[n])) for n in names})
 
 
 def _fit_class(x: Tensor, rank: int, floor: float) -> tuple[Tensor, ...]:
@@ -110,19 +131,31 @@ def _fit_class(x: Tensor, rank: int, floor: float) -> tuple[Tensor, ...]:
     return x.new_tensor(float(n)), mean, basis, variances, residual
 
 
-def density_weights(densities: Sequence[SourceDensity], features: Tensor,
-                    temperature: float | None = None) -> Tensor:
-    """Composition weights ``[k, B]``: the posterior ``p(source i | x) ∝ (n_i · p(x | source i))^(1/T)``
-    of each of the ``k`` sources for each image's pooled backbone features ``[B, D]``
-    (``T`` defaults to ``TEMPERATURE_PER_DIM · D``; ``T = 1`` is the untempered posterior)."""
-    if not densities:
-        raise ValueError("density_weights needs at least one source density")
-    dims = {d.mean.shape[1] for d in densities}
-    if dims != {features.shape[-1]}:
-        raise ValueError(f"features have dimension {features.shape[-1]} but the densities {sorted(dims)}; "
-                         "fit them on the same backbone's pooled features")
-    temperature = TEMPERATURE_PER_DIM * features.shape[-1] if temperature is None else temperature
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    log_post = torch.stack([d.log_density(features) + math.log(d.num_images) for d in densities])  # [k, B]
-    return (log_post / temperature).softmax(dim=0).to(features.dtype)
+def _check_density_shapes(arrays: Mapping[str, np.ndarray], max_bytes: int) -> None:
+    """Shapes consistent with ``basis [K, r, D]``, a bounded rank and a bounded size."""
+    if arrays["basis"].ndim != 3:
+        raise DensityError(f"source density basis must be [classes, rank, dim], got shape {arrays['basis'].shape}")
+    k, r, d = arrays["basis"].shape
+    if k < 1 or not 1 <= r <= min(MAX_RANK, d - 1):
+        raise DensityError(f"source density has {k} classes and rank {r}; need >= 1 class and rank in "
+                           f"1..{min(MAX_RANK, d - 1)}")
+    shapes = {"classes": (k,), "counts": (k,), "mean": (k, d), "variances": (k, r), "residual": (k,)}
+    bad = {n: arrays[n].shape for n, shape in shapes.items() if arrays[n].shape != shape}
+    if bad:
+        raise DensityError(f"source density arrays have inconsistent shapes {bad} for basis {(k, r, d)}")
+    size = sum(a.nbytes for a in arrays.values())
+    if size > max_bytes:
+        raise DensityError(f"source density is {size} bytes, over the {max_bytes}-byte limit")
+
+
+def _check_density_values(arrays: Mapping[str, np.ndarray]) -> None:
+    """Classes strictly increasing and non-negative; counts and variances positive; all finite."""
+    classes = arrays["classes"]
+    if classes[0] < 0 or (np.diff(classes) <= 0).any():
+        raise DensityError(f"source density classes must be distinct, sorted and >= 0, got {classes[:10].tolist()}")
+    for name in ("counts", "mean", "basis", "variances", "residual"):
+        if not np.isfinite(arrays[name]).all():
+            raise DensityError(f"source density array {name!r} contains NaN or Inf")
+    for name in ("counts", "variances", "residual"):
+        if not (arrays[name] > 0).all():
+            raise DensityError(f"source density array {name!r} must be positive")

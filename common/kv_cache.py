@@ -4,7 +4,8 @@ With no random augmentation an image's backbone keys/values never change (the ba
 frozen and structured attention keeps prompts out of it), so a prompt's training needs the
 backbone only once per image. ``KVCache`` stores every layer's keys/values of each image in
 a memory-mapped file (fp16 by default), keyed by the image's global dataset index, up to a
-size cap; images beyond the cap are recomputed each time.
+size cap; images beyond the cap are recomputed each time. It keeps each image's pooled
+backbone features ``[D]`` too (what a source density is fitted on), in memory.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class KVCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._slots: dict[int, int] = {}
         self._store: np.memmap | None = None
+        self._pooled: np.ndarray | None = None  # [capacity, D] float32, row = slot
         self._path: Path | None = None
         self.hits = 0
         self.misses = 0
@@ -65,44 +67,56 @@ class KVCache:
             indices: ``[B]`` global dataset indices of the images (the cache keys).
             images: ``[B, 3, H, W]`` the images; only those not cached are run.
         """
+        return self.fetch(indices, images)[0]
+
+    def fetch(self, indices: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys/values ``[L, 2, B, H, N, hd]`` and pooled features ``[B, D]`` of a batch (see ``kv``)."""
         keys = [int(i) for i in indices]
         miss = [b for b, key in enumerate(keys) if key not in self._slots]
         hit = [b for b, key in enumerate(keys) if key in self._slots]
         self.hits, self.misses = self.hits + len(hit), self.misses + len(miss)
         device = self.model.device
         if miss:
-            computed = self.model.backbone_kv(images[miss].to(device))  # [L, 2, m, H, N, hd]
-            self._write([keys[b] for b in miss], computed)
+            features, computed = self.model.backbone_forward(images[miss].to(device))  # kv: [L, 2, m, H, N, hd]
+            pooled = self.model.pooled(features)  # [m, D]
+            self._write([keys[b] for b in miss], computed, pooled)
             if not hit:
-                return computed
+                return computed, pooled
             out = computed.new_empty(*computed.shape[:2], len(keys), *computed.shape[3:])
+            out_pooled = pooled.new_empty(len(keys), pooled.shape[1])
             for j, b in enumerate(miss):
-                out[:, :, b] = computed[:, :, j]
+                out[:, :, b], out_pooled[b] = computed[:, :, j], pooled[j]
         else:
             L, two, *rest = self._store.shape[1:]
             out = torch.empty(L, two, len(keys), *rest, dtype=torch.float32, device=device)
+            out_pooled = torch.empty(len(keys), self._pooled.shape[1], dtype=torch.float32, device=device)
         if hit:
-            rows = self._store[[self._slots[keys[b]] for b in hit]]  # [h, L, 2, H, N, hd], one read
+            slots = [self._slots[keys[b]] for b in hit]
+            rows = self._store[slots]  # [h, L, 2, H, N, hd], one read
             for j, b in enumerate(hit):  # one strided copy (and cast to float32) per image
                 out[:, :, b] = torch.from_numpy(rows[j])
-        return out
+            out_pooled[hit] = torch.from_numpy(self._pooled[slots]).to(out_pooled)
+        return out, out_pooled
 
-    def _write(self, keys: list[int], kv: Tensor) -> None:
+    def _write(self, keys: list[int], kv: Tensor, pooled: Tensor) -> None:
         rows = kv.movedim(2, 0).to("cpu", self.dtype).numpy()  # [m, L, 2, H, N, hd]
+        pooled_rows = pooled.to("cpu", torch.float32).numpy()  # [m, D]
         if self._store is None:
-            self._open(rows.shape[1:])
-        for key, row in zip(keys, rows):
+            self._open(rows.shape[1:], pooled_rows.shape[1])
+        for key, row, pooled_row in zip(keys, rows, pooled_rows):
             if len(self._slots) >= len(self._store):
                 break
             if key not in self._slots:  # an index may repeat within a batch
                 slot = len(self._slots)
                 self._store[slot] = row
+                self._pooled[slot] = pooled_row
                 self._slots[key] = slot
 
-    def _open(self, item_shape: tuple[int, ...]) -> None:
+    def _open(self, item_shape: tuple[int, ...], dim: int) -> None:
         dtype = _NUMPY_DTYPES[self.dtype]
         item_bytes = int(np.prod(item_shape)) * np.dtype(dtype).itemsize
         capacity = self.max_bytes // item_bytes
+        self._pooled = np.empty((max(capacity, 0), dim), dtype=np.float32)
         if capacity < 1:  # not even one image fits under the cap: cache nothing
             self._store = np.empty((0, *item_shape), dtype=dtype)
             return
@@ -114,7 +128,7 @@ class KVCache:
 
     def close(self) -> None:
         """Drop the memory map and delete the cache file (and a temporary cache folder)."""
-        self._store = None
+        self._store = self._pooled = None
         self._slots.clear()
         if self._path is not None:
             self._path.unlink(missing_ok=True)

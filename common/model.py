@@ -31,6 +31,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
+from common.compose import Weighting, composition_weights, compose_probs, default_weighting
+
 if TYPE_CHECKING:
     from common.prompt import Prompt
 
@@ -229,6 +231,10 @@ class APTViT(nn.Module):
         """Per-layer backbone keys/values ``[L, 2, B, heads, N, head_dim]`` (no grad)."""
         return self.backbone_forward(images)[1]
 
+    def pooled(self, features: Tensor) -> Tensor:
+        """The backbone's pooled (pre-logits) features ``[B, D]`` of ``forward_features`` output ``[B, N, D]``."""
+        return self.backbone.forward_head(features, pre_logits=True)
+
     def forward(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
         """Per-prompt logits ``[k, B, C]`` for ``k`` prompts over one shared backbone pass.
 
@@ -237,6 +243,10 @@ class APTViT(nn.Module):
         tokens run as soon as that layer's backbone keys/values exist, so the keys/values of
         all layers are never gathered into one tensor (saves a large copy and allocation).
         """
+        return self.forward_with_pooled(images, prompts)[0]
+
+    def forward_with_pooled(self, images: Tensor, prompts: Sequence[Prompt]) -> tuple[Tensor, Tensor]:
+        """``forward``'s logits ``[k, B, C]`` and the backbone's pooled features ``[B, D]`` (no grad)."""
         groups = self._groups(prompts)
         grad = torch.is_grad_enabled()  # the backbone runs without grad, the prompts may need it
         states = [self._group_tokens(members, images.shape[0]) for members in groups]
@@ -247,14 +257,28 @@ class APTViT(nn.Module):
                     states[g] = (_prompt_block(self.backbone.blocks[layer], x, memory[:, layer], (k, v)), memory)
 
         with torch.no_grad():
-            self._run_backbone(images, run_layer)
-        return self._assemble([self._group_logits(x, members) for (x, _), members in zip(states, groups)], groups)
+            pooled = self.pooled(self._run_backbone(images, run_layer))
+        features = self._assemble([self._group_features(x) for x, _ in states], groups)
+        return self.head_logits(features, prompts), pooled
 
     def forward_kv(self, kv: Tensor, prompts: Sequence[Prompt]) -> Tensor:
         """Like ``forward`` but from precomputed backbone keys/values (e.g. a cache)."""
+        return self.head_logits(self.features_kv(kv, prompts), prompts)
+
+    def features_kv(self, kv: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        """Each prompt's output features ``[k, B, D]`` (what its head reads) from backbone keys/values."""
         groups = self._groups(prompts)
         kv = kv.to(device=self.device, dtype=self.backbone.patch_embed.proj.weight.dtype)
         return self._assemble([self._forward_group(kv, members) for members in groups], groups)
+
+    @staticmethod
+    def head_logits(features: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        """Each prompt's head on its features ``[k, B, D]``, label-masked: logits ``[k, B, C]``."""
+        weight = torch.stack([p.head.weight for p in prompts])  # [k, C, D]
+        bias = torch.stack([p.head.bias for p in prompts])  # [k, C]
+        logits = torch.einsum("kbd,kcd->kbc", features, weight) + bias[:, None]  # [k, B, C]
+        mask = torch.stack([p.label_mask.to(logits.device) for p in prompts])  # [k, C]
+        return logits.masked_fill(~mask[:, None], float("-inf"))
 
     def _run_backbone(self, images: Tensor, on_layer) -> Tensor:
         """``forward_features(images)``, calling ``on_layer(layer, k, v)`` with each layer's keys/values.
@@ -287,7 +311,7 @@ class APTViT(nn.Module):
 
     @staticmethod
     def _assemble(outputs: list[Tensor], groups: list[list]) -> Tensor:
-        """Per-group logits ``[G, B, C]`` back into prompt order ``[k, B, C]``."""
+        """Per-group outputs ``[G, B, *]`` back into prompt order ``[k, B, *]``."""
         if len(outputs) == 1:
             return outputs[0]
         k = sum(len(members) for members in groups)
@@ -297,11 +321,11 @@ class APTViT(nn.Module):
         return out
 
     def _forward_group(self, kv: Tensor, members: list) -> Tensor:
-        """All prompts share (n_prompt, n_memory): stack them and run every layer once."""
+        """All prompts share (n_prompt, n_memory): stack them and run every layer once; ``[G, B, D]``."""
         x, memory = self._group_tokens(members, kv.shape[2])
         for layer, blk in enumerate(self.backbone.blocks):
             x = _prompt_block(blk, x, memory[:, layer], kv[layer])
-        return self._group_logits(x, members)
+        return self._group_features(x)
 
     @staticmethod
     def _group_tokens(members: list, batch: int) -> tuple[Tensor, Tensor]:
@@ -310,21 +334,15 @@ class APTViT(nn.Module):
         tokens = torch.stack([p.tokens for p in prompts])  # [G, P, D]
         return tokens[:, None].expand(-1, batch, -1, -1), torch.stack([p.memory for p in prompts])
 
-    def _group_logits(self, x: Tensor, members: list) -> Tensor:
-        """Final norm, mean over prompt tokens, each prompt's head and label mask: ``[G, B, C]``."""
-        prompts = [p for _, p in members]
-        feats = self.backbone.norm(x).mean(dim=2)  # [G, B, D]
-        weight = torch.stack([p.head.weight for p in prompts])  # [G, C, D]
-        bias = torch.stack([p.head.bias for p in prompts])  # [G, C]
-        logits = torch.einsum("gbd,gcd->gbc", feats, weight) + bias[:, None]  # [G, B, C]
-        mask = torch.stack([p.label_mask.to(logits.device) for p in prompts])  # [G, C]
-        return logits.masked_fill(~mask[:, None], float("-inf"))
+    def _group_features(self, x: Tensor) -> Tensor:
+        """Final norm and mean over prompt tokens: ``[G, B, P, D] -> [G, B, D]``."""
+        return self.backbone.norm(x).mean(dim=2)
 
     def compose(
         self,
         images: Tensor,
         prompts: Sequence[Prompt],
-        weights: Tensor | str | None = None,
+        weighting: Weighting | str | Tensor | None = None,
     ) -> Tensor:
         """The à-la-carte model of ``prompts``: probabilities ``[B, C]``.
 
@@ -335,32 +353,16 @@ class APTViT(nn.Module):
         concatenation of the prompts' distributions, each scaled by its weight. Rows sum to 1.
 
         Args:
-            weights: ``None`` (uniform), a tensor ``[k]`` or ``[k, B]`` of non-negative
-                per-prompt weights, or ``"confidence"``: each prompt weighted per image by its
-                max probability (APT-W style).
+            weighting: a :class:`~common.compose.Weighting` (or its name), a tensor ``[k]`` or
+                ``[k, B]`` of non-negative per-prompt weights, or ``None``: density weighting
+                when every prompt carries its source's density, else uniform.
         """
-        return compose_probs(self(images, prompts), weights)
-
-
-def compose_probs(logits: Tensor, weights: Tensor | str | None = None) -> Tensor:
-    """Weighted mean over prompts of ``softmax(logits)``: ``[k, B, C] -> [B, C]``."""
-    probs = logits.softmax(dim=-1)  # [k, B, C]; masked classes get exactly 0
-    k, B = probs.shape[:2]
-    if weights is None:
-        w = probs.new_ones(k, B)
-    elif isinstance(weights, str):
-        if weights != "confidence":
-            raise ValueError(f"unknown weighting {weights!r}; use None, 'confidence' or a tensor")
-        w = probs.amax(dim=-1)
-    else:
-        w = torch.as_tensor(weights, dtype=probs.dtype, device=probs.device)
-        if w.shape not in ((k,), (k, B)) or bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
-            raise ValueError(f"weights must be finite, non-negative, of shape [{k}] or [{k}, {B}]; got {tuple(w.shape)}")
-        w = w.reshape(k, -1).expand(k, B)
-        if not bool((w.sum(dim=0) > 0).all()):
-            raise ValueError("weights must give every image a positive total weight (all-zero weights)")
-    w = w / w.sum(dim=0, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    return torch.einsum("kb,kbc->bc", w, probs)
+        logits, pooled = self.forward_with_pooled(images, prompts)
+        if weighting is None:
+            weighting = default_weighting(prompts)
+        if not isinstance(weighting, Tensor):
+            weighting = composition_weights(weighting, logits, prompts, pooled)
+        return compose_probs(logits, weighting)
 
 
 def _check_supported(backbone: nn.Module) -> None:

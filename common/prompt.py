@@ -11,8 +11,12 @@ name            shape                 role
 ``head.bias``   ``[C]``
 ==============  ====================  ===========================================
 
-plus metadata: the backbone it was trained on (name and weight fingerprint), the label set
-it covers (a subset of the ``C`` global classes), its source id, the number of training
+plus, optionally (format version 2), the source's :class:`~common.density.SourceDensity`
+(arrays ``density.<field>``: per-class counts, means, top principal directions and variances
+of the source's pooled backbone features) that density-weighted composition needs; a
+version-1 artefact, or a source that keeps its density private, has none and composes
+uniformly. Metadata: the backbone it was trained on (name and weight fingerprint), the label
+set it covers (a subset of the ``C`` global classes), its source id, the number of training
 examples and a creation time. On disk it is a safetensors file with that metadata in the
 header; over Flower it travels as a dict of numpy arrays plus the same metadata strings.
 Every way in (``load``, ``from_bytes``, ``from_arrays``) runs the same validation.
@@ -33,6 +37,8 @@ import safetensors.numpy
 import torch
 from torch import Tensor, nn
 
+from common.density import DensityError, SourceDensity
+
 if TYPE_CHECKING:
     from common.model import APTViT
 
@@ -40,6 +46,7 @@ __all__ = [
     "BackboneMismatchError",
     "FORMAT_VERSION",
     "Prompt",
+    "PromptDensityError",
     "PromptError",
     "PromptFormatError",
     "PromptShapeError",
@@ -48,8 +55,13 @@ __all__ = [
 ]
 
 FORMAT_NAME = "alacarte-prompt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the optional source density; version 1 still loads
+READABLE_VERSIONS = (1, 2)
 TENSOR_NAMES = ("tokens", "memory", "head.weight", "head.bias")
+DENSITY_PREFIX = "density."
+MAX_INT_FIELD = 2**53  # dimensions and example counts above this are not real prompts
+MAX_CLOCK_SKEW = 86400.0  # created_at may be at most a day in the future
+MAX_LABELS_CHARS = 1 << 16
 _INT_FIELDS = ("format_version", "embed_dim", "depth", "n_prompt", "n_memory", "num_classes", "num_examples")
 
 
@@ -71,6 +83,10 @@ class PromptShapeError(PromptError):
 
 class PromptValueError(PromptError):
     """A tensor holds NaN or Inf."""
+
+
+class PromptDensityError(PromptError):
+    """The source density shipped with the prompt is malformed, too large or does not fit it."""
 
 
 class BackboneMismatchError(PromptError):
@@ -109,6 +125,7 @@ class Prompt(nn.Module):
         self.tokens = nn.Parameter(torch.zeros(n_prompt, embed_dim))  # [P, D]
         self.memory = nn.Parameter(torch.zeros(depth, n_memory, embed_dim))  # [L, M, D]
         self.head = nn.Linear(embed_dim, num_classes)  # [C, D], [C]
+        self.density: SourceDensity | None = None  # the source's feature density, if it shares one
 
     @classmethod
     def init(
@@ -165,9 +182,13 @@ class Prompt(nn.Module):
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The trainable tensors as float32 numpy arrays (what Flower's ArrayRecord carries)."""
+        """The trainable tensors as float32 numpy arrays, plus the density's arrays when it has one
+        (what Flower's ArrayRecord carries)."""
         state = self.state_dict()
-        return {name: state[name].detach().to("cpu", torch.float32).numpy().copy() for name in TENSOR_NAMES}
+        arrays = {name: state[name].detach().to("cpu", torch.float32).numpy().copy() for name in TENSOR_NAMES}
+        if self.density is not None:
+            arrays |= {DENSITY_PREFIX + k: v for k, v in self.density.to_arrays().items()}
+        return arrays
 
     @classmethod
     def from_arrays(
@@ -179,12 +200,18 @@ class Prompt(nn.Module):
         placed on its device. Raises a ``PromptError`` subclass naming what is wrong.
         """
         meta = _parse_metadata(metadata)
-        _check_arrays(arrays, meta)  # before allocating anything the metadata asks for
+        version = meta.pop("format_version")
+        tensors = {k: v for k, v in arrays.items() if not k.startswith(DENSITY_PREFIX)}
+        density = {k[len(DENSITY_PREFIX):]: v for k, v in arrays.items() if k.startswith(DENSITY_PREFIX)}
+        _check_arrays(tensors, meta)  # before allocating anything the metadata asks for
+        if density and version < 2:
+            raise PromptVersionError(f"a version-{version} prompt cannot carry a density; re-export it")
         prompt = cls(**meta)
         if model is not None:
             _check_backbone(prompt, model)
         with torch.no_grad():
-            prompt.load_state_dict({name: torch.from_numpy(np.array(arrays[name])) for name in TENSOR_NAMES})
+            prompt.load_state_dict({name: torch.from_numpy(np.array(tensors[name])) for name in TENSOR_NAMES})
+        prompt.density = _parse_density(density, prompt) if density else None
         return prompt.to(model.device) if model is not None else prompt
 
     def to_bytes(self) -> bytes:
@@ -292,34 +319,78 @@ def _check_labels(labels: Iterable[int], num_classes: int) -> tuple[int, ...]:
 
 
 def _parse_metadata(metadata: Mapping[str, str]) -> dict:
+    """Typed, range-checked metadata (including ``format_version``); raises ``PromptFormatError``."""
     if metadata.get("format") != FORMAT_NAME:
-        raise PromptFormatError(f"not an {FORMAT_NAME} artefact (format={metadata.get('format')!r})")
+        raise PromptFormatError(f"not an {FORMAT_NAME} artefact (format={str(metadata.get('format'))[:40]!r})")
     # the version decides which fields exist, so it is checked before anything else
-    try:
-        version = int(metadata["format_version"]) if "format_version" in metadata else FORMAT_VERSION
-    except (ValueError, TypeError) as err:
-        raise PromptFormatError(f"prompt metadata is malformed ({err})") from err
-    if version != FORMAT_VERSION:
+    if "format_version" not in metadata:
+        raise PromptFormatError("prompt metadata lacks 'format_version'")
+    version = _int_field(metadata, "format_version")
+    if version not in READABLE_VERSIONS:
         raise PromptVersionError(
-            f"prompt format version {metadata['format_version']} is not supported (this build reads "
-            f"version {FORMAT_VERSION}); upgrade alacarte or re-export the prompt")
+            f"prompt format version {version} is not supported (this build reads versions "
+            f"{list(READABLE_VERSIONS)}); upgrade alacarte or re-export the prompt")
     missing = [k for k in (*_INT_FIELDS, "backbone", "fingerprint", "labels", "source", "created_at")
                if k not in metadata]
     if missing:
         raise PromptFormatError(f"prompt metadata lacks {missing}")
-    try:
-        ints = {k: int(metadata[k]) for k in _INT_FIELDS}
-        labels = json.loads(metadata["labels"])
-        created_at = float(metadata["created_at"])
-    except (ValueError, TypeError) as err:
-        raise PromptFormatError(f"prompt metadata is malformed ({err})") from err
-    ints.pop("format_version")
-    if not isinstance(labels, list) or not all(isinstance(c, int) for c in labels):
-        raise PromptFormatError(f"prompt label set must be a JSON list of ints, got {metadata['labels']!r}")
+    ints = {k: _int_field(metadata, k) for k in _INT_FIELDS}
     return ints | {
-        "labels": labels, "created_at": created_at, "backbone": str(metadata["backbone"]),
-        "fingerprint": str(metadata["fingerprint"]), "source": str(metadata["source"]),
+        "labels": _labels_field(metadata["labels"]), "created_at": _created_at_field(metadata["created_at"]),
+        "backbone": str(metadata["backbone"]), "fingerprint": str(metadata["fingerprint"]),
+        "source": str(metadata["source"]),
     }
+
+
+def _int_field(metadata: Mapping[str, str], key: str) -> int:
+    """An integer metadata field in ``[0, MAX_INT_FIELD]``."""
+    text = str(metadata[key])
+    if not text.isdigit() or len(text) > 16 or int(text) > MAX_INT_FIELD:
+        raise PromptFormatError(f"prompt metadata {key!r} must be an integer in [0, {MAX_INT_FIELD}], "
+                                f"got {text[:40]!r}")
+    return int(text)
+
+
+def _labels_field(text: str) -> list[int]:
+    """The label set: a JSON list of ints, bounded in length (deep nesting is refused, not recursed)."""
+    text = str(text)
+    if len(text) > MAX_LABELS_CHARS or not text.startswith("[") or "[" in text[1:]:
+        raise PromptFormatError(f"prompt label set must be a flat JSON list of ints, got {text[:40]!r}")
+    try:
+        labels = json.loads(text)
+    except ValueError as err:
+        raise PromptFormatError(f"prompt label set is not valid JSON ({err})") from err
+    if not isinstance(labels, list) or not all(type(c) is int for c in labels):
+        raise PromptFormatError(f"prompt label set must be a JSON list of ints, got {text[:40]!r}")
+    return labels
+
+
+def _created_at_field(text: str) -> float:
+    """A creation time: a finite Unix time, not before 1970 nor more than a day ahead."""
+    try:
+        created_at = float(text)
+    except (ValueError, TypeError) as err:
+        raise PromptFormatError(f"prompt metadata 'created_at' is not a number ({str(text)[:40]!r})") from err
+    if not 0.0 <= created_at <= time.time() + MAX_CLOCK_SKEW:  # also rejects NaN
+        raise PromptFormatError(f"prompt metadata 'created_at' = {created_at!r} is not a plausible Unix time; "
+                                "check the sender's clock")
+    return created_at
+
+
+def _parse_density(arrays: Mapping[str, np.ndarray], prompt: Prompt) -> SourceDensity:
+    """The prompt's source density from its ``density.*`` arrays, fitting the prompt's width and labels."""
+    try:
+        density = SourceDensity.from_arrays(arrays)
+    except DensityError as err:
+        raise PromptDensityError(f"{err}; re-train the source or send its prompt without a density") from err
+    if density.mean.shape[1] != prompt.embed_dim:
+        raise PromptDensityError(f"source density has dimension {density.mean.shape[1]}, the prompt's backbone "
+                                 f"{prompt.embed_dim}")
+    outside = set(density.classes.tolist()) - set(prompt.labels)
+    if outside:
+        raise PromptDensityError(f"source density covers classes {sorted(outside)[:10]} outside the prompt's "
+                                 f"label set")
+    return density
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:

@@ -1,7 +1,20 @@
-"""Training one prompt, and evaluating prompts alone and composed.
+"""Training one prompt (the recipe), and evaluating prompts alone and composed.
+
+The recipe of a source's prompt (LP-FT with selection on validation loss):
+
+1. **Probe initialisation.** When the prompt's head is still zero (a fresh prompt), the
+   head is set to a linear probe (``common.probe``) fitted on the prompt's own initial output
+   features of the training images, so the prompt starts at a linear probe's accuracy.
+2. **Prompt tuning.** Tokens, memory and head are tuned with AdamW and a cosine schedule
+   for ``epochs`` epochs but at least ``min_steps`` optimiser steps, so small shards are not
+   starved of steps.
+3. **Selection.** With validation data, the validation loss is measured before tuning and
+   after every epoch, and the prompt with the lowest one is kept: tuning is kept only where
+   the source's own validation data says it helps (else the probe-initialised prompt is).
+   Without validation data the last epoch is kept.
 
 Only the prompt's tensors are optimised. The backbone runs under ``torch.no_grad()``
-(inside ``APTViT.backbone_kv``), so no backward pass ever goes through it; with a
+(inside ``APTViT.backbone_forward``), so no backward pass ever goes through it; with a
 ``KVCache`` it runs once per image instead of once per epoch.
 
 Batches are ``(images, labels)`` or ``(images, labels, indices)``; the global indices
@@ -10,6 +23,8 @@ are needed only with a cache.
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,32 +34,39 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common.compose import Weighting, composition_weights, compose_probs, default_weighting
+from common.density import SourceDensity
 from common.kv_cache import KVCache
-from common.model import APTViT, compose_probs
+from common.model import APTViT
+from common.probe import fit_probe
 from common.prompt import Prompt
 
-__all__ = ["TrainConfig", "evaluate", "train_prompt"]
+__all__ = ["TrainConfig", "evaluate", "probe_init_head", "source_density", "train_prompt"]
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of one prompt (AdamW with a cosine schedule)."""
+    """The recipe of one prompt (see the module doc); the defaults are the product's."""
 
-    epochs: int = 1
-    lr: float = 1e-2
+    epochs: int = 10
+    min_steps: int = 100
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    probe_init: bool = True
     progress: bool = True
 
 
-def _batch_kv(model: APTViT, batch: Sequence[Tensor], cache: KVCache | None) -> tuple[Tensor, Tensor]:
-    """Backbone keys/values and labels of a batch, through the cache when given."""
+def _batch_inputs(model: APTViT, batch: Sequence[Tensor], cache: KVCache | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Backbone keys/values, pooled features and labels of a batch, through the cache when given."""
     images, labels = batch[0], batch[1]
     if cache is None:
-        return model.backbone_kv(images.to(model.device)), labels.to(model.device)
+        features, kv = model.backbone_forward(images.to(model.device))
+        return kv, model.pooled(features), labels.to(model.device)
     if len(batch) < 3:
         raise ValueError("a KVCache needs batches of (images, labels, indices); use common.data.Shard")
-    return cache.kv(batch[2], images), labels.to(model.device)
+    kv, pooled = cache.fetch(batch[2], images)
+    return kv, pooled, labels.to(model.device)
 
 
 def _local_targets(prompt: Prompt, labels: Tensor) -> Tensor:
@@ -59,51 +81,139 @@ def _local_targets(prompt: Prompt, labels: Tensor) -> Tensor:
     return targets
 
 
+@torch.no_grad()
+def probe_init_head(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor]],
+                    cache: KVCache | None = None) -> float:
+    """Set the head to a linear probe on the prompt's output features of ``loader``; returns its L2.
+
+    Rows of classes outside the prompt's label set stay zero (they are masked anyway).
+    """
+    features, targets = [], []
+    for batch in loader:
+        kv, _, labels = _batch_inputs(model, batch, cache)
+        features.append(model.features_kv(kv, [prompt])[0])
+        targets.append(_local_targets(prompt, labels))
+    if not features:
+        raise ValueError("the training loader is empty; this source has no examples")
+    probe = fit_probe(torch.cat(features), torch.cat(targets), len(prompt.labels))
+    labels_index = list(prompt.labels)
+    prompt.head.weight.zero_()
+    prompt.head.bias.zero_()
+    prompt.head.weight[labels_index] = probe.weight.to(prompt.head.weight)
+    prompt.head.bias[labels_index] = probe.bias.to(prompt.head.bias)
+    return probe.l2
+
+
+@torch.no_grad()
+def source_density(model: APTViT, loader: Iterable[Sequence[Tensor]], cache: KVCache | None = None) -> SourceDensity:
+    """The :class:`SourceDensity` of ``loader``'s images (the backbone's pooled features); with a
+    filled cache no backbone pass is needed."""
+    pooled, labels = [], []
+    for batch in loader:
+        _, feats, batch_labels = _batch_inputs(model, batch, cache)
+        pooled.append(feats.cpu())
+        labels.append(batch_labels.cpu())
+    if not pooled:
+        raise ValueError("the loader is empty; a density needs the source's images")
+    return SourceDensity.fit(torch.cat(pooled), torch.cat(labels))
+
+
+@torch.no_grad()
+def _validation_loss(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor]],
+                     cache: KVCache | None) -> float:
+    """Mean cross-entropy over the prompt's label set on the examples whose label it covers."""
+    total, seen = 0.0, 0
+    mask = prompt.label_mask
+    for batch in loader:
+        kv, _, labels = _batch_inputs(model, batch, cache)
+        keep = mask[labels.clamp(0, prompt.num_classes - 1)] & (labels >= 0) & (labels < prompt.num_classes)
+        if bool(keep.any()):
+            logits = model.forward_kv(kv, [prompt])[0][keep][:, list(prompt.labels)]
+            total += float(F.cross_entropy(logits, _local_targets(prompt, labels[keep]), reduction="sum"))
+            seen += int(keep.sum())
+    return total / seen if seen else math.nan
+
+
+def _head_is_zero(prompt: Prompt) -> bool:
+    return not bool(prompt.head.weight.any()) and not bool(prompt.head.bias.any())
+
+
 def train_prompt(
     model: APTViT,
     prompt: Prompt,
     loader: Iterable[Sequence[Tensor]],
     config: TrainConfig | None = None,
     cache: KVCache | None = None,
+    val_loader: Iterable[Sequence[Tensor]] | None = None,
 ) -> dict[str, float]:
-    """Train ``prompt`` (tokens, memory, head) on ``loader``; returns last-epoch metrics.
+    """Run the recipe (module doc) on ``prompt`` with ``loader``; returns its metrics.
 
     The loss is cross-entropy over the prompt's own label set (optionally label-smoothed).
     Returns ``loss`` and ``accuracy`` of the last epoch, ``num_examples`` seen per epoch,
-    ``steps`` and wall-clock ``seconds``. ``prompt.num_examples`` is updated.
+    ``steps``, ``epochs`` run, ``selected_epoch`` (0 = before tuning), ``val_loss`` of the kept
+    prompt (NaN without validation data), ``probe_l2`` (NaN without probe initialisation)
+    and wall-clock ``seconds``. ``prompt.num_examples`` is updated.
     """
     config = config or TrainConfig()
-    if config.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {config.epochs}")
-    steps = config.epochs * len(loader)
-    if steps == 0:
+    if config.epochs < 1 or config.min_steps < 0:
+        raise ValueError(f"epochs must be >= 1 and min-steps >= 0, got {config.epochs} and {config.min_steps}")
+    batches = len(loader)
+    if batches == 0:
         raise ValueError("the training loader is empty; this source has no examples")
-    optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    labels_index = list(prompt.labels)
     start = time.perf_counter()
+    probe_l2 = probe_init_head(model, prompt, loader, cache) if config.probe_init and _head_is_zero(prompt) else math.nan
+    epochs = max(config.epochs, math.ceil(config.min_steps / batches))
+    validate = (lambda: _validation_loss(model, prompt, val_loader, cache)) if val_loader is not None else None
+    best = _Best(validate(), 0, prompt) if validate else None
+    optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches)
     prompt.train()
-    for epoch in range(config.epochs):
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"prompt {prompt.source or ''} epoch {epoch + 1}/{config.epochs}",
-                   disable=not config.progress, leave=False)
-        for batch in bar:
-            kv, labels = _batch_kv(model, batch, cache)
-            targets = _local_targets(prompt, labels)
-            logits = model.forward_kv(kv, [prompt])[0][:, labels_index]  # [B, |labels|]
-            loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += loss.item() * len(targets)
-            correct += int((logits.argmax(-1) == targets).sum())
-            seen += len(targets)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    for epoch in range(epochs):
+        last = _train_epoch(model, prompt, loader, optimizer, schedule, config, cache,
+                            f"prompt {prompt.source or ''} epoch {epoch + 1}/{epochs}")
+        if best is not None:
+            best.offer(validate(), epoch + 1, prompt)
     prompt.eval()
-    prompt.num_examples = seen
-    return {"loss": total_loss / seen, "accuracy": correct / seen, "num_examples": seen,
-            "steps": steps, "seconds": time.perf_counter() - start}
+    if best is not None:
+        prompt.load_state_dict(best.state)
+    prompt.num_examples = last["num_examples"]
+    return last | {"steps": epochs * batches, "epochs": epochs,
+                   "selected_epoch": best.epoch if best else epochs,
+                   "val_loss": best.loss if best else math.nan, "probe_l2": probe_l2,
+                   "seconds": time.perf_counter() - start}
+
+
+class _Best:
+    """The prompt state with the lowest validation loss so far (ties keep the earlier one)."""
+
+    def __init__(self, loss: float, epoch: int, prompt: Prompt) -> None:
+        self.loss, self.epoch, self.state = loss, epoch, copy.deepcopy(prompt.state_dict())
+
+    def offer(self, loss: float, epoch: int, prompt: Prompt) -> None:
+        if loss < self.loss or (math.isnan(self.loss) and not math.isnan(loss)):
+            self.loss, self.epoch, self.state = loss, epoch, copy.deepcopy(prompt.state_dict())
+
+
+def _train_epoch(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor]], optimizer, schedule,
+                 config: TrainConfig, cache: KVCache | None, desc: str) -> dict[str, float]:
+    """One pass over ``loader``; returns its mean ``loss``, ``accuracy`` and ``num_examples``."""
+    labels_index = list(prompt.labels)
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, disable=not config.progress, leave=False)
+    for batch in bar:
+        kv, _, labels = _batch_inputs(model, batch, cache)
+        targets = _local_targets(prompt, labels)
+        logits = model.forward_kv(kv, [prompt])[0][:, labels_index]  # [B, |labels|]
+        loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        total_loss += loss.item() * len(targets)
+        correct += int((logits.argmax(-1) == targets).sum())
+        seen += len(targets)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "num_examples": seen}
 
 
 @torch.no_grad()
@@ -111,34 +221,46 @@ def evaluate(
     model: APTViT,
     prompts: Sequence[Prompt],
     loader: Iterable[Sequence[Tensor]],
-    weights: Tensor | str | None = None,
+    weights: Weighting | str | Tensor | None = None,
     progress: bool = False,
-) -> dict[str, float | list[float]]:
+) -> dict[str, float | list[float] | dict[str, float]]:
     """Accuracy of each prompt alone and of their composition, one backbone pass per batch.
 
-    Returns ``accuracy`` (composed), ``nll`` (composed negative log-likelihood),
-    ``prompt_accuracy`` (one per prompt, over all examples), ``prompt_accuracy_own`` (one per
-    prompt, over the examples whose label is in its label set; NaN if none) and
-    ``num_examples``.
+    ``weights`` is how the composition is weighted (``APTViT.compose``; ``None``: density when
+    every prompt carries one, else uniform). Returns ``accuracy`` and ``nll`` of that
+    composition, ``weighting`` (its name, or ``"custom"``), ``composed`` (accuracy per
+    weighting: uniform always, density when every prompt carries one), ``prompt_accuracy``
+    (one per prompt, over all examples), ``prompt_accuracy_own`` (one per prompt, over the
+    examples whose label is in its label set; NaN if none) and ``num_examples``.
     """
+    chosen = default_weighting(prompts) if weights is None else weights
+    chosen = chosen if isinstance(chosen, Tensor) else Weighting(chosen)
+    compared = [Weighting.UNIFORM] + ([Weighting.DENSITY] if default_weighting(prompts) is Weighting.DENSITY else [])
     correct = torch.zeros(len(prompts))
     own_correct, own_seen = torch.zeros(len(prompts)), torch.zeros(len(prompts))
     masks = torch.stack([p.label_mask for p in prompts]).to(model.device)  # [k, C]
-    composed_correct, nll, seen = 0, 0.0, 0
+    composed_correct = dict.fromkeys(compared, 0)
+    chosen_correct, nll, seen = 0, 0.0, 0
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         images, labels = batch[0].to(model.device), batch[1].to(model.device)
-        logits = model(images, prompts)  # [k, B, C]
+        logits, pooled = model.forward_with_pooled(images, prompts)  # [k, B, C], [B, D]
         hits = logits.argmax(-1) == labels  # [k, B]
         own = masks[:, labels]  # [k, B]: the example's label is in the prompt's label set
         correct += hits.sum(dim=1).cpu()
         own_correct += (hits & own).sum(dim=1).cpu()
         own_seen += own.sum(dim=1).cpu()
-        probs = compose_probs(logits, weights)  # [B, C]
-        composed_correct += int((probs.argmax(-1) == labels).sum())
+        for weighting in compared:
+            probs = compose_probs(logits, composition_weights(weighting, logits, prompts, pooled))
+            composed_correct[weighting] += int((probs.argmax(-1) == labels).sum())
+        w = chosen if isinstance(chosen, Tensor) else composition_weights(chosen, logits, prompts, pooled)
+        probs = compose_probs(logits, w)  # [B, C]
+        chosen_correct += int((probs.argmax(-1) == labels).sum())
         nll -= float(probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum())
         seen += len(labels)
     if seen == 0:
         raise ValueError("the evaluation loader is empty")
-    return {"accuracy": composed_correct / seen, "nll": nll / seen,
+    return {"accuracy": chosen_correct / seen, "nll": nll / seen,
+            "weighting": "custom" if isinstance(chosen, Tensor) else chosen.value,
+            "composed": {w.value: c / seen for w, c in composed_correct.items()},
             "prompt_accuracy": (correct / seen).tolist(),
             "prompt_accuracy_own": (own_correct / own_seen).tolist(), "num_examples": seen}

@@ -200,10 +200,12 @@ class BankCache(KVCache):
     returned, not stored), and ``close`` never deletes the bank.
     """
 
-    def __init__(self, model: APTViT, root: Path, index: np.ndarray, shape: tuple[int, ...]) -> None:
+    def __init__(self, model: APTViT, root: Path, index: np.ndarray, shape: tuple[int, ...],
+                 features: np.ndarray) -> None:
         super().__init__(model, root=root, max_bytes=0)
         # copy-on-write: readable as ordinary (writable) arrays, the file itself is never changed
         self._store = np.memmap(root / "kv.f16", dtype=np.float16, mode="c", shape=shape)
+        self._pooled = features.astype(np.float32)
         self._slots = {int(k): slot for slot, k in enumerate(index)}
 
 
@@ -270,8 +272,9 @@ def open_bank(model: APTViT, root: Path) -> Bank:
     """Open a bank written by :func:`build_bank`."""
     meta = json.loads((root / "meta.json").read_text())
     index = np.load(root / "index.npy")
-    cache = BankCache(model, root, index, tuple(meta["shape"]))
-    return Bank(root, index, np.load(root / "labels.npy"), np.load(root / "features.npy"), cache)
+    features = np.load(root / "features.npy")
+    cache = BankCache(model, root, index, tuple(meta["shape"]), features)
+    return Bank(root, index, np.load(root / "labels.npy"), features, cache)
 
 
 @torch.no_grad()
@@ -287,7 +290,7 @@ def _compute_bank(model: APTViT, shard: Shard, root: Path, batch_size: int, key:
             shape = (len(shard), *rows.shape[1:])
             store = np.memmap(root / "kv.f16", dtype=np.float16, mode="w+", shape=shape)
         store[start:start + len(rows)] = rows
-        feats.append(model.backbone.forward_head(features, pre_logits=True).cpu().numpy())
+        feats.append(model.pooled(features).cpu().numpy())
     store.flush()
     np.save(root / "index.npy", shard.indices)
     np.save(root / "labels.npy", shard.labels)

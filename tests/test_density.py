@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from common.density import SourceDensity, density_weights
-from common.model import compose_probs
+import numpy as np
+
+from common.compose import compose_probs, density_weights
+from common.density import DensityError, SourceDensity
 
 DIM = 12
 
@@ -79,14 +81,47 @@ def test_small_classes_get_a_floored_variance():
 
 def test_arrays_round_trip_and_validation():
     d = SourceDensity.fit(*clusters([0.0, 2.0]), rank=3)
-    again = SourceDensity.from_arrays(d.to_arrays())
-    query = torch.randn(4, DIM, dtype=torch.float64)
-    torch.testing.assert_close(again.log_density(query), d.log_density(query))
     arrays = d.to_arrays()
-    with pytest.raises(ValueError, match="lack"):
+    assert arrays["classes"].dtype == np.int64 and arrays["mean"].dtype == np.float32
+    again = SourceDensity.from_arrays(arrays)
+    query = torch.randn(4, DIM, dtype=torch.float64)
+    torch.testing.assert_close(again.log_density(query), d.log_density(query), rtol=1e-5, atol=1e-4)
+    assert SourceDensity.from_arrays(again.to_arrays()).to_arrays().keys() == arrays.keys()
+    with pytest.raises(DensityError, match="exactly"):
         SourceDensity.from_arrays({k: v for k, v in arrays.items() if k != "mean"})
-    with pytest.raises(ValueError, match="inconsistent shapes"):
+    with pytest.raises(DensityError, match="inconsistent shapes"):
         SourceDensity.from_arrays({**arrays, "mean": arrays["mean"][:1]})
+
+
+def _corrupt(name: str, value) -> dict:
+    arrays = SourceDensity.fit(*clusters([0.0, 2.0]), rank=3).to_arrays()
+    arrays[name] = value(arrays[name])
+    return arrays
+
+
+@pytest.mark.parametrize(("arrays", "match"), [
+    (_corrupt("mean", lambda a: np.where(a == a.flat[0], np.nan, a).astype(np.float32)), "NaN or Inf"),
+    (_corrupt("basis", lambda a: np.full_like(a, np.inf)), "NaN or Inf"),
+    (_corrupt("variances", lambda a: -a), "positive"),
+    (_corrupt("residual", lambda a: np.zeros_like(a)), "positive"),
+    (_corrupt("counts", lambda a: np.zeros_like(a)), "positive"),
+    (_corrupt("classes", lambda a: a[::-1].copy()), "sorted"),
+    (_corrupt("classes", lambda a: a - 5), ">= 0"),
+    (_corrupt("mean", lambda a: a.astype(np.float64)), "float32"),
+    (_corrupt("classes", lambda a: a.astype(np.float32)), "int64"),
+    (_corrupt("basis", lambda a: a[:, :, :1]), "rank"),
+])
+def test_from_arrays_rejects_corrupt_densities(arrays, match):
+    with pytest.raises(DensityError, match=match):
+        SourceDensity.from_arrays(arrays)
+
+
+def test_from_arrays_rejects_oversized_densities():
+    arrays = SourceDensity.fit(*clusters([0.0, 2.0]), rank=3).to_arrays()
+    size = sum(a.nbytes for a in arrays.values())
+    assert SourceDensity.from_arrays(arrays, max_bytes=size) is not None
+    with pytest.raises(DensityError, match="byte limit"):
+        SourceDensity.from_arrays(arrays, max_bytes=size - 1)
 
 
 @pytest.mark.parametrize(("features", "labels", "rank", "match"), [

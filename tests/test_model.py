@@ -18,9 +18,9 @@ from common.model import (
     BackboneUnavailableError,
     UnsupportedBackboneError,
     backbone_fingerprint,
-    compose_probs,
     load_backbone,
 )
+from common.compose import Weighting, composition_weights, compose_probs
 from conftest import IMG, NUM_CLASSES, make_vit, random_prompt
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -349,7 +349,7 @@ def test_compose_confidence(logits3):
     probs = logits3.softmax(-1)
     w = probs.amax(-1)
     expected = (w[..., None] * probs).sum(0) / w.sum(0)[:, None]
-    out = compose_probs(logits3, "confidence")
+    out = compose_probs(logits3, composition_weights(Weighting.CONFIDENCE, logits3, []))
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out.sum(-1), torch.ones(logits3.shape[1]))
 
@@ -359,7 +359,7 @@ def test_compose_label_set_masking(model, images):
     q = random_prompt(model, 1, labels=range(5, 10))
     with torch.no_grad():
         only = model.compose(images, [p])
-        both = model.compose(images, [p, q], weights=torch.tensor([1.0, 1.0]))
+        both = model.compose(images, [p, q], weighting=torch.tensor([1.0, 1.0]))
     assert torch.equal(only[:, 5:], torch.zeros_like(only[:, 5:]))
     assert (only[:, :5] > 0).all()
     torch.testing.assert_close(only.sum(-1), torch.ones(len(images)))
@@ -377,11 +377,15 @@ def test_compose_label_set_masking(model, images):
     torch.ones(3, 5, 1),
     torch.tensor(1.0),
     torch.zeros(3),  # no prompt weighted: rows could not sum to 1
-    "max",
 ])
 def test_compose_invalid_weights(logits3, weights):
     with pytest.raises(ValueError):
         compose_probs(logits3, weights)
+
+
+def test_unknown_weighting_name_rejected(logits3):
+    with pytest.raises(ValueError, match="max"):
+        composition_weights("max", logits3, [])
 
 
 def test_compose_zero_weight_column_rejected(logits3):

@@ -9,11 +9,15 @@ import pytest
 import safetensors.numpy
 import torch
 
+import common.density as density_mod
+from common.compose import Weighting, default_weighting
+from common.density import SourceDensity
 from common.model import APTViT
 from common.prompt import (
     FORMAT_VERSION,
     BackboneMismatchError,
     Prompt,
+    PromptDensityError,
     PromptError,
     PromptFormatError,
     PromptShapeError,
@@ -285,7 +289,7 @@ def test_corrupted_tensor_offsets(prompt):
         Prompt.from_bytes(len(raw).to_bytes(8, "little") + raw + body)
 
 
-@pytest.mark.parametrize("version", ["2", "0", "999"])
+@pytest.mark.parametrize("version", ["3", "0", "999"])
 def test_unknown_format_version(prompt, version):
     with pytest.raises(PromptVersionError, match="version"):
         Prompt.from_bytes(bad_bytes(prompt, format_version=version))
@@ -294,7 +298,7 @@ def test_unknown_format_version(prompt, version):
 def test_future_version_with_different_fields_reports_version(prompt):
     # a future format may rename fields: the version must be what is reported
     with pytest.raises(PromptVersionError):
-        Prompt.from_bytes(bad_bytes(prompt, format_version="2", n_memory=None, depth=None))
+        Prompt.from_bytes(bad_bytes(prompt, format_version="3", n_memory=None, depth=None))
 
 
 @pytest.mark.parametrize("changes", [
@@ -365,3 +369,76 @@ def test_prompt_without_memory_roundtrip(model):
     back = Prompt.from_bytes(p.to_bytes(), model)
     assert_same_prompt(back, p)
     assert back.memory.shape == (model.depth, 0, model.embed_dim)
+
+
+# --------------------------------------------------------------------------------------
+# the source density inside the artefact (format version 2)
+# --------------------------------------------------------------------------------------
+
+
+def with_density(prompt: Prompt, seed: int = 0) -> Prompt:
+    """``prompt`` carrying a density fitted on random features of its own classes."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(prompt.labels).repeat(6)
+    features = torch.randn(len(labels), prompt.embed_dim, generator=gen) + labels[:, None].float()
+    prompt.density = SourceDensity.fit(features, labels, rank=3)
+    return prompt
+
+
+def test_round_trip_with_and_without_density(prompt, model):
+    plain = Prompt.from_bytes(prompt.to_bytes(), model)
+    assert plain.density is None and not any(k.startswith("density.") for k in plain.arrays())
+    with_density(prompt)
+    again = Prompt.from_bytes(prompt.to_bytes(), model)
+    assert_same_prompt(again, prompt)
+    assert again.density is not None and prompt.to_bytes() == again.to_bytes()
+    for name, value in prompt.density.to_arrays().items():
+        assert np.array_equal(again.density.to_arrays()[name], value), name
+    assert again.metadata()["format_version"] == str(FORMAT_VERSION) == "2"
+
+
+def test_version_1_artefact_still_loads_and_composes_uniformly(prompt, model, images):
+    old = bad_bytes(prompt, format_version="1")
+    loaded = Prompt.from_bytes(old, model)
+    assert loaded.density is None and default_weighting([loaded]) is Weighting.UNIFORM
+    with_density(prompt)
+    with pytest.raises(PromptVersionError, match="version-1 prompt cannot carry a density"):
+        Prompt.from_bytes(bad_bytes(prompt, format_version="1"), model)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda a: a.__setitem__("density.variances", -a["density.variances"]), "positive"),
+    (lambda a: a.__setitem__("density.mean", np.full_like(a["density.mean"], np.nan)), "NaN"),
+    (lambda a: a.pop("density.basis"), "exactly"),
+    (lambda a: a.__setitem__("density.classes", a["density.classes"] + 1), "outside the prompt's label set"),
+    (lambda a: a.__setitem__("density.mean", a["density.mean"][:, :5].copy()), "inconsistent shapes"),
+    (lambda a: a.__setitem__("density.basis", np.zeros((4, 40, 64), np.float32)), "rank"),
+    (lambda a: a.__setitem__("density.junk", np.zeros(1, np.float32)), "exactly"),
+])
+def test_corrupt_density_is_rejected(prompt, model, change, match):
+    arrays = with_density(prompt).arrays()
+    change(arrays)
+    with pytest.raises(PromptDensityError, match=match):
+        Prompt.from_arrays(arrays, prompt.metadata(), model)
+
+
+def test_oversized_density_is_rejected(prompt, model, monkeypatch):
+    arrays = with_density(prompt).arrays()
+    monkeypatch.setattr(density_mod, "MAX_DENSITY_BYTES", 1000)
+    with pytest.raises(PromptDensityError, match="byte limit"):
+        Prompt.from_arrays(arrays, prompt.metadata(), model)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(created_at="inf"),
+    dict(created_at="nan"),
+    dict(created_at="1e12"),
+    dict(created_at="-5"),
+    dict(num_examples=str(2**64)),
+    dict(n_memory="-1"),
+    dict(labels="[" * 200_000),
+    dict(labels="[1, true]"),
+])
+def test_out_of_range_metadata_is_rejected(prompt, changes):
+    with pytest.raises(PromptFormatError):
+        Prompt.from_bytes(bad_bytes(prompt, **changes))

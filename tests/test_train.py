@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import common.train as train_mod
+from common.compose import compose_probs, density_weights
 from common.kv_cache import KVCache
 from common.model import APTViT
+from common.probe import L2_GRID, fit_probe
 from common.prompt import Prompt
 from common.train import TrainConfig, evaluate, train_prompt
 from conftest import IMG, NUM_CLASSES, make_vit, random_prompt
@@ -33,7 +35,8 @@ def toy_batches(n: int = 32, batch: int = 8, seed: int = 0, offset: int = 0):
 
 
 def quiet(**kwargs) -> TrainConfig:
-    return TrainConfig(progress=False, **kwargs)
+    """The plain tuning loop: no probe initialisation, exactly ``epochs`` epochs."""
+    return TrainConfig(progress=False, **({"probe_init": False, "min_steps": 0} | kwargs))
 
 
 def fresh_prompt(model, seed=0, labels=CLASSES, **kwargs) -> Prompt:
@@ -280,3 +283,116 @@ def test_cache_on_another_backbone_is_separate(images):
     ca, cb = KVCache(a, dtype=torch.float32), KVCache(b, dtype=torch.float32)
     idx = torch.arange(2)
     assert not torch.equal(ca.kv(idx, images[:2]), cb.kv(idx, images[:2]))
+
+
+# --------------------------------------------------------------------------------------
+# the recipe: probe-initialised head, step floor, selection on validation loss
+# --------------------------------------------------------------------------------------
+
+
+def prompt_features(model, prompt, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        feats = torch.cat([model.features_kv(model.backbone_kv(x), [prompt])[0] for x, _, _ in batches])
+    targets = torch.cat([torch.tensor([prompt.labels.index(int(c)) for c in y]) for _, y, _ in batches])
+    return feats, targets
+
+
+def test_probe_init_head_equals_a_probe_fit_and_separates_the_data(model):
+    batches = toy_batches(32)
+    prompt = fresh_prompt(model)
+    l2 = train_mod.probe_init_head(model, prompt, batches)
+    feats, targets = prompt_features(model, prompt, batches)
+    probe = fit_probe(feats, targets, len(CLASSES))
+    assert l2 == probe.l2 and l2 in L2_GRID
+    torch.testing.assert_close(prompt.head.weight[list(CLASSES)], probe.weight)
+    torch.testing.assert_close(prompt.head.bias[list(CLASSES)], probe.bias)
+    others = [c for c in range(NUM_CLASSES) if c not in CLASSES]
+    assert not prompt.head.weight[others].any() and not prompt.head.bias[others].any()
+    result = evaluate(model, [prompt], [(x, y) for x, y, _ in toy_batches(32, seed=5)])
+    assert result["prompt_accuracy"][0] == 1.0  # separable: the probe alone solves it
+
+
+def test_recipe_keeps_the_epoch_with_the_lowest_validation_loss(model, monkeypatch):
+    scripted = iter([0.9, 0.7, 0.4, 0.6, 0.5])  # before tuning, then after epochs 1..4: epoch 2 wins
+    states = []
+
+    def fake_validation_loss(_model, prompt, _loader, _cache):
+        states.append(copy.deepcopy(prompt.state_dict()))
+        return next(scripted)
+
+    monkeypatch.setattr(train_mod, "_validation_loss", fake_validation_loss)
+    prompt = fresh_prompt(model)
+    metrics = train_prompt(model, prompt, toy_batches(16), TrainConfig(epochs=4, min_steps=0, progress=False),
+                           val_loader=toy_batches(8, seed=3))
+    assert (metrics["selected_epoch"], metrics["val_loss"], metrics["epochs"]) == (2, 0.4, 4)
+    for name, value in prompt.state_dict().items():
+        assert torch.equal(value, states[2][name]), name
+    assert not torch.equal(states[2]["tokens"], states[4]["tokens"])  # it really went back to epoch 2
+
+
+def test_recipe_keeps_the_probe_when_tuning_hurts_validation(model):
+    """A learning rate far too large wrecks the prompt during tuning: validation loss says so,
+    and the probe-initialised prompt (epoch 0) is kept, bit for bit."""
+    train = toy_batches(32)
+    reference = fresh_prompt(model)
+    train_mod.probe_init_head(model, reference, train)
+    prompt = fresh_prompt(model)
+    metrics = train_prompt(model, prompt, train, TrainConfig(epochs=3, min_steps=0, lr=10.0, progress=False),
+                           val_loader=toy_batches(16, seed=4))
+    assert metrics["selected_epoch"] == 0 and metrics["steps"] == 3 * len(train)
+    assert metrics["val_loss"] == pytest.approx(mean_loss(model, reference, toy_batches(16, seed=4)))
+    for name, value in reference.state_dict().items():
+        assert torch.equal(prompt.state_dict()[name], value), name
+
+
+def test_step_floor_on_small_shards(model):
+    batches = toy_batches(8)  # one batch
+    metrics = train_prompt(model, fresh_prompt(model), batches, TrainConfig(epochs=1, min_steps=5, progress=False))
+    assert metrics["steps"] == 5 and metrics["epochs"] == 5 and metrics["selected_epoch"] == 5
+    with pytest.raises(ValueError, match="min-steps"):
+        train_prompt(model, fresh_prompt(model), batches, TrainConfig(min_steps=-1, progress=False))
+
+
+def test_trained_prompt_is_not_re_probed(model):
+    """Only a fresh (zero) head is probe-initialised; a later round continues from its head."""
+    prompt = random_prompt(model, seed=2, labels=CLASSES)
+    metrics = train_prompt(model, prompt, toy_batches(8), TrainConfig(epochs=1, min_steps=0, progress=False))
+    assert math.isnan(metrics["probe_l2"])
+
+
+def test_source_density_uses_the_cached_pooled_features(model):
+    batches = toy_batches(16)
+    cache = KVCache(model, dtype=torch.float32)
+    for x, _, i in batches:
+        cache.kv(i, x)
+    hits = cache.hits
+    density = train_mod.source_density(model, [(torch.full_like(x, float("nan")), y, i) for x, y, i in batches],
+                                       cache)
+    assert cache.hits == hits + 16 and cache.misses == 16
+    images = torch.cat([x for x, _, _ in batches])
+    with torch.no_grad():
+        pooled = model.pooled(model.backbone_forward(images)[0])
+    direct = train_mod.source_density(model, batches)
+    torch.testing.assert_close(density.mean, direct.mean)
+    assert density.classes.tolist() == list(CLASSES) and density.num_images == 16
+    torch.testing.assert_close(direct.mean[0], pooled[0::2].double().mean(0))
+
+
+def test_evaluate_reports_uniform_and_density_composition(model):
+    batches = toy_batches(24, batch=8)
+    prompts = [random_prompt(model, seed=s, labels=CLASSES) for s in range(2)]
+    plain = evaluate(model, prompts, [(x, y) for x, y, _ in batches])
+    assert plain["weighting"] == "uniform" and set(plain["composed"]) == {"uniform"}
+    for p, seed in zip(prompts, (0, 1)):
+        p.density = train_mod.source_density(model, toy_batches(16, seed=seed))
+    result = evaluate(model, prompts, [(x, y) for x, y, _ in batches])
+    assert result["weighting"] == "density" and set(result["composed"]) == {"uniform", "density"}
+    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        probs = model.compose(images, prompts)
+        logits, pooled = model.forward_with_pooled(images, prompts)
+    expected = compose_probs(logits, density_weights([p.density for p in prompts], pooled))
+    torch.testing.assert_close(probs, expected)
+    assert result["accuracy"] == result["composed"]["density"] == pytest.approx(
+        (expected.argmax(-1) == labels).float().mean().item())
+    assert result["composed"]["uniform"] == plain["accuracy"]

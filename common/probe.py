@@ -1,0 +1,101 @@
+"""Linear probe: L2-regularised multinomial logistic regression on frozen features.
+
+The reference every trained prompt is measured against, and the head a prompt starts from
+(LP-FT: the prompt's head is initialised with a probe fitted on the prompt's own initial
+output features, so tuning starts at the probe's accuracy). Full-batch LBFGS in float64 on
+standardised features (the standardisation is folded back into the weights); the L2
+strength is chosen by k-fold cross-validated negative log-likelihood on the training
+features themselves, so no validation or test image is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["L2_GRID", "LinearProbe", "fit_probe"]
+
+L2_GRID = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # candidate L2 strengths (per-example loss scale)
+CV_FOLDS = 5
+MAX_ITER = 200
+
+
+@dataclass(frozen=True)
+class LinearProbe:
+    """``logits = features @ weight.T + bias`` over ``K`` local classes; ``l2`` is the chosen strength."""
+
+    weight: Tensor  # [K, D]
+    bias: Tensor  # [K]
+    l2: float
+
+    def logits(self, features: Tensor) -> Tensor:
+        """``[n, D] -> [n, K]``."""
+        return features.to(self.weight) @ self.weight.T + self.bias
+
+
+def fit_probe(features: Tensor, targets: Tensor, num_classes: int, l2: float | None = None,
+              grid: Sequence[float] = L2_GRID, folds: int = CV_FOLDS, seed: int = 0) -> LinearProbe:
+    """Fit a probe on ``features [n, D]`` with ``targets [n]`` in ``0..num_classes-1``.
+
+    ``l2=None`` picks the strength in ``grid`` with the lowest ``folds``-fold cross-validated
+    NLL (folds drawn with ``seed``), then refits on all ``n`` examples. Returns float32 weights
+    on ``features``' device. Raises ``ValueError`` on empty or inconsistent input.
+    """
+    if features.ndim != 2 or targets.shape != features.shape[:1] or len(targets) == 0:
+        raise ValueError(f"need features [n, D] and targets [n] with n > 0; got {tuple(features.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if int(targets.min()) < 0 or int(targets.max()) >= num_classes:
+        raise ValueError(f"targets must lie in 0..{num_classes - 1}")
+    x = features.detach().to(torch.float64)
+    y = targets.detach().to(x.device, torch.long)
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / std
+    if l2 is None:
+        l2 = _cross_validated_l2(z, y, num_classes, grid, folds, seed)
+    weight, bias = _fit(z, y, num_classes, l2)
+    weight = weight / std  # fold the standardisation back: w·(x - μ)/σ = (w/σ)·x - (w/σ)·μ
+    bias = bias - weight @ mean
+    return LinearProbe(weight.float(), bias.float(), float(l2))
+
+
+def _fit(z: Tensor, y: Tensor, num_classes: int, l2: float) -> tuple[Tensor, Tensor]:
+    """Minimise mean cross-entropy + ``l2``/2 · ||W||² with LBFGS; returns ``W [K, D]``, ``b [K]``."""
+    params = torch.zeros(num_classes, z.shape[1] + 1, dtype=z.dtype, device=z.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], lr=1.0, max_iter=MAX_ITER, tolerance_grad=1e-7,
+                                  tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        logits = z @ params[:, :-1].T + params[:, -1]
+        loss = F.cross_entropy(logits, y) + 0.5 * l2 * params[:, :-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    params = params.detach()
+    return params[:, :-1], params[:, -1]
+
+
+def _cross_validated_l2(z: Tensor, y: Tensor, num_classes: int, grid: Sequence[float], folds: int,
+                        seed: int) -> float:
+    """The strength in ``grid`` with the lowest held-out NLL over ``folds`` random folds."""
+    n = len(y)
+    folds = min(folds, n)
+    if folds < 2 or len(grid) == 1:
+        return float(grid[len(grid) // 2])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(z.device)
+    parts = order.chunk(folds)
+    losses = []
+    for l2 in grid:
+        total = 0.0
+        for k, held in enumerate(parts):
+            train = torch.cat([p for j, p in enumerate(parts) if j != k])
+            weight, bias = _fit(z[train], y[train], num_classes, l2)
+            total += float(F.cross_entropy(z[held] @ weight.T + bias, y[held], reduction="sum"))
+        losses.append(total / n)
+    return float(grid[min(range(len(grid)), key=losses.__getitem__)])
