@@ -89,12 +89,15 @@ def federated_evaluate(grid: Grid, config: AppConfig, prompts: dict[str, Prompt]
 
 
 def format_table(title: str, prompts: dict[str, Prompt], result: dict) -> str:
-    """Per-source and composed accuracy as a text table."""
+    """Per-source accuracy, then one ``composed <weighting> (k)`` row per weighting: uniform, and
+    density when every prompt carries its source's density."""
     lines = [f"\n{title}", f"{'source':<16} {'labels':<22} {'train n':>8} {'acc (all)':>10} {'acc (own classes)':>18}"]
     for (source, prompt), acc, own in zip(prompts.items(), result["prompt_accuracy"], result["prompt_accuracy_own"]):
         labels = list(prompt.labels)
         shown = ",".join(map(str, labels)) if len(labels) <= 6 else f"{len(labels)} classes"
         lines.append(f"{source:<16} {shown:<22} {prompt.num_examples:>8} {acc:>10.3f} {own:>18.3f}")
-    lines.append(f"{'composed (' + str(len(prompts)) + ')':<16} {'all':<22} "
-                 f"{sum(p.num_examples for p in prompts.values()):>8} {result['accuracy']:>10.3f} {'':>18}")
+    total = sum(p.num_examples for p in prompts.values())
+    for weighting, acc in result["composed"].items():
+        name = f"composed {weighting} ({len(prompts)})"
+        lines.append(f"{name:<26} {'all':<12} {total:>8} {acc:>10.3f} {'':>18}")
     return "\n".join(lines)
