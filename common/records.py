@@ -3,7 +3,9 @@
 A prompt travels as two records: an ``ArrayRecord`` of its tensors and a ``ConfigRecord``
 of its metadata strings. Several prompts in one message use the keys ``arrays.<i>`` and
 ``prompt.<i>``. A train reply holds exactly ``arrays`` + ``prompt`` + ``metrics`` (scalar
-metrics only): no images, features, per-example values or gradients can ride along.
+metrics only) + ``parent`` (a ``ConfigRecord`` echoing the ``parent-sha256`` of the prompt
+the server sent, "" for none): no images, features, per-example values or gradients can
+ride along.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from common.model import APTViT
 from common.prompt import Prompt
 
 __all__ = [
+    "PARENT_RECORD",
     "ReplyError",
     "TRAIN_METRICS",
     "check_train_reply",
+    "parent_sha256",
     "prompt_from_records",
     "prompt_records",
     "prompts_from_records",
@@ -27,6 +31,9 @@ __all__ = [
 ]
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-accuracy", "parent-version", "seconds"})
+TRAIN_RECORDS = frozenset({"arrays", "prompt", "metrics"})
+PARENT_RECORD = "parent"  # {"sha256": hex digest of the prompt trained from, "" for none}
+_SHA256_CHARS = frozenset("0123456789abcdef")
 
 
 class ReplyError(ValueError):
@@ -62,20 +69,35 @@ def prompts_from_records(content: RecordDict, model: APTViT | None) -> list[Prom
 
 
 def check_train_reply(content: RecordDict, max_bytes: int) -> None:
-    """Reject a train reply that is not exactly one prompt plus scalar metrics.
+    """Reject a train reply that is not exactly one prompt, scalar metrics and the parent echo.
 
-    Raises ``ReplyError`` on extra or missing records, unknown or non-scalar metrics, or a
-    prompt larger than ``max_bytes``.
+    Raises ``ReplyError`` on extra or missing records, unknown or non-scalar metrics, a
+    malformed ``parent`` record, or a prompt larger than ``max_bytes``.
     """
-    if set(content.keys()) != {"arrays", "prompt", "metrics"}:
-        raise ReplyError(f"a train reply holds exactly 'arrays', 'prompt', 'metrics'; got {sorted(content.keys())}")
+    expected = TRAIN_RECORDS | {PARENT_RECORD}
+    if set(content.keys()) != expected:
+        raise ReplyError(f"a train reply holds exactly {sorted(expected)}; got {sorted(map(str, content.keys()))[:10]}")
+    parent_sha256(content)
     metrics = content.get("metrics")
     if not isinstance(metrics, MetricRecord):
         raise ReplyError("'metrics' must be a MetricRecord")
     extra = set(metrics.keys()) - TRAIN_METRICS
     if extra or any(isinstance(v, list) for v in metrics.values()):
         raise ReplyError(f"train metrics must be scalars among {sorted(TRAIN_METRICS)}; got {sorted(metrics.keys())}")
-    size = content["arrays"].count_bytes() if isinstance(content["arrays"], ArrayRecord) else 0
+    if not isinstance(content["arrays"], ArrayRecord) or not isinstance(content["prompt"], ConfigRecord):
+        raise ReplyError("'arrays' must be an ArrayRecord and 'prompt' a ConfigRecord")
+    size = content["arrays"].count_bytes()
     if size > max_bytes:
         raise ReplyError(f"prompt upload is {size} bytes, over the {max_bytes}-byte limit (max-prompt-bytes)")
 
+
+
+def parent_sha256(content: RecordDict) -> str:
+    """The ``parent`` echo of a train reply: the SHA-256 (hex) it was trained from, "" for none."""
+    record = content.get(PARENT_RECORD)
+    if not isinstance(record, ConfigRecord) or set(record.keys()) != {"sha256"}:
+        raise ReplyError(f"a train reply's {PARENT_RECORD!r} must be a ConfigRecord holding only 'sha256'")
+    value = record["sha256"]
+    if not isinstance(value, str) or (value and (len(value) != 64 or not set(value) <= _SHA256_CHARS)):
+        raise ReplyError(f"{PARENT_RECORD!r} sha256 must be a hex SHA-256 or empty, got {str(value)[:70]!r}")
+    return value

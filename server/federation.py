@@ -8,15 +8,23 @@ Failures (deployment: SuperNodes on other machines come and go):
 
 * A node that fails, does not answer within ``reply-timeout``, or sends an invalid prompt is
   logged and skipped; the round goes on with the others and its source keeps its last good
-  version (the log says which).
+  version (the log says which). Every byte of a reply is untrusted (``server.admission``):
+  whatever decoding, validating or storing one reply raises rejects that reply only.
+* With ``node-sources`` (a JSON file ``{"<node id>": "<source>"}`` that
+  ``deploy/keys.sh --register`` writes), a node may only be the source it is bound to; an
+  unbound node, or one claiming another source, is not trained. Without it (simulation,
+  where the partition id names the source) a node's claim is trusted.
 * Replies are matched to nodes by the id of the message they answer, so an error the
   SuperLink returns on a node's behalf (e.g. the node went offline) is reported for that
   node, and a reply to anything but this round's message is ignored.
 * Every round starts from the nodes the SuperLink lists as connected: nodes that left are
   dropped, nodes that joined (or restarted under a new id) are identified and trained.
-* Each prompt sent carries its pool version; a reply is stored only if that version is
-  still the source's latest (the pool's ``parent_version`` guard), so a late, duplicated
-  or concurrent reply never overwrites a newer version.
+* Each prompt sent carries its pool SHA-256 (``parent-sha256``, "" for none), which the
+  reply echoes; a reply is stored only if that prompt is still the source's latest (the
+  pool's ``parent_sha256`` guard), so a late, duplicated or concurrent reply never
+  overwrites a newer version, and one trained from a forgotten prompt never returns
+  (versions restart after a forget, hashes do not).
+* FedAvg mode checks every reply the same way before it enters the average.
 * A restarted ServerApp continues every source from the pool's latest version, so no
   source is trained from scratch twice (FedAvg likewise resumes its shared prompt).
 """
@@ -24,31 +32,29 @@ Failures (deployment: SuperNodes on other machines come and go):
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from common.config import AppConfig
+from common.data import load_split
 from common.model import APTViT
 from common.prompt import Prompt, PromptError
-from common.records import ReplyError, check_train_reply, prompt_from_records, prompt_records
-from server.pool import (
-    InvalidSourceError,
-    PoolCorruptError,
-    PromptPool,
-    StaleVersionError,
-    UnknownSourceError,
-    validate_source,
-)
+from common.records import ReplyError, check_train_reply, parent_sha256, prompt_records
+from server.admission import check_metadata, check_metrics, check_prompt, decode_arrays, known_label_space
+from server.bindings import load_node_sources
+from server.pool import InvalidSourceError, PoolCorruptError, PromptPool, UnknownSourceError, validate_source
 
-__all__ = ["RoundReport", "accept_reply", "identify_nodes", "run_alacarte", "run_fedavg", "send_and_collect",
-           "train_round"]
+__all__ = ["CheckedFedAvg", "RoundReport", "Start", "accept_reply", "admit_prompt", "identify_nodes",
+           "run_alacarte", "run_fedavg", "run_label_space", "send_and_collect", "train_round"]
 
 FEDAVG_SOURCE = "fedavg"
+MAX_REASON_CHARS = 300
 
 
 @dataclass
@@ -83,8 +89,13 @@ def send_and_collect(grid: Grid, messages: dict[int, Message], timeout: float) -
     return collected
 
 
-def identify_nodes(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, str]:
-    """Ask nodes which source they are (a QUERY message); silent or invalid nodes are left out."""
+def identify_nodes(grid: Grid, node_ids: list[int], timeout: float,
+                   bindings: Mapping[int, str] | None = None) -> dict[int, str]:
+    """Ask nodes which source they are (a QUERY message); silent or invalid nodes are left out.
+
+    With ``bindings`` (node id -> source, from ``node-sources``), a node must claim exactly
+    the source it is bound to; unbound nodes are left out too.
+    """
     messages = {nid: Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY, group_id="identify")
                 for nid in node_ids}
     replies = send_and_collect(grid, messages, timeout)
@@ -95,12 +106,32 @@ def identify_nodes(grid: Grid, node_ids: list[int], timeout: float) -> dict[int,
                 nid, timeout)
             continue
         try:
-            sources[nid], labels = _node_identity(replies[nid])
-        except ReplyError as err:
-            log(WARNING, "node %s not identified: %s", nid, err)
+            source, labels = _node_identity(replies[nid])
+            _check_binding(nid, source, bindings)
+        except Exception as err:  # untrusted reply: nothing in it may stop the run
+            log(WARNING, "node %s not identified: %s", nid, _reason(err))
             continue
-        log(INFO, "node %s is source %s (labels %s)", nid, sources[nid], labels)
+        sources[nid] = source
+        log(INFO, "node %s is source %s (labels %s)", nid, source, labels)
     return sources
+
+
+def _check_binding(nid: int, source: str, bindings: Mapping[int, str] | None) -> None:
+    """Raise ``ReplyError`` unless ``bindings`` is None or binds node ``nid`` to ``source``."""
+    if bindings is None:
+        return
+    if nid not in bindings:
+        raise ReplyError(f"node {nid} (claiming source {source!r}) is bound to no source in node-sources; "
+                         "register its key with deploy/keys.sh --register")
+    if bindings[nid] != source:
+        raise ReplyError(f"node {nid} claims source {source!r} but is bound to {bindings[nid]!r}; it is not "
+                         "trained (check the SuperNode's --source, or the node-sources file)")
+
+
+def _reason(err: BaseException) -> str:
+    """``Type: message``, cut to ``MAX_REASON_CHARS`` (an untrusted reply may make errors huge)."""
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
 
 
 def _node_identity(reply: Message) -> tuple[str, str]:
@@ -114,65 +145,93 @@ def _node_identity(reply: Message) -> tuple[str, str]:
         source = validate_source(str(node["source"]))
     except InvalidSourceError as err:
         raise ReplyError(f"{err}; fix the SuperNode's --node-config source") from err
-    return source, str(node.get("labels", "?"))
+    return source, str(node.get("labels", "?"))[:200]
 
 
-def _latest(pool: PromptPool, source: str, model: APTViT) -> tuple[Prompt | None, int]:
-    """The source's latest usable prompt and its version.
+@dataclass(frozen=True)
+class Start:
+    """What a source trains from: its latest usable prompt (or None), that version and file SHA-256."""
 
-    ``(None, 0)`` for a source not in the pool. A stored prompt this backbone cannot use
-    (another backbone, or a file damaged outside the pool) gives ``(None, latest version)``:
-    the source trains afresh and its reply becomes the next version, instead of being
-    refused as stale forever.
+    prompt: Prompt | None
+    version: int = 0
+    sha256: str = ""
+
+
+def _latest(pool: PromptPool, source: str, model: APTViT) -> Start:
+    """The source's latest usable prompt, its version and SHA-256.
+
+    ``Start(None)`` for a source not in the pool. A stored prompt this backbone cannot use
+    (another backbone, or a file damaged outside the pool) gives ``Start(None, latest
+    version, its sha256)``: the source trains afresh and its reply becomes the next
+    version, instead of being refused as stale forever.
     """
     try:
         entry = pool.info(source)
     except UnknownSourceError:
-        return None, 0
+        return Start(None)
     try:
-        return pool.get(source, entry.version, model=model), entry.version
+        return Start(pool.get(source, entry.version, model=model), entry.version, entry.sha256)
     except (PromptError, PoolCorruptError) as err:
         log(WARNING, "source %s: stored v%d is unusable (%s); training afresh", source,
             entry.version, err)
-        return None, entry.version
+        return Start(None, entry.version, entry.sha256)
 
 
-def _train_message(nid: int, prompt: Prompt | None, version: int, rnd: int, config: AppConfig) -> Message:
-    records = prompt_records(prompt) if prompt is not None else {}
-    cfg = ConfigRecord({"server-round": rnd, "parent-version": version, "local-epochs": config.local_epochs})
+def _train_message(nid: int, start: Start, rnd: int, config: AppConfig) -> Message:
+    records = prompt_records(start.prompt) if start.prompt is not None else {}
+    cfg = ConfigRecord({"server-round": rnd, "parent-version": start.version, "parent-sha256": start.sha256,
+                        "local-epochs": config.local_epochs})
     return Message(RecordDict({**records, "config": cfg}), dst_node_id=nid, message_type=MessageType.TRAIN,
                    group_id=f"round-{rnd}")
 
 
-def accept_reply(reply: Message, source: str, pool: PromptPool, model: APTViT, config: AppConfig,
-                 parent_version: int | None = None) -> int:
+def admit_prompt(content: RecordDict, model: APTViT, config: AppConfig,
+                 num_classes: int | None = None) -> tuple[Prompt, dict[str, int | float]]:
+    """The prompt and metrics of a train reply's content, every byte checked (``server.admission``).
+
+    Raises ``ReplyError`` or a ``PromptError`` (``PromptLimitError`` for a prompt over the
+    shape limits or of another label space than ``num_classes``).
+    """
+    check_train_reply(content, config.max_prompt_bytes)
+    arrays = decode_arrays(content["arrays"], config.max_prompt_bytes)
+    metadata = check_metadata(content["prompt"])
+    metrics = check_metrics(content["metrics"])
+    return check_prompt(Prompt.from_arrays(arrays, metadata, model), num_classes), metrics
+
+
+def accept_reply(reply: Message, source: str, pool: PromptPool, model: APTViT, config: AppConfig, *,
+                 parent_sha256_sent: str | None = None, num_classes: int | None = None) -> int:
     """Validate a train reply and store its prompt; returns the new version.
 
-    ``parent_version`` is the pool version the server sent with the train message; the
-    reply must echo it, and it is stored only if that is still the source's latest. Without
-    it, the version the reply echoes is used.
+    ``parent_sha256_sent`` is the SHA-256 of the prompt the server sent with the train
+    message ("" for none); the reply must echo it. The prompt is stored only if the echoed
+    prompt is still the source's latest (``PromptPool.add``'s ``parent_sha256`` guard).
 
-    Raises ``ReplyError``/``PromptError``/``StaleVersionError`` when the reply must not be stored.
+    Raises ``ReplyError``, a ``PromptError`` or a ``PoolError`` (e.g. ``StaleParentError``)
+    when the reply must not be stored; the round loop also survives anything else.
     """
     if reply.has_error():
-        raise ReplyError(f"client error {reply.error.code}: {reply.error.reason}")
-    check_train_reply(reply.content, config.max_prompt_bytes)
-    prompt = prompt_from_records(reply.content, model)
+        raise ReplyError(f"client error {reply.error.code}: {str(reply.error.reason)[:MAX_REASON_CHARS]}")
+    prompt, metrics = admit_prompt(reply.content, model, config, num_classes)
     if prompt.source != source:
-        raise ReplyError(f"prompt claims source {prompt.source!r} but node is source {source!r}")
-    metrics = dict(reply.content["metrics"])
-    echoed = int(metrics.get("parent-version", 0))
-    if parent_version is not None and echoed != parent_version:
-        raise ReplyError(f"reply was trained from version {echoed} but the server sent version {parent_version}")
-    return pool.add(source, prompt, metrics, parent_version=echoed)
+        raise ReplyError(f"prompt claims source {prompt.source[:140]!r} but node is source {source!r}")
+    echoed = parent_sha256(reply.content)
+    if parent_sha256_sent is not None and echoed != parent_sha256_sent:
+        raise ReplyError(f"reply was trained from prompt {echoed[:12] or '(none)'} but the server sent "
+                         f"{parent_sha256_sent[:12] or '(none)'}")
+    return pool.add(source, prompt, metrics, parent_sha256=echoed)
 
 
 def train_round(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig,
-                sources: dict[int, str], rnd: int) -> RoundReport:
-    """One à-la-carte round over the identified nodes; failed nodes are logged and skipped."""
+                sources: dict[int, str], rnd: int, num_classes: int | None = None) -> RoundReport:
+    """One à-la-carte round over the identified nodes; failed nodes are logged and skipped.
+
+    ``num_classes`` is the run's label space (``run_label_space``); prompts of another
+    size are rejected.
+    """
     report = RoundReport(rnd)
     starts = {src: _latest(pool, src, model) for src in set(sources.values())}
-    messages = {nid: _train_message(nid, *starts[src], rnd, config) for nid, src in sources.items()}
+    messages = {nid: _train_message(nid, starts[src], rnd, config) for nid, src in sources.items()}
     replies = send_and_collect(grid, messages, config.reply_timeout)
     for nid, source in sources.items():
         if nid not in replies:
@@ -180,12 +239,12 @@ def train_round(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig,
             continue
         try:
             report.stored[source] = accept_reply(replies[nid], source, pool, model, config,
-                                                 parent_version=starts[source][1])
-        except (ReplyError, PromptError, StaleVersionError, ValueError) as err:
-            report.rejected[nid] = f"{type(err).__name__}: {err}"
+                                                 parent_sha256_sent=starts[source].sha256, num_classes=num_classes)
+        except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
+            report.rejected[nid] = _reason(err)
     for nid, reason in report.rejected.items():
         source = sources[nid]
-        kept = f"v{starts[source][1]}" if starts[source][1] else "no prompt yet"
+        kept = f"v{starts[source].version}" if starts[source].version else "no prompt yet"
         if source in report.stored:
             kept = f"v{report.stored[source]} from another node"
         log(WARNING, "round %d: node %s (source %s) not stored: %s; source %s keeps %s",
@@ -195,7 +254,8 @@ def train_round(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig,
     return report
 
 
-def _connected_sources(grid: Grid, sources: dict[int, str], rnd: int, timeout: float) -> dict[int, str]:
+def _connected_sources(grid: Grid, sources: dict[int, str], rnd: int, timeout: float,
+                       bindings: Mapping[int, str] | None) -> dict[int, str]:
     """The identified nodes still connected, plus the newly connected ones (identified now)."""
     online = set(grid.get_node_ids())
     for nid in sorted(set(sources) - online):
@@ -203,7 +263,7 @@ def _connected_sources(grid: Grid, sources: dict[int, str], rnd: int, timeout: f
     current = {nid: src for nid, src in sources.items() if nid in online}
     new = sorted(online - set(current))
     if new:
-        current.update(identify_nodes(grid, new, timeout))
+        current.update(identify_nodes(grid, new, timeout, bindings))
     _warn_shared_sources(current, rnd)
     return current
 
@@ -223,18 +283,43 @@ def run_alacarte(grid: Grid, config: AppConfig, model: APTViT, pool: PromptPool)
     """``num-server-rounds`` rounds over the connected nodes; nodes that join later are
     identified and trained from the next round on.
 
-    Returns every node that took part in some round, with its source.
+    Returns every node that took part in some round, with its source. Raises
+    ``NodeSourcesError`` (before any round) when ``node-sources`` is set but unreadable.
     """
+    bindings = load_node_sources(config.node_sources) if config.node_sources else None
+    if bindings is None:
+        log(INFO, "node-sources is not set: each node's claimed source is trusted (simulation, or a "
+            "deployment whose nodes are all trusted)")
+    num_classes = run_label_space(config)
     sources: dict[int, str] = {}
     participants: dict[int, str] = {}
     for rnd in range(1, config.num_server_rounds + 1):
-        sources = _connected_sources(grid, sources, rnd, config.reply_timeout)
+        sources = _connected_sources(grid, sources, rnd, config.reply_timeout, bindings)
         if not sources:
             log(WARNING, "round %d: no node identified itself; nothing to train", rnd)
             continue
         participants.update(sources)
-        train_round(grid, pool, model, config, sources, rnd)
+        train_round(grid, pool, model, config, sources, rnd, num_classes)
     return participants
+
+
+def run_label_space(config: AppConfig) -> int | None:
+    """The number of classes of the run's dataset (built-in names, else the server's copy of it).
+
+    ``None`` (logged) when the server has no copy of an unknown dataset: replies are then
+    not checked against a label space.
+    """
+    known = known_label_space(config.dataset)
+    if known is not None:
+        return known
+    for split in ("test", "train"):
+        try:
+            return len(load_split(config.dataset, config.data_path(), split).classes)
+        except (OSError, ValueError):
+            continue
+    log(WARNING, "dataset %s is not available on the server: the label space of replies is not checked",
+        config.dataset)
+    return None
 
 
 def run_fedavg(grid: Grid, config: AppConfig, model: APTViT, pool: PromptPool, num_classes: int) -> int:
@@ -244,19 +329,62 @@ def run_fedavg(grid: Grid, config: AppConfig, model: APTViT, pool: PromptPool, n
     """
     fresh = Prompt.init(model, num_classes, n_prompt=config.n_prompt, n_memory=config.n_memory,
                         source=FEDAVG_SOURCE)
-    stored, version = _latest(pool, FEDAVG_SOURCE, model)
+    start = _latest(pool, FEDAVG_SOURCE, model)
+    stored = start.prompt
     usable = stored is not None and stored.arrays().keys() == fresh.arrays().keys() and all(
         stored.arrays()[k].shape == v.shape for k, v in fresh.arrays().items())
     if stored is not None and not usable:
         log(WARNING, "shared prompt v%d does not fit %d classes / this prompt size; starting afresh",
-            version, num_classes)
+            start.version, num_classes)
     init = stored if usable else fresh
     if usable:
-        log(INFO, "FedAvg resumes from the shared prompt v%d", version)
+        log(INFO, "FedAvg resumes from the shared prompt v%d", start.version)
     nodes = len(list(grid.get_node_ids()))
-    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes)
+    strategy = CheckedFedAvg(init, model, config, fraction_evaluate=0.0, min_train_nodes=nodes,
+                             min_available_nodes=nodes)
     result = strategy.start(grid=grid, initial_arrays=prompt_records(init)["arrays"],
                             num_rounds=config.num_server_rounds, timeout=config.reply_timeout)
     arrays = {k: v.numpy() for k, v in result.arrays.items()}
     shared = Prompt.from_arrays(arrays, init.metadata(), model)
-    return pool.add(FEDAVG_SOURCE, shared, {"rounds": config.num_server_rounds}, parent_version=version)
+    return pool.add(FEDAVG_SOURCE, shared, {"rounds": config.num_server_rounds}, parent_sha256=start.sha256)
+
+
+class CheckedFedAvg(FedAvg):
+    """Flower's FedAvg that checks every reply as à-la-carte mode does before averaging it.
+
+    A reply must hold the shared prompt's exact tensors (names, shapes, float32, finite),
+    admissible metadata and metrics, and a positive ``num-examples``; any other reply is
+    logged with its node and left out of the average (a NaN never spoils it). A round
+    without a valid reply keeps the shared prompt unchanged.
+    """
+
+    def __init__(self, template: Prompt, model: APTViT, config: AppConfig, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.template, self.model, self.config = template, model, config
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the replies that pass ``check_reply``; log the others."""
+        replies = list(replies)
+        valid = [reply for reply in replies if self._admitted(server_round, reply)]
+        if replies and not valid:
+            log(WARNING, "FedAvg round %d: no valid reply; the shared prompt is unchanged", server_round)
+        return super().aggregate_train(server_round, valid)
+
+    def _admitted(self, server_round: int, reply: Message) -> bool:
+        if reply.has_error():
+            return True  # FedAvg itself logs and drops error replies
+        try:
+            self.check_reply(reply.content)
+        except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
+            log(WARNING, "FedAvg round %d: reply of node %s rejected: %s", server_round,
+                reply.metadata.src_node_id, _reason(err))
+            return False
+        return True
+
+    def check_reply(self, content: RecordDict) -> None:
+        """Raise unless ``content`` is an admissible update of the shared prompt."""
+        prompt, metrics = admit_prompt(content, self.model, self.config)
+        Prompt.from_arrays(prompt.arrays(), self.template.metadata(), self.model)  # the shared prompt's shapes
+        if not 1 <= metrics.get("num-examples", 0):
+            raise ReplyError("a FedAvg reply needs num-examples >= 1 (its weight in the average)")

@@ -17,8 +17,9 @@ Consistency (a process may die at any instant, e.g. SIGKILL):
 * ``add`` takes the index's write lock (``BEGIN IMMEDIATE``), writes the file atomically
   (temporary file, fsync, rename, fsync of the folder), then inserts the row and commits.
   A crash before the commit leaves only an *orphan* file that no row names; it is ignored
-  and deleted by ``repair()``, which runs whenever a pool is opened. A row never names a
-  missing file.
+  and deleted by ``repair()``, an explicit writer action (``alacarte pool repair``, and the
+  ServerApp on start through ``PromptPool.open_and_repair``). A row never names a missing
+  file.
 * ``remove`` deletes the rows (commit), then the files. A crash in between leaves orphans,
   cleaned as above.
 * Readers never block: each call opens its own connection and sees a committed snapshot.
@@ -28,6 +29,15 @@ Consistency (a process may die at any instant, e.g. SIGKILL):
 Versions of a source count 1, 2, ... without gaps. After ``remove`` (forget) a source id
 may be added again and starts at version 1, so caches should key prompts by
 ``PoolEntry.sha256`` (or watch ``generation()``), not by (source, version) alone.
+
+Read-only use (``PromptPool(root, read_only=True)``: ``alacarte serve``, ``alacarte pool
+ls/show``) never writes, creates or deletes anything: the index is opened with SQLite's
+``mode=ro`` (``immutable=1`` when the folder is not writable and no writer is active), and
+writing methods raise ``ReadOnlyPoolError``.
+
+What the pool stores is bounded: a prompt's ``created_at`` must be a finite time between
+1970 and a day from now and its ``num_examples`` at most 2**53 (``InvalidPromptMetadataError``
+otherwise), so listing never meets an unprintable value.
 
 Every public method is safe to call from many threads and processes at once: a
 ``PromptPool`` keeps no open connection (each call opens its own, with a busy timeout), so
@@ -61,14 +71,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "InvalidMetricsError",
+    "InvalidPromptMetadataError",
     "InvalidSourceError",
     "PoolCorruptError",
     "PoolEntry",
     "PoolError",
     "PoolNotFoundError",
     "PromptPool",
+    "ReadOnlyPoolError",
     "RepairReport",
     "SourceMismatchError",
+    "StaleParentError",
     "StaleVersionError",
     "UnknownSourceError",
     "validate_source",
@@ -84,6 +97,8 @@ BUSY_TIMEOUT_S = 30.0
 MAX_SOURCE_LEN = 128
 _SOURCE_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _KNOWN_SHOWN = 20
+MAX_CLOCK_SKEW_S = 86400.0  # created_at may be at most this far in the future
+MAX_NUM_EXAMPLES = 2**53
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
@@ -130,6 +145,14 @@ class InvalidMetricsError(PoolError, ValueError):
     """Metrics are not a mapping of names to finite numbers or strings."""
 
 
+class InvalidPromptMetadataError(PoolError, ValueError):
+    """A prompt's creation time or example count is outside what the pool stores."""
+
+
+class ReadOnlyPoolError(PoolError):
+    """A writing method was called on a pool opened with ``read_only=True``."""
+
+
 class UnknownSourceError(PoolError, KeyError):
     """The pool has no such source (or no such version of it)."""
 
@@ -147,6 +170,20 @@ class StaleVersionError(PoolError):
         super().__init__(
             f"stale prompt for source {source!r}: it was trained from version {parent_version} but {now}; "
             "the reply is late or duplicated and was not stored. Send the source its latest prompt and train again")
+
+
+class StaleParentError(StaleVersionError):
+    """An ``add`` was trained from a prompt (by SHA-256) that is no longer the source's latest."""
+
+    def __init__(self, source: str, parent_sha256: str, latest: PoolEntry | None) -> None:
+        PoolError.__init__(
+            self, f"stale prompt for source {source!r}: it was trained from the prompt "
+            f"{parent_sha256[:12] or '(none)'} but the latest is "
+            f"{f'v{latest.version} ({latest.sha256[:12]})' if latest else 'none (forgotten or never added)'}; "
+            "the reply is late, duplicated or based on a forgotten prompt and was not stored. "
+            "Send the source its latest prompt and train again")
+        self.source, self.parent_sha256 = source, parent_sha256
+        self.parent_version, self.latest_version = -1, latest.version if latest else 0
 
 
 class PoolCorruptError(PoolError):
@@ -208,27 +245,37 @@ def validate_source(source: str) -> str:
 class PromptPool:
     """A directory of versioned per-source prompts with a SQLite index; see the module doc."""
 
-    def __init__(self, root: str | Path, *, create: bool = True) -> None:
-        """Open (or with ``create``, make) the pool at ``root`` and ``repair()`` it.
+    def __init__(self, root: str | Path, *, create: bool = True, read_only: bool = False) -> None:
+        """Open (or with ``create``, make) the pool at ``root``; opening never repairs or deletes.
 
-        Raises ``PoolNotFoundError`` when ``create`` is False and ``root`` holds no pool.
+        ``read_only`` opens an existing pool for reading only (nothing on disk changes).
+        Raises ``PoolNotFoundError`` when ``root`` holds no pool and ``create`` is False
+        or ``read_only`` is True.
         """
         self.root = Path(root).expanduser().resolve()
         self.index_path = self.root / INDEX_NAME
+        self.read_only = read_only
         self._write_lock = threading.Lock()
+        self._ro_uri = f"file:{self.index_path}?mode=ro"
         if not self.index_path.exists():
-            if not create:
+            if not create or read_only:
                 raise PoolNotFoundError(
                     f"no prompt pool at {self.root} ({INDEX_NAME} is missing); check --pool / ALACARTE_POOL")
             (self.root / PROMPTS_DIR).mkdir(parents=True, exist_ok=True)
-        self._init_index()
-        report = self.repair()
-        if report:
-            logger.warning("prompt pool %s repaired: deleted %d orphan file(s), dropped %d dangling row(s) %s",
-                           self.root, len(report.orphans), len(report.dangling), list(report.dangling))
+        if read_only:
+            self._check_readable()
+        else:
+            self._init_index()
+
+    @classmethod
+    def open_and_repair(cls, root: str | Path) -> PromptPool:
+        """Open (creating if need be) the pool at ``root`` for writing and ``repair()`` it (the ServerApp)."""
+        pool = cls(root)
+        pool.repair()
+        return pool
 
     def __repr__(self) -> str:
-        return f"PromptPool({str(self.root)!r})"
+        return f"PromptPool({str(self.root)!r}{', read_only=True' if self.read_only else ''})"
 
     # ------------------------------------------------------------------ writing
 
@@ -240,6 +287,7 @@ class PromptPool:
         *,
         round: int | None = None,
         parent_version: int | None = None,
+        parent_sha256: str | None = None,
     ) -> int:
         """Store ``prompt`` as the next version of ``source`` and return that version (1, 2, ...).
 
@@ -254,21 +302,30 @@ class PromptPool:
         is stored, so a late or duplicated reply never shadows a newer version, and a reply for
         a source forgotten meanwhile does not bring it back. ``None`` skips the check.
 
+        ``parent_sha256`` is the stronger guard the federation uses: the SHA-256 of the
+        stored prompt the client trained from ("" for none). Versions restart at 1 after
+        ``remove``, hashes do not, so a reply trained from a forgotten prompt is refused
+        (``StaleParentError``) even once the source is back at that version number.
+
         Raises ``InvalidSourceError``, ``SourceMismatchError``, ``InvalidMetricsError``,
-        ``StaleVersionError``, or a ``common.prompt.PromptError`` if the prompt is invalid
-        (e.g. NaN); nothing is stored then.
+        ``InvalidPromptMetadataError``, ``StaleVersionError``, ``ReadOnlyPoolError``, or a
+        ``common.prompt.PromptError`` if the prompt is invalid (e.g. NaN); nothing is stored then.
         """
+        self._check_writable()
         validate_source(source)
         if prompt.source not in ("", source):
             raise SourceMismatchError(
                 f"prompt belongs to source {prompt.source!r}, not {source!r}; add it under its own source id")
         data = safetensors.numpy.save(prompt.arrays(), metadata=prompt.metadata() | {"source": source})
         stored = Prompt.from_bytes(data)  # what readers will get: validate before storing
+        _check_storable(stored)
         metrics_json = _metrics_json(metrics)
         with self._write() as conn:
             latest = _latest_version(conn, source)
             if parent_version is not None and parent_version != latest:
                 raise StaleVersionError(source, parent_version, latest)
+            if parent_sha256 is not None:
+                _check_parent(conn, self, source, parent_sha256)
             version = latest + 1
             rel = f"{PROMPTS_DIR}/{source}/v{version}.safetensors"
             _durable_write(self.root / rel, data)
@@ -286,6 +343,7 @@ class PromptPool:
         The removal is committed to the index first (other processes stop seeing the source),
         then the files are deleted. Raises ``UnknownSourceError`` if the source is not stored.
         """
+        self._check_writable()
         with self._write() as conn:
             count = conn.execute("DELETE FROM prompts WHERE source = ?", (source,)).rowcount
             if not count:
@@ -297,15 +355,21 @@ class PromptPool:
     def repair(self) -> RepairReport:
         """Delete orphan files (left by interrupted writes) and drop rows whose file is gone.
 
-        Runs when the pool is opened; safe to call at any time, also while others write.
+        A writer's action (``alacarte pool repair``; the ServerApp on start), never run by
+        opening a pool; safe to call at any time, also while others write. Logs what it did.
         """
+        self._check_writable()
         with self._write() as conn:
             dangling = tuple((s, v) for s, v, rel in conn.execute("SELECT source, version, path FROM prompts")
                              if not (self.root / rel).is_file())
             if dangling:
                 conn.executemany("DELETE FROM prompts WHERE source = ? AND version = ?", dangling)
                 _bump_generation(conn)
-        return RepairReport(orphans=self._delete_orphans(), dangling=dangling)
+        report = RepairReport(orphans=self._delete_orphans(), dangling=dangling)
+        if report:
+            logger.warning("prompt pool %s repaired: deleted %d orphan file(s), dropped %d dangling row(s) %s",
+                           self.root, len(report.orphans), len(report.dangling), list(report.dangling))
+        return report
 
     # ------------------------------------------------------------------ reading
 
@@ -376,13 +440,46 @@ class PromptPool:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A fresh connection (autocommit; explicit transactions), closed on exit."""
-        conn = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        """A fresh connection (autocommit; explicit transactions; read-only URI when read-only), closed on exit."""
+        if self.read_only:
+            conn = sqlite3.connect(self._ro_uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        else:
+            conn = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
-            conn.execute("PRAGMA synchronous = FULL")
+            if not self.read_only:
+                conn.execute("PRAGMA synchronous = FULL")
             yield conn
         finally:
             conn.close()
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyPoolError(f"the prompt pool at {self.root} was opened read-only; open it without "
+                                    "read_only to change it")
+
+    def _check_readable(self) -> None:
+        """Check the schema without writing; fall back on ``immutable=1`` if ``mode=ro`` cannot open it.
+
+        A WAL database needs its ``-shm`` file to be read; in a folder this process may not
+        write, with no writer active (no ``-shm``), SQLite can only read it as immutable.
+        """
+        try:
+            schema = self._schema()
+        except sqlite3.OperationalError:
+            if os.access(self.root, os.W_OK):
+                raise
+            self._ro_uri = f"file:{self.index_path}?mode=ro&immutable=1"
+            logger.warning("prompt pool %s is read-only for this process: reading it as immutable "
+                           "(changes made meanwhile by a writer are not seen)", self.root)
+            schema = self._schema()
+        if schema != SCHEMA_VERSION:
+            raise PoolError(f"prompt pool {self.root} has index schema {schema}; this build reads "
+                            f"schema {SCHEMA_VERSION}. Use a matching alacarte version")
+
+    def _schema(self) -> int | None:
+        with self._connect() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if row is None else row[0]
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -475,6 +572,27 @@ class PromptPool:
         shown = ", ".join(known[:_KNOWN_SHOWN]) + (f", ... ({len(known)} in all)" if len(known) > _KNOWN_SHOWN else "")
         return (f"unknown source {source!r} in the pool at {self.root}; known sources: {shown or 'none'} "
                 "(see `alacarte pool ls`)")
+
+
+def _check_storable(prompt: Prompt) -> None:
+    """Refuse metadata the index could not store or list (SQLite integers, printable times)."""
+    created_at = prompt.created_at
+    if not (isinstance(created_at, float | int) and 0.0 <= created_at <= time.time() + MAX_CLOCK_SKEW_S):
+        raise InvalidPromptMetadataError(
+            f"prompt created_at = {created_at!r} is not a time between 1970 and a day from now; check the "
+            "sender's clock")
+    if not 0 <= prompt.num_examples <= MAX_NUM_EXAMPLES:
+        raise InvalidPromptMetadataError(
+            f"prompt num_examples = {prompt.num_examples} is outside 0..{MAX_NUM_EXAMPLES}")
+
+
+def _check_parent(conn: sqlite3.Connection, pool: PromptPool, source: str, parent_sha256: str) -> None:
+    """Raise ``StaleParentError`` unless ``parent_sha256`` is the source's latest prompt ("" = none)."""
+    row = conn.execute(f"SELECT {_COLUMNS} FROM prompts WHERE source = ? ORDER BY version DESC LIMIT 1",
+                       (source,)).fetchone()
+    latest = None if row is None else pool._entry(row)
+    if (latest.sha256 if latest else "") != parent_sha256:
+        raise StaleParentError(source, parent_sha256, latest)
 
 
 def _latest_version(conn: sqlite3.Connection, source: str) -> int:

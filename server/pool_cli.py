@@ -1,28 +1,31 @@
-"""``alacarte pool ls|show|rm``: inspect or edit a prompt pool on disk.
+"""``alacarte pool ls|show|rm|repair``: inspect or edit a prompt pool on disk.
 
-The pool directory is ``--pool DIR`` (before or after the action) or ``$ALACARTE_POOL``.
-Listing reads only the index, never the tensors.
+The pool directory is ``--pool DIR`` (before or after the action), else ``$ALACARTE_POOL``,
+else ``$ALACARTE_HOME/pool`` (as ``alacarte serve`` and the ServerApp). ``ls`` and ``show``
+open the pool read-only (they work on a read-only folder and never change a file) and read
+only the index, never the tensors; ``rm`` and ``repair`` write.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from server.pool import POOL_ENV, PoolError, PromptPool
+from server.pool import POOL_ENV, PoolError, PromptPool, default_pool_dir
 
 __all__ = ["HELP", "add_arguments", "format_labels", "format_metrics", "format_time", "run"]
 
-HELP = "inspect or edit a prompt pool on disk (ls, show, rm)"
+HELP = "inspect or edit a prompt pool on disk (ls, show, rm, repair)"
+READERS = ("ls", "show")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``alacarte pool``."""
-    pool_help = f"pool directory (default: ${POOL_ENV})"
+    pool_help = f"pool directory (default: ${POOL_ENV}, else $ALACARTE_HOME/pool)"
     parser.add_argument("--pool", type=Path, default=None, help=pool_help)
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     # repeated on each action so `--pool` may follow it; SUPPRESS keeps an earlier value
@@ -34,17 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--version", type=int, default=None, help="version to show (default: the latest)")
     rm = actions.add_parser("rm", parents=[pool_opt], help="forget a source: delete all its versions")
     rm.add_argument("source", help="source id")
+    actions.add_parser("repair", parents=[pool_opt],
+                       help="delete orphan files of interrupted writes, drop rows whose file is gone")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``alacarte pool``: 0 on success, 1 (message on stderr) on a pool error, 2 without a pool."""
-    root = args.pool or os.environ.get(POOL_ENV)
-    if not root:
-        print(f"alacarte pool: no pool directory; pass --pool DIR or set {POOL_ENV}", file=sys.stderr)
-        return 2
+    """Run ``alacarte pool``: 0 on success, 1 (message on stderr) on a pool error."""
+    root = args.pool or default_pool_dir()
     try:
-        pool = PromptPool(root, create=False)
-        {"ls": _ls, "show": _show, "rm": _rm}[args.action](pool, args)
+        pool = PromptPool(root, create=False, read_only=args.action in READERS)
+        {"ls": _ls, "show": _show, "rm": _rm, "repair": _repair}[args.action](pool, args)
     except PoolError as err:
         print(f"alacarte pool: {err}", file=sys.stderr)
         return 1
@@ -92,6 +94,12 @@ def _rm(pool: PromptPool, args: argparse.Namespace) -> None:
     print(f"removed source {args.source!r}: {count} version(s) deleted from {pool.root}")
 
 
+def _repair(pool: PromptPool, _args: argparse.Namespace) -> None:
+    report = pool.repair()
+    print(f"repaired {pool.root}: deleted {len(report.orphans)} orphan file(s), dropped "
+          f"{len(report.dangling)} row(s) whose file was missing {list(report.dangling) or ''}".rstrip())
+
+
 def format_labels(labels: Sequence[int], num_classes: int) -> str:
     """Class ids as ranges, e.g. ``0-4,7 (6/10)``."""
     runs: list[list[int]] = []
@@ -105,8 +113,13 @@ def format_labels(labels: Sequence[int], num_classes: int) -> str:
 
 
 def format_time(timestamp: float) -> str:
-    """A POSIX time as ISO 8601 UTC, to the second."""
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A POSIX time as ISO 8601 UTC, to the second; ``invalid (<value>)`` when it is no representable time."""
+    try:
+        if not math.isfinite(timestamp):
+            raise ValueError(timestamp)
+        return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError, TypeError):
+        return f"invalid ({timestamp!r})"
 
 
 def format_metrics(metrics: dict[str, float | int | str]) -> str:

@@ -41,7 +41,7 @@ from common.model import APTViT
 from common.prompt import Prompt
 from common.records import prompt_from_records, prompt_records
 from server.federation import accept_reply, run_alacarte, train_round
-from server.pool import PromptPool, StaleVersionError
+from server.pool import PromptPool, StaleParentError
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -139,7 +139,8 @@ def stub_train(msg: Message, model: APTViT, source: str) -> Message:
         prompt = Prompt.init(model, 10, labels=list(SOURCES.get(source, range(10))), source=source)
     metrics = MetricRecord({"num-examples": 30, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1,
                             "parent-version": int(msg.content["config"]["parent-version"])})
-    return Message(RecordDict({**prompt_records(prompt), "metrics": metrics}), reply_to=msg)
+    parent = ConfigRecord({"sha256": str(msg.content["config"].get("parent-sha256", ""))})
+    return Message(RecordDict({**prompt_records(prompt), "metrics": metrics, "parent": parent}), reply_to=msg)
 
 
 def silent_in_training(handler: Handler) -> Handler:
@@ -266,17 +267,17 @@ def test_stale_and_duplicate_replies_never_overwrite(run_config, node_dirs, conf
     same = client(run_config, "src-a", node_dirs["src-a"], model)
     grid = FakeGrid({10: same, 11: same})  # two nodes claim one source: both train from version 0
     report = train_round(grid, pool, model, config, {10: "src-a", 11: "src-a"}, rnd=1)
-    assert report.stored == {"src-a": 1} and "StaleVersionError" in next(iter(report.rejected.values()))
+    assert report.stored == {"src-a": 1} and "StaleParentError" in next(iter(report.rejected.values()))
 
     old_reply = next(iter(FakeGrid({10: same}).send_and_receive(  # a reply trained from version 0
         [Message(RecordDict({"config": ConfigRecord({"parent-version": 0})}), dst_node_id=10,
                  message_type=MessageType.TRAIN)])))
     late = FakeGrid({10: lambda msg: old_reply})  # arrives in round 2, answering a round-1 message
     assert train_round(late, pool, model, config, {10: "src-a"}, rnd=2).rejected[10].startswith("no reply")
-    with pytest.raises(StaleVersionError):
+    with pytest.raises(StaleParentError):
         accept_reply(old_reply, "src-a", pool, model, config)
-    with pytest.raises(ValueError, match="server sent version 1"):
-        accept_reply(old_reply, "src-a", pool, model, config, parent_version=1)
+    with pytest.raises(ValueError, match="server sent"):
+        accept_reply(old_reply, "src-a", pool, model, config, parent_sha256_sent=pool.info("src-a").sha256)
     assert [e.version for e in pool.history("src-a")] == [1]
 
 

@@ -84,8 +84,10 @@ def test_identify_reports_source_and_labels(run_config):
 
 def test_train_reply_carries_only_the_prompt(train_reply, model, config):
     content = train_reply.content
-    assert set(content.keys()) == {"arrays", "prompt", "metrics"}
-    assert set(content["arrays"].keys()) == set(TENSOR_NAMES)
+    assert set(content.keys()) == {"arrays", "prompt", "metrics", "parent"}
+    assert content["parent"]["sha256"] == ""  # echoes the parent-sha256 the server sent (none)
+    tensors = {k for k in content["arrays"].keys() if not k.startswith("density.")}  # + the source density
+    assert tensors == set(TENSOR_NAMES)
     prompt = prompt_from_records(content, model)
     assert prompt.source == "source-0" and list(prompt.labels) == [0, 1, 2, 3]
     # the upload is exactly the prompt's tensors: no images, features, per-example values or gradients
@@ -129,8 +131,8 @@ def test_evaluate_reply(run_config, train_reply, model):
 def _reply_with(train_reply: Message, **arrays: np.ndarray) -> Message:
     content = train_reply.content
     record = ArrayRecord({k: Array(arrays.get(k, v.numpy())) for k, v in content["arrays"].items()})
-    return Message(RecordDict({"arrays": record, "prompt": content["prompt"], "metrics": content["metrics"]}),
-                   reply_to=message(RecordDict()))
+    return Message(RecordDict({"arrays": record, "prompt": content["prompt"], "metrics": content["metrics"],
+                               "parent": content["parent"]}), reply_to=message(RecordDict()))
 
 
 def _bad_replies(train_reply: Message, other_model) -> dict[str, tuple[Message, type]]:
@@ -140,7 +142,8 @@ def _bad_replies(train_reply: Message, other_model) -> dict[str, tuple[Message, 
     foreign = prompt_from_records(train_reply.content, None)
     foreign.fingerprint = other_model.fingerprint
     extra = RecordDict({**dict(train_reply.content), "features": ArrayRecord({"x": Array(np.zeros((40, 192), np.float32))})})
-    per_example = RecordDict({**dict(train_reply.content), "metrics": MetricRecord({"num-examples": 3, "train-loss": [0.1, 0.2, 0.3]})})
+    per_example = RecordDict({**dict(train_reply.content),
+                              "metrics": MetricRecord({"num-examples": 3, "train-loss": [0.1, 0.2, 0.3]})})
     reply = message(RecordDict())
     return {
         "shape": (_reply_with(train_reply, tokens=np.zeros((2, tokens.shape[1]), np.float32)), PromptShapeError),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import random
@@ -18,14 +19,17 @@ import torch
 import server.pool
 from common.cli import main as cli_main
 from common.model import APTViT, load_backbone
-from common.prompt import BackboneMismatchError, Prompt
+from common.prompt import BackboneMismatchError, Prompt, PromptError
 from server.pool import (
     InvalidMetricsError,
+    InvalidPromptMetadataError,
     InvalidSourceError,
     PoolCorruptError,
     PoolNotFoundError,
     PromptPool,
+    ReadOnlyPoolError,
     SourceMismatchError,
+    StaleParentError,
     StaleVersionError,
     UnknownSourceError,
 )
@@ -254,12 +258,108 @@ def test_repair_cleans_orphans_and_dangling_rows(pool: PromptPool, bank) -> None
     assert not PromptPool(pool.root).repair()
 
 
-def test_opening_repairs(pool: PromptPool, bank) -> None:
+def test_opening_never_repairs_open_and_repair_does(pool: PromptPool, bank) -> None:
     pool.add("a", bank["a"][0])
     orphan = pool.root / "prompts" / "a" / "v2.safetensors"
     orphan.write_bytes(b"partial")
     PromptPool(pool.root)
+    PromptPool(pool.root, read_only=True)
+    assert orphan.exists()
+    PromptPool.open_and_repair(pool.root)  # what the ServerApp does on start
     assert not orphan.exists()
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``root`` (but SQLite's -wal/-shm side files) with its bytes and mtime."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+
+
+def test_read_only_use_never_changes_the_pool(pool: PromptPool, bank, tmp_path: Path, capsys) -> None:
+    """The issue's reproduction: prompts/ moved away, `pool ls`, moved back: nothing may be lost."""
+    pool.add("a", bank["a"][0])
+    pool.add("b", bank["b"][0])
+    (pool.root / "prompts" / "a" / "v9.safetensors").write_bytes(b"orphan of an interrupted write")
+    moved = tmp_path / "moved"
+    (pool.root / "prompts").rename(moved)
+    before = snapshot(pool.root)
+    assert cli_main(["pool", "--pool", str(pool.root), "ls"]) == 0
+    assert cli_main(["pool", "--pool", str(pool.root), "show", "a"]) == 0
+    reader = PromptPool(pool.root, read_only=True)
+    assert reader.sources() == ["a", "b"] and reader.generation() == pool.generation()
+    with pytest.raises(ReadOnlyPoolError):
+        reader.repair()
+    with pytest.raises(ReadOnlyPoolError):
+        reader.add("c", bank["c"][0])
+    with pytest.raises(ReadOnlyPoolError):
+        reader.remove("a")
+    assert snapshot(pool.root) == before
+    moved.rename(pool.root / "prompts")
+    capsys.readouterr()
+    assert cli_main(["pool", "--pool", str(pool.root), "ls"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3  # header, a, b: nothing was deleted
+    assert (pool.root / "prompts" / "a" / "v9.safetensors").exists()
+    assert cli_main(["pool", "--pool", str(pool.root), "repair"]) == 0  # the explicit writer action
+    assert "deleted 1 orphan file(s)" in capsys.readouterr().out
+    assert not (pool.root / "prompts" / "a" / "v9.safetensors").exists()
+
+
+def test_read_only_pool_opens_with_sqlite_read_only_uri(pool: PromptPool, bank, monkeypatch) -> None:
+    pool.add("a", bank["a"][0])
+    opened = []
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: opened.append((a, k)) or connect(*a, **k))
+    reader = PromptPool(pool.root, read_only=True)
+    assert_same(reader.get("a"), bank["a"][0], "a")
+    assert opened and all(a[0].startswith("file:") and "mode=ro" in a[0] and k.get("uri") for a, k in opened)
+
+
+def test_a_chmod_read_only_pool_is_readable(pool: PromptPool, bank) -> None:
+    """As root permissions are not enforced; otherwise this checks the immutable fallback."""
+    pool.add("a", bank["a"][0])
+    before = snapshot(pool.root)
+    modes = {p: p.stat().st_mode for p in [pool.root, *pool.root.rglob("*")]}
+    try:
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        assert PromptPool(pool.root, read_only=True).sources() == ["a"]
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert snapshot(pool.root) == before
+
+
+def test_staleness_is_decided_by_the_parent_hash(pool: PromptPool, bank) -> None:
+    pool.add("a", bank["a"][0], parent_sha256="")
+    first = pool.info("a").sha256
+    with pytest.raises(StaleParentError):
+        pool.add("a", bank["a"][1], parent_sha256="")  # a duplicate reply for "no prompt yet"
+    pool.remove("a")
+    pool.add("a", bank["a"][2])  # re-added: version 1 again, another prompt
+    assert pool.info("a").version == 1
+    with pytest.raises(StaleParentError, match="latest is v1"):
+        pool.add("a", bank["a"][1], parent_sha256=first)  # trained from the forgotten v1
+    assert pool.add("a", bank["a"][1], parent_sha256=pool.info("a").sha256) == 2
+
+
+@pytest.mark.parametrize("created_at", [math.inf, -math.inf, math.nan, 1e12, -1.0])
+def test_implausible_created_at_is_never_stored(pool: PromptPool, bank, created_at: float) -> None:
+    prompt = bank["a"][0]
+    odd = Prompt.from_bytes(prompt.to_bytes())
+    odd.created_at = created_at
+    with pytest.raises((InvalidPromptMetadataError, PromptError), match="created_at"):
+        pool.add("a", odd)
+    assert pool.sources() == []
+
+
+@pytest.mark.parametrize("created_at", ["1e12", "'Inf'", "-1e300"])
+def test_listing_survives_odd_values_already_stored(pool: PromptPool, bank, capsys, created_at: str) -> None:
+    pool.add("a", bank["a"][0])
+    with sqlite3.connect(pool.index_path) as conn:  # written by an older build, or by hand
+        conn.execute(f"UPDATE prompts SET created_at = {created_at}, added_at = {created_at}")
+    assert cli_main(["pool", "--pool", str(pool.root), "ls"]) == 0
+    assert cli_main(["pool", "--pool", str(pool.root), "show", "a"]) == 0
+    assert "invalid (" in capsys.readouterr().out
 
 
 def test_corrupt_file_is_reported(pool: PromptPool, bank) -> None:
@@ -385,7 +485,7 @@ def test_sigkill_mid_write_leaves_a_consistent_pool(tmp_path: Path, bank, model:
         assert indexed <= files, "an index row points at a missing file"
         mid_write += bool(files - indexed)  # a temporary or orphan file: killed mid-write
     assert mid_write >= 1
-    assert assert_consistent(PromptPool(root), bank, model) >= 2 * kills
+    assert assert_consistent(PromptPool.open_and_repair(root), bank, model) >= 2 * kills
 
 
 def _die_after_file_write(root: Path, prompt: Prompt) -> None:
@@ -413,8 +513,8 @@ def test_crash_between_file_and_index_leaves_an_ignored_orphan(tmp_path: Path, b
     orphan = root / "prompts" / "a" / "v2.safetensors"
     assert orphan.is_file(), "the crash left the written file behind"
 
-    pool = PromptPool(root)
-    assert not orphan.exists(), "opening the pool deletes orphans"
+    pool = PromptPool.open_and_repair(root)  # as the ServerApp on start
+    assert not orphan.exists(), "repair deletes orphans"
     assert [e.version for e in pool.history("a")] == [1]
     assert pool.add("a", bank["a"][1], {"step": 1}) == 2
     assert assert_consistent(pool, bank, model) == 2
@@ -452,8 +552,12 @@ def test_cli_ls_show_rm(pool: PromptPool, bank, capsys, monkeypatch) -> None:
 
 def test_cli_needs_an_existing_pool(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.delenv("ALACARTE_POOL", raising=False)
-    assert cli_main(["pool", "ls"]) == 2
-    assert "--pool DIR or set ALACARTE_POOL" in capsys.readouterr().err
+    monkeypatch.setenv("ALACARTE_HOME", str(tmp_path / "home"))
+    assert cli_main(["pool", "ls"]) == 1
+    assert f"no prompt pool at {tmp_path / 'home' / 'pool'}" in capsys.readouterr().err
+    PromptPool(tmp_path / "home" / "pool")  # $ALACARTE_HOME/pool, as `alacarte serve` finds it
+    assert cli_main(["pool", "ls"]) == 0
+    assert "is empty" in capsys.readouterr().out
     assert cli_main(["pool", "ls", "--pool", str(tmp_path / "nope")]) == 1
     assert "no prompt pool" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()

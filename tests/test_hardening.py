@@ -1,0 +1,312 @@
+"""Every byte from a node is untrusted: malformed replies through the real round loop, source
+binding, prompt shape limits, parent-hash staleness and FedAvg reply checks (issue 14).
+
+Nodes are Flower message handlers behind the fake Grid of ``test_deployment``; training is
+stubbed (the reply the ClientApp would send), then corrupted per case.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from test_deployment import FakeGrid, flwr_log, task_identity  # noqa: F401  (fixtures)
+
+from common.config import AppConfig, build_model
+from common.model import APTViT
+from common.prompt import Prompt
+from common.records import prompt_from_records, prompt_records
+from server.admission import (
+    COMPOSE_BUDGET_BYTES,
+    MAX_N_MEMORY,
+    MAX_N_PROMPT,
+    PromptLimitError,
+    check_prompt,
+    compose_scores_bytes,
+)
+from server.bindings import NodeSourcesError, load_node_sources
+from server.federation import CheckedFedAvg, accept_reply, run_alacarte, run_fedavg
+from server.pool import PromptPool, StaleParentError
+
+SOURCES = {10: "src-a", 11: "src-b", 12: "src-c"}
+NUM_CLASSES = 10
+RUN_CONFIG = {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-size": 32, "test-examples": 0,
+              "federated-eval": False, "reply-timeout": 30.0}
+
+
+@pytest.fixture(scope="module")
+def config() -> AppConfig:
+    return AppConfig.from_run_config(RUN_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def model(config) -> APTViT:
+    return build_model(config, device="cpu")
+
+
+def good_reply(msg: Message, model: APTViT, source: str) -> Message:
+    """What ``client_app.train`` sends: the sent prompt (or a fresh one), metrics, the parent echo."""
+    if "prompt" in msg.content:
+        prompt = prompt_from_records(msg.content, model)
+    else:
+        prompt = Prompt.init(model, NUM_CLASSES, labels=[0, 1, 2], source=source)
+    metrics = MetricRecord({"num-examples": 30, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1,
+                            "parent-version": int(msg.content["config"]["parent-version"])})
+    parent = ConfigRecord({"sha256": str(msg.content["config"].get("parent-sha256", ""))})
+    return Message(RecordDict({**prompt_records(prompt), "metrics": metrics, "parent": parent}), reply_to=msg)
+
+
+Corrupt = Callable[[Message, APTViT, str], Message]
+
+
+def node(model: APTViT, source: str, corrupt: Corrupt | None = None) -> Callable[[Message], Message]:
+    """A node that identifies as ``source`` and replies to training with ``corrupt`` (or a good reply)."""
+
+    def handle(msg: Message) -> Message:
+        if msg.metadata.message_type == MessageType.QUERY:
+            return Message(RecordDict({"node": ConfigRecord({"source": source, "labels": "[0, 1, 2]"})}),
+                           reply_to=msg)
+        return (corrupt or good_reply)(msg, model, source)
+
+    return handle
+
+
+# ------------------------------------------------------------------ reply corruptions
+
+
+def _with(reply: Message, **records) -> Message:
+    """``reply`` with some records replaced (``None`` removes one)."""
+    content = {k: v for k, v in reply.content.items() if records.get(k, v) is not None}
+    content |= {k: v for k, v in records.items() if v is not None}
+    return Message(RecordDict(content), reply_to=_request_of(reply))
+
+
+def _request_of(reply: Message) -> Message:
+    request = Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type=MessageType.TRAIN)
+    request.metadata.__dict__["_message_id"] = reply.metadata.reply_to_message_id
+    return request
+
+
+def _arrays(reply: Message, **arrays: Array) -> ArrayRecord:
+    return ArrayRecord({**dict(reply.content["arrays"].items()), **arrays})
+
+
+def _meta(reply: Message, **fields) -> ConfigRecord:
+    return ConfigRecord({**dict(reply.content["prompt"].items()), **fields})
+
+
+def _metrics(reply: Message, **values) -> MetricRecord:
+    return MetricRecord({**dict(reply.content["metrics"].items()), **values})
+
+
+def _npy_claiming(shape: tuple[int, ...], payload: bytes) -> bytes:
+    """npy bytes whose header claims ``shape`` but that carry only ``payload``."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + payload
+
+
+def _tokens(reply: Message) -> np.ndarray:
+    return reply.content["arrays"]["tokens"].numpy()
+
+
+def _tokens_with(value: float) -> Corrupt:
+    def corrupt(msg: Message, model: APTViT, source: str) -> Message:
+        reply = good_reply(msg, model, source)
+        tokens = _tokens(reply).copy()
+        tokens[0, 0] = value
+        return _with(reply, arrays=_arrays(reply, tokens=Array(tokens)))
+    return corrupt
+
+
+def _edit(edit: Callable[[Message], dict]) -> Corrupt:
+    """A corruption of the good reply: ``edit(reply)`` gives the records to replace."""
+    return lambda msg, model, source: _with(good_reply(msg, model, source), **edit(good_reply(msg, model, source)))
+
+
+def _big_prompt(num_classes: int = NUM_CLASSES, n_prompt: int = 1, n_memory: int = 4) -> Corrupt:
+    """A well-formed prompt of another size than the server admits."""
+    def corrupt(msg: Message, model: APTViT, source: str) -> Message:
+        prompt = Prompt.init(model, num_classes, labels=[0, 1], n_prompt=n_prompt, n_memory=n_memory, source=source)
+        return _with(good_reply(msg, model, source), **prompt_records(prompt))
+    return corrupt
+
+
+def _error_reply(msg: Message, model: APTViT, source: str) -> Message:
+    return Message(Error(code=0, reason="client crashed"), reply_to=msg)
+
+
+def _deep_labels(reply: Message) -> dict:
+    return {"prompt": _meta(reply, labels="[" * 200_000)}
+
+
+MALFORMED: dict[str, tuple[Corrupt, str]] = {
+    "array stype not numpy": (_edit(lambda r: {"arrays": _arrays(r, tokens=Array(
+        dtype="float32", shape=_tokens(r).shape, stype="torch", data=_tokens(r).tobytes()))}), "not numpy-serialised"),
+    "npy header claims 2**40 values": (_edit(lambda r: {"arrays": _arrays(r, tokens=Array(
+        dtype="float32", shape=_tokens(r).shape, stype="numpy.ndarray",
+        data=_npy_claiming((2**40,), _tokens(r).tobytes())))}), "disagrees"),
+    "declared shape oversized": (_edit(lambda r: {"arrays": _arrays(r, tokens=Array(
+        dtype="float32", shape=(1 << 20, 1 << 10), stype="numpy.ndarray", data=b"\0" * 144))}), "oversized"),
+    "wrong dtype float64": (_edit(lambda r: {"arrays": _arrays(r, tokens=Array(_tokens(r).astype(np.float64)))}),
+                            "dtype 'float64'"),
+    "wrong dtype int64 tensor": (_edit(lambda r: {"arrays": _arrays(r, tokens=Array(_tokens(r).astype(np.int64)))}),
+                                 "float32"),
+    "NaN tensor": (_tokens_with(math.nan), "NaN"),
+    "Inf tensor": (_tokens_with(math.inf), "NaN or Inf"),
+    "unknown array key": (_edit(lambda r: {"arrays": _arrays(r, extra=Array(np.zeros(3, np.float32)))}), "extra"),
+    "unknown record": (_edit(lambda r: {"features": ConfigRecord({"x": "1"})}), "features"),
+    "missing parent echo": (_edit(lambda r: {"parent": None}), "parent"),
+    "malformed parent echo": (_edit(lambda r: {"parent": ConfigRecord({"sha256": "zz"})}), "hex SHA-256"),
+    "unknown metric": (_edit(lambda r: {"metrics": _metrics(r, **{"gradient-norm": 1.0})}), "gradient-norm"),
+    "list metric": (_edit(lambda r: {"metrics": _metrics(r, **{"train-loss": [0.1, 0.2]})}), "scalars"),
+    "parent-version inf": (_edit(lambda r: {"metrics": _metrics(r, **{"parent-version": math.inf})}), "finite"),
+    "num-examples 2**64": (_edit(lambda r: {"metrics": _metrics(r, **{"num-examples": 2**64})}), "outside"),
+    "labels nested 200000 deep": (_edit(_deep_labels), "nested"),
+    "metadata num_examples 2**64": (_edit(lambda r: {"prompt": _meta(r, num_examples=str(2**64))}), "num_examples"),
+    "created_at nan": (_edit(lambda r: {"prompt": _meta(r, created_at="nan")}), "created_at"),
+    "created_at inf": (_edit(lambda r: {"prompt": _meta(r, created_at="inf")}), "created_at"),
+    "created_at 1e12": (_edit(lambda r: {"prompt": _meta(r, created_at="1e12")}), "created_at"),
+    "metadata int type": (_edit(lambda r: {"prompt": _meta(r, n_prompt=1)}), "must be a string"),
+    "metadata bytes type": (_edit(lambda r: {"prompt": _meta(r, source=b"src-b")}), "must be a string"),
+    "n_prompt over the limit": (_big_prompt(n_prompt=MAX_N_PROMPT + 1), "limit of 16"),
+    "n_memory over the limit": (_big_prompt(n_memory=MAX_N_MEMORY + 1), "limit of 64"),
+    "other label space": (_big_prompt(num_classes=7), "label space"),
+    "claims another source": (_edit(lambda r: {"prompt": _meta(r, source="src-a")}), "claims source"),
+    "client error": (_error_reply, "client crashed"),
+}
+
+
+def source_files(pool: PromptPool, source: str) -> dict[str, bytes]:
+    folder = pool.root / "prompts" / source
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_reply_is_rejected_alone(case, config, model, tmp_path, flwr_log):
+    corrupt, reason = MALFORMED[case]
+    pool = PromptPool(tmp_path / "pool")
+    pool.add("src-b", Prompt.init(model, NUM_CLASSES, labels=[3, 4], source="src-b"))
+    before = (source_files(pool, "src-b"), pool.history("src-b"))
+    grid = FakeGrid({10: node(model, "src-a"), 11: node(model, "src-b", corrupt), 12: node(model, "src-c")})
+    two_rounds = AppConfig.from_run_config(RUN_CONFIG | {"num-server-rounds": 2})
+
+    assert run_alacarte(grid, two_rounds, model, pool) == SOURCES  # the run finished both rounds
+    assert {s: pool.info(s).version for s in ("src-a", "src-c")} == {"src-a": 2, "src-c": 2}
+    assert (source_files(pool, "src-b"), pool.history("src-b")) == before  # byte-identical
+    rejected = [line for line in flwr_log.records if "node 11 (source src-b) not stored" in line]
+    assert len(rejected) == 2 and reason in rejected[0], rejected
+
+
+# ------------------------------------------------------------------ source binding
+
+
+def test_nodes_are_trained_only_as_their_bound_source(config, model, tmp_path, flwr_log):
+    bindings = tmp_path / "node-sources.json"
+    bindings.write_text(json.dumps({"10": "src-a", "11": "src-b"}))
+    grid = FakeGrid({10: node(model, "src-a"), 11: node(model, "src-a"), 12: node(model, "src-c")})
+    bound = AppConfig.from_run_config(RUN_CONFIG | {"node-sources": str(bindings)})
+    pool = PromptPool(tmp_path / "pool")
+
+    assert run_alacarte(grid, bound, model, pool) == {10: "src-a"}
+    assert pool.sources() == ["src-a"] and pool.info("src-a").version == 1
+    log = flwr_log.text()
+    assert "node 11 claims source 'src-a' but is bound to 'src-b'" in log
+    assert "node 12 (claiming source 'src-c') is bound to no source" in log
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{not json", "unreadable"), ('["src-a"]', "JSON object"), ('{"x": "src-a"}', "numeric node id"),
+    ('{"1": ".hidden"}', "invalid source id")])
+def test_bad_node_sources_file_fails_before_any_round(text, message, tmp_path):
+    path = tmp_path / "node-sources.json"
+    path.write_text(text)
+    with pytest.raises(NodeSourcesError, match=message):
+        load_node_sources(path)
+    with pytest.raises(NodeSourcesError, match="unreadable"):
+        load_node_sources(tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------ shape limits
+
+
+def test_worst_case_prompt_composes_a_32_image_batch_within_the_budget(model):
+    # DINOv2 ViT-S/14 at 224 px: 257 tokens, 6 heads; the bound holds for every admitted prompt
+    worst = compose_scores_bytes(batch=32, heads=6, tokens=257, n_prompt=MAX_N_PROMPT, n_memory=MAX_N_MEMORY)
+    assert worst <= COMPOSE_BUDGET_BYTES
+    # the issue's prompt (n_prompt ~ 5450, 8 MiB) needed ~23 GB for the prompt-to-prompt scores alone
+    assert compose_scores_bytes(32, 6, 257, 5450, 0) > 300 * COMPOSE_BUDGET_BYTES
+    prompt = check_prompt(Prompt.init(model, NUM_CLASSES, n_prompt=MAX_N_PROMPT, n_memory=MAX_N_MEMORY), NUM_CLASSES)
+    images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probs = model.compose(images, [prompt, prompt])
+    assert probs.shape == (32, NUM_CLASSES) and torch.isfinite(probs).all()
+    with pytest.raises(PromptLimitError):
+        check_prompt(Prompt.init(model, 7), NUM_CLASSES)
+
+
+# ------------------------------------------------------------------ staleness by parent hash
+
+
+def test_reply_trained_from_a_forgotten_prompt_never_returns(config, model, tmp_path):
+    pool = PromptPool(tmp_path / "pool")
+    pool.add("src-a", Prompt.init(model, NUM_CLASSES, seed=1, source="src-a"))
+    sent = Message(RecordDict({**prompt_records(pool.get("src-a", model=model)), "config": ConfigRecord(
+        {"parent-version": 1, "parent-sha256": pool.info("src-a").sha256})}), dst_node_id=10,
+        message_type=MessageType.TRAIN)
+    sent.metadata.__dict__["_message_id"] = "m1"
+    late = good_reply(sent, model, "src-a")  # trained from v1 ...
+    pool.remove("src-a")  # ... which is forgotten; the source is re-added, again at v1
+    pool.add("src-a", Prompt.init(model, NUM_CLASSES, seed=2, source="src-a"))
+    with pytest.raises(StaleParentError, match="forgotten"):
+        accept_reply(late, "src-a", pool, model, config)
+    assert [e.version for e in pool.history("src-a")] == [1]
+
+
+# ------------------------------------------------------------------ FedAvg
+
+
+def test_fedavg_rejects_a_nan_reply_per_node(config, model, tmp_path, flwr_log):
+    def fedavg_node(corrupt: bool) -> Callable[[Message], Message]:
+        def handle(msg: Message) -> Message:
+            arrays = {k: v.numpy() + 1.0 for k, v in msg.content["arrays"].items()}  # one "training" step
+            if corrupt:
+                arrays["tokens"][0, 0] = math.nan
+            metadata = ConfigRecord(Prompt.init(model, NUM_CLASSES, source="fedavg").metadata())
+            metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1,
+                                    "parent-version": 0})
+            return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                       "prompt": metadata, "metrics": metrics,
+                                       "parent": ConfigRecord({"sha256": ""})}), reply_to=msg)
+        return handle
+
+    grid = FakeGrid({10: fedavg_node(False), 11: fedavg_node(True), 12: fedavg_node(False)})
+    fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 2})
+    pool = PromptPool(tmp_path / "pool")
+    assert run_fedavg(grid, fedavg, model, pool, NUM_CLASSES) == 1
+    shared = pool.get("fedavg", model=model)
+    initial = Prompt.init(model, NUM_CLASSES, source="fedavg")
+    np.testing.assert_allclose(shared.arrays()["tokens"], initial.arrays()["tokens"] + 2.0, atol=1e-5)
+    rejected = [line for line in flwr_log.records if "reply of node 11 rejected" in line]
+    assert len(rejected) == 2 and "NaN" in rejected[0]
+
+
+def test_checked_fedavg_refuses_a_reply_of_another_shape(config, model):
+    template = Prompt.init(model, NUM_CLASSES, source="fedavg")
+    strategy = CheckedFedAvg(template, model, config)
+    other = Prompt.init(model, NUM_CLASSES, n_prompt=2, source="fedavg")
+    content = RecordDict({**prompt_records(other), "metrics": MetricRecord({"num-examples": 1}),
+                          "parent": ConfigRecord({"sha256": ""})})
+    with pytest.raises(ValueError, match="tokens"):
+        strategy.check_reply(content)
+    content = RecordDict({**prompt_records(template), "metrics": MetricRecord({"num-examples": 0}),
+                          "parent": ConfigRecord({"sha256": ""})})
+    with pytest.raises(ValueError, match="num-examples >= 1"):
+        strategy.check_reply(content)
