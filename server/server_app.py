@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the rounds of the configured mode, then evaluate what the pool holds."""
     config = AppConfig.from_run_config(context.run_config)
     model = build_model(config)
-    pool = PromptPool(config.pool_path())
+    pool = PromptPool.open_and_repair(config.pool_path())  # the writer repairs interrupted writes on start
     log(INFO, "mode %s, backbone %s:%s at %d px, pool %s", config.mode, model.backbone_name,
         model.fingerprint[:12], config.img_size, pool.root)
     test = server_test_split(config, model)
