@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ommon/alacarte.proto\x12\x0b\x61lacarte.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"k\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12)\n\tweighting\x18\x04 \x01(\x0e\x32\x16.alacarte.v1.Weighting\"m\n\x0fPredictResponse\x12\x31\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1c.alacarte.v1.ImagePrediction\x12\'\n\x07prompts\x18\x02 \x03(\x0b\x32\x16.alacarte.v1.PromptRef\":\n\x0fImagePrediction\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.alacarte.v1.LabelScore\">\n\nLabelScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"<\n\tPromptRef\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x14\n\x12ListSourcesRequest\"f\n\x13ListSourcesResponse\x12(\n\x07sources\x18\x01 \x03(\x0b\x32\x17.alacarte.v1.SourceInfo\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\"\xa8\x01\n\nSourceInfo\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06labels\x18\x03 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x07 \x01(\t*<\n\tWeighting\x12\x15\n\x11WEIGHTING_UNIFORM\x10\x00\x12\x18\n\x14WEIGHTING_CONFIDENCE\x10\x01\x32\xac\x01\n\x12\x43ompositionService\x12\x44\n\x07Predict\x12\x1b.alacarte.v1.PredictRequest\x1a\x1c.alacarte.v1.PredictResponse\x12P\n\x0bListSources\x12\x1f.alacarte.v1.ListSourcesRequest\x1a .alacarte.v1.ListSourcesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ommon/alacarte.proto\x12\x0b\x61lacarte.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"k\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12)\n\tweighting\x18\x04 \x01(\x0e\x32\x16.alacarte.v1.Weighting\"m\n\x0fPredictResponse\x12\x31\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1c.alacarte.v1.ImagePrediction\x12\'\n\x07prompts\x18\x02 \x03(\x0b\x32\x16.alacarte.v1.PromptRef\":\n\x0fImagePrediction\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.alacarte.v1.LabelScore\">\n\nLabelScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"<\n\tPromptRef\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x14\n\x12ListSourcesRequest\"f\n\x13ListSourcesResponse\x12(\n\x07sources\x18\x01 \x03(\x0b\x32\x17.alacarte.v1.SourceInfo\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\"\xa8\x01\n\nSourceInfo\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06labels\x18\x03 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x07 \x01(\t*j\n\tWeighting\x12\x15\n\x11WEIGHTING_DEFAULT\x10\x00\x12\x18\n\x14WEIGHTING_CONFIDENCE\x10\x01\x12\x15\n\x11WEIGHTING_DENSITY\x10\x02\x12\x15\n\x11WEIGHTING_UNIFORM\x10\x03\x32\xac\x01\n\x12\x43ompositionService\x12\x44\n\x07Predict\x12\x1b.alacarte.v1.PredictRequest\x1a\x1c.alacarte.v1.PredictResponse\x12P\n\x0bListSources\x12\x1f.alacarte.v1.ListSourcesRequest\x1a .alacarte.v1.ListSourcesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.alacarte_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WEIGHTING']._serialized_start=774
-  _globals['_WEIGHTING']._serialized_end=834
+  _globals['_WEIGHTING']._serialized_end=880
   _globals['_PREDICTREQUEST']._serialized_start=71
   _globals['_PREDICTREQUEST']._serialized_end=178
   _globals['_PREDICTRESPONSE']._serialized_start=180
@@ -50,6 +50,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSOURCESRESPONSE']._serialized_end=601
   _globals['_SOURCEINFO']._serialized_start=604
   _globals['_SOURCEINFO']._serialized_end=772
-  _globals['_COMPOSITIONSERVICE']._serialized_start=837
-  _globals['_COMPOSITIONSERVICE']._serialized_end=1009
+  _globals['_COMPOSITIONSERVICE']._serialized_start=883
+  _globals['_COMPOSITIONSERVICE']._serialized_end=1055
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,10 @@ adds queued jobs while the batch stays within ``max_batch`` (waiting at most ``m
 for more to arrive), skips jobs that were cancelled or whose deadline passed, and hands the
 batch to ``process``, which returns one result (or exception) per job. A job larger than
 ``max_batch`` forms a batch of its own, so a job is never split.
+
+A caller that must do costly work before its job exists (decode a request's images) first
+``reserve()``s a queue slot: admission is decided before the work is paid, and reserved
+slots count against ``max_queue`` like queued jobs.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["BatcherClosedError", "DeadlineExceededError", "DynamicBatcher", "QueueFullError"]
+__all__ = ["BatcherClosedError", "DeadlineExceededError", "DynamicBatcher", "QueueFullError", "Reservation"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,27 @@ class DeadlineExceededError(TimeoutError):
 
 class BatcherClosedError(RuntimeError):
     """The batcher was closed (the server is shutting down)."""
+
+
+class Reservation:
+    """A queue slot held before its job exists; pass it to ``submit``, or ``release`` it.
+
+    As a context manager it releases the slot on exit unless ``submit`` used it.
+    """
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self._batcher = batcher
+        self.held = True
+
+    def release(self) -> None:
+        """Give the slot back (no-op once submitted or released)."""
+        self._batcher._release(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass
@@ -76,27 +101,54 @@ class DynamicBatcher(Generic[T, R]):
         self._queue: deque[_Job[T]] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._reserved = 0  # slots held by ``reserve`` and not yet submitted
         self.batches = self.jobs = self.items = 0  # processed so far (statistics)
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
-    def submit(self, item: T, size: int = 1, deadline: float | None = None) -> Future:
+    def reserve(self) -> Reservation:
+        """Hold a queue slot for a job still being prepared. Raises ``QueueFullError`` or ``BatcherClosedError``."""
+        with self._cond:
+            self._admit()
+            self._reserved += 1
+        return Reservation(self)
+
+    def submit(self, item: T, size: int = 1, deadline: float | None = None,
+               reservation: Reservation | None = None) -> Future:
         """Queue ``item`` (of ``size`` units, deadline in ``time.monotonic()`` seconds).
 
+        With a held ``reservation`` the job takes its slot (no new admission check).
         Returns a ``Future`` of its result; cancelling it before the worker starts the job
         drops the job. Raises ``QueueFullError`` or ``BatcherClosedError``.
         """
         future: Future = Future()
         with self._cond:
-            if self._closed:
-                raise BatcherClosedError("the server is shutting down; retry on another replica")
-            if len(self._queue) >= self.max_queue:
-                self._drop_dead()
-            if len(self._queue) >= self.max_queue:
-                raise QueueFullError(f"server busy: {len(self._queue)} requests already queued; retry with backoff")
+            if reservation is not None and reservation.held:
+                if self._closed:
+                    raise BatcherClosedError("the server is shutting down; retry on another replica")
+                reservation.held = False
+                self._reserved -= 1
+            else:
+                self._admit()
             self._queue.append(_Job(item, size, deadline, future))
             self._cond.notify()
         return future
+
+    def _admit(self) -> None:
+        """Raise unless a job may take a slot now (call with the lock held)."""
+        if self._closed:
+            raise BatcherClosedError("the server is shutting down; retry on another replica")
+        if len(self._queue) + self._reserved >= self.max_queue:
+            self._drop_dead()
+        if len(self._queue) + self._reserved >= self.max_queue:
+            raise QueueFullError(f"server busy: {len(self._queue) + self._reserved} requests already queued; "
+                                 "retry with backoff")
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._cond:
+            if reservation.held:
+                reservation.held = False
+                self._reserved -= 1
 
     @property
     def queued(self) -> int:

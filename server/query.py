@@ -30,7 +30,8 @@ __all__ = ["CompositionClient", "HELP", "Label", "PredictResult", "PromptUsed", 
 
 HELP = "ask a composition server for predictions on image files"
 TOKEN_ENV = "ALACARTE_TOKEN"
-WEIGHTINGS = {"uniform": pb.WEIGHTING_UNIFORM, "confidence": pb.WEIGHTING_CONFIDENCE}
+WEIGHTINGS = {"default": pb.WEIGHTING_DEFAULT, "uniform": pb.WEIGHTING_UNIFORM,
+              "confidence": pb.WEIGHTING_CONFIDENCE, "density": pb.WEIGHTING_DENSITY}
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -98,11 +99,13 @@ class CompositionClient:
         self.timeout = timeout
 
     def predict(self, images: Sequence[bytes | str | Path], sources: Iterable[str] | None = None, top_k: int = 3,
-                weighting: str = "uniform", timeout: float | None = None) -> PredictResult:
+                weighting: str = "default", timeout: float | None = None) -> PredictResult:
         """Classify encoded images (PNG/JPEG bytes, or paths of such files).
 
         ``sources=None`` composes every source the caller may use; ``weighting`` is
-        ``"uniform"`` or ``"confidence"``. Raises ``grpc.RpcError`` with the server's status.
+        ``"default"`` (density when every selected prompt carries its source's density, else
+        uniform), ``"uniform"``, ``"confidence"`` or ``"density"``. Raises ``grpc.RpcError``
+        with the server's status.
         """
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)}, got {weighting!r}")
@@ -150,8 +153,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-cert", type=Path, default=None, help="PEM CA certificate: connect with TLS")
     parser.add_argument("--sources", default="", help="comma-separated sources to compose (default: all yours)")
     parser.add_argument("--top-k", type=int, default=3, help="labels per image (default: %(default)s)")
-    parser.add_argument("--weighting", choices=sorted(WEIGHTINGS), default="uniform",
-                        help="how prompts are averaged (default: %(default)s)")
+    parser.add_argument("--weighting", choices=sorted(WEIGHTINGS), default="default",
+                        help="how prompts are averaged; default: density when every selected prompt carries "
+                             "its source's density, else uniform")
     parser.add_argument("--list", action="store_true", help="list the sources you may compose and exit")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds (default: %(default)s)")
 

@@ -4,16 +4,31 @@
 ``Predict`` (classify images with the à-la-carte composition of chosen sources) and
 ``ListSources``. It also serves ``grpc.health.v1.Health`` and server reflection.
 
-Request path:
+Request path (every byte of a request is untrusted; the cheap checks come first):
 
-1. the handler thread authenticates the bearer token (``server.auth``), resolves the
-   selected sources against the current pool snapshot and the caller's rights, and decodes
-   and transforms every image -- so a bad request fails alone, before batching;
-2. the job goes to a bounded queue (``server.batcher``); one worker thread merges queued
-   jobs, whatever their source selections, into a single backbone pass
-   (``APTViT.backbone_kv``); jobs sharing a selection run their prompts together
-   (``APTViT.forward_kv``) and each job composes its own rows (``compose_probs``);
-3. the handler returns the top-k labels and the exact prompts used.
+1. a server interceptor checks the bearer token (``server.auth``) from the call's metadata
+   before the request message is even parsed: a missing or wrong token costs nothing;
+2. the handler thread resolves the selected sources against the current pool snapshot and
+   the caller's rights, checks counts and options, then *reserves a queue slot*
+   (``RESOURCE_EXHAUSTED`` when busy) before it decodes anything; it reads every image's
+   header, refuses more than ``max_request_pixels`` in all (or ``max_image_pixels`` in one
+   image), and only then decodes and transforms them -- so a bad request fails alone,
+   before batching;
+3. the job takes its reserved slot in the bounded queue (``server.batcher``); one worker
+   thread merges queued jobs, whatever their source selections, into a single backbone
+   pass (``APTViT.backbone_forward``: keys/values and the pooled features density
+   weighting needs); jobs sharing a selection run their prompts together
+   (``APTViT.forward_kv``) and each job weights and composes its own rows
+   (``common.compose``);
+4. the handler returns the top-k labels and the exact prompts used.
+
+Weighting: ``WEIGHTING_DEFAULT`` (unset) is density weighting when every selected prompt
+carries its source's density, else uniform; ``UNIFORM``, ``CONFIDENCE`` and ``DENSITY``
+force one (``DENSITY`` needs every selected prompt's density: ``FAILED_PRECONDITION``).
+
+Only prompts this server admits are served (``server.admission``: n_prompt/n_memory within
+the limits and, when the server has class names, a head over exactly that label space);
+others are listed as unservable with the reason. Error messages never carry server paths.
 
 The pool is re-read when ``PromptPool.generation()`` changes (checked on every request, one
 small SQLite query); only prompts whose file hash changed are loaded again, so new
@@ -46,10 +61,12 @@ from torch import Tensor
 
 from common import alacarte_pb2 as pb
 from common import alacarte_pb2_grpc as pb_grpc
-from common.model import APTViT, compose_probs
+from common.compose import Weighting, compose_probs, composition_weights, default_weighting
+from common.model import APTViT
 from common.prompt import Prompt, PromptError
+from server.admission import check_prompt
 from server.auth import AuthenticationError, Principal, TokenFileError, TokenStore, add_user, remove_user
-from server.batcher import BatcherClosedError, DeadlineExceededError, DynamicBatcher, QueueFullError
+from server.batcher import BatcherClosedError, DeadlineExceededError, DynamicBatcher, QueueFullError, Reservation
 from server.pool import MAX_SOURCE_LEN, PoolCorruptError, PoolEntry, PoolError, PromptPool, UnknownSourceError
 
 __all__ = [
@@ -62,6 +79,7 @@ __all__ = [
     "ServedPrompt",
     "ServiceConfig",
     "Snapshot",
+    "TokenInterceptor",
     "add_arguments",
     "decode_images",
     "load_class_names",
@@ -73,10 +91,12 @@ logger = logging.getLogger(__name__)
 HELP = "serve composition queries over gRPC from a prompt pool"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CompositionService"].full_name
 ANONYMOUS = Principal("anonymous", None)
-WEIGHTINGS = {pb.WEIGHTING_UNIFORM: None, pb.WEIGHTING_CONFIDENCE: "confidence"}
+WEIGHTINGS = {pb.WEIGHTING_DEFAULT: None, pb.WEIGHTING_UNIFORM: Weighting.UNIFORM,
+              pb.WEIGHTING_CONFIDENCE: Weighting.CONFIDENCE, pb.WEIGHTING_DENSITY: Weighting.DENSITY}
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 DEFAULT_TOP_K = 3
 MiB = 1 << 20
+MAX_DEADLINE_S = 86400.0  # a longer (or no) client deadline means "none": grpc reports ~2**63 ns then
 
 
 class RequestError(Exception):
@@ -102,12 +122,14 @@ class ServiceConfig:
     max_wait: float = 0.002  # seconds the worker waits to fill a batch
     max_images: int = 64  # images per request
     max_image_pixels: int = 4096 * 4096  # width x height of one decoded image
+    max_request_pixels: int = 64 * MiB  # all images of one request (64 of 1024 x 1024, 4 of 4096 x 4096)
     max_message_bytes: int = 64 * MiB
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("pass both --tls-cert and --tls-key (PEM files), or neither")
-        if min(self.max_batch, self.max_queue, self.max_images, self.max_image_pixels, self.max_message_bytes) < 1:
+        if min(self.max_batch, self.max_queue, self.max_images, self.max_image_pixels, self.max_request_pixels,
+               self.max_message_bytes) < 1:
             raise ValueError("max-batch, max-queue, max-images and the size limits must be >= 1")
         if self.tokens is None and not is_loopback(self.host):
             raise ValueError(f"refusing to serve {self.host} without authentication: pass --tokens FILE "
@@ -140,10 +162,14 @@ class Snapshot:
 
 
 class Catalog:
-    """The pool's latest prompts, loaded on the model's device and refreshed on change."""
+    """The pool's latest admissible prompts, loaded on the model's device and refreshed on change.
 
-    def __init__(self, pool: PromptPool, model: APTViT) -> None:
-        self.pool, self.model = pool, model
+    ``num_classes`` (the label space of the server's class names) makes prompts of another
+    label space unservable; prompts over the shape limits always are.
+    """
+
+    def __init__(self, pool: PromptPool, model: APTViT, num_classes: int | None = None) -> None:
+        self.pool, self.model, self.num_classes = pool, model, num_classes
         self._lock = threading.Lock()
         self._snapshot = Snapshot(generation=-1)
         self.current()
@@ -168,15 +194,22 @@ class Catalog:
                 continue
             try:
                 prompt = self.pool.get(entry.source, entry.version, model=self.model).requires_grad_(False)
+                check_prompt(prompt, self.num_classes)
             except UnknownSourceError:  # forgotten meanwhile
                 continue
             except (PromptError, PoolCorruptError) as err:
-                unservable[entry.source] = str(err)
+                unservable[entry.source] = self._public_reason(err)
                 logger.warning("source %r cannot be served: %s", entry.source, err)
                 continue
             prompts[entry.source] = ServedPrompt(entry, prompt)
         logger.info("prompt pool generation %d: %d source(s) servable", generation, len(prompts))
         return Snapshot(generation, prompts, unservable)
+
+    def _public_reason(self, err: Exception) -> str:
+        """Why a source cannot be served, for callers: no server path in it."""
+        if isinstance(err, PoolCorruptError):
+            return "its stored prompt file is damaged or missing on the server; the operator must forget and re-add it"
+        return str(err).replace(str(self.pool.root), "<pool>")
 
 
 def select_prompts(snapshot: Snapshot, principal: Principal, requested: Sequence[str]) -> list[ServedPrompt]:
@@ -224,27 +257,45 @@ def decode_images(
     blobs: Sequence[bytes],
     transform: Callable[[Image.Image], Tensor],
     max_pixels: int,
+    max_total_pixels: int | None = None,
 ) -> Tensor:
     """Decode PNG/JPEG ``blobs`` and apply the backbone ``transform``: ``[n, 3, H, W]``.
 
+    Every image's header is read first (no pixel decoded): one over ``max_pixels``, or all
+    together over ``max_total_pixels``, refuses the request before any decoding.
     Raises ``RequestError(INVALID_ARGUMENT)`` naming the first bad image.
     """
-    return torch.stack([_decode_one(i, blob, transform, max_pixels) for i, blob in enumerate(blobs)])
+    sizes = [_header_pixels(i, blob, max_pixels) for i, blob in enumerate(blobs)]
+    if max_total_pixels is not None and sum(sizes) > max_total_pixels:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the request's images hold {sum(sizes)} pixels in all, over the limit of "
+                           f"{max_total_pixels}; downscale them or split the request")
+    return torch.stack([_decode_one(i, blob, transform) for i, blob in enumerate(blobs)])
 
 
-def _decode_one(index: int, blob: bytes, transform: Callable[[Image.Image], Tensor], max_pixels: int) -> Tensor:
-    def bad(why: str) -> RequestError:
-        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {why}")
+def _bad_image(index: int, why: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {why}")
 
+
+def _header_pixels(index: int, blob: bytes, max_pixels: int) -> int:
+    """Width x height from the image header only (PIL opens lazily); checked against ``max_pixels``."""
     try:
         with Image.open(io.BytesIO(blob), formats=ACCEPTED_FORMATS) as image:
             width, height = image.size
-            if width * height > max_pixels:
-                raise bad(f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels; downscale it")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise _bad_image(index, f"not a decodable {' or '.join(ACCEPTED_FORMATS)} image ({err})") from err
+    if width * height > max_pixels:
+        raise _bad_image(index, f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels; downscale it")
+    return width * height
+
+
+def _decode_one(index: int, blob: bytes, transform: Callable[[Image.Image], Tensor]) -> Tensor:
+    try:
+        with Image.open(io.BytesIO(blob), formats=ACCEPTED_FORMATS) as image:
             image.load()
             return transform(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise bad(f"not a decodable {' or '.join(ACCEPTED_FORMATS)} image ({err})") from err
+        raise _bad_image(index, f"not a decodable {' or '.join(ACCEPTED_FORMATS)} image ({err})") from err
 
 
 # --------------------------------------------------------------------------- batched compute
@@ -254,7 +305,7 @@ def _decode_one(index: int, blob: bytes, transform: Callable[[Image.Image], Tens
 class _Job:
     images: Tensor  # [n, 3, H, W]
     prompts: tuple[Prompt, ...]
-    weighting: str | None
+    weighting: Weighting
 
 
 class _Composer:
@@ -270,17 +321,18 @@ class _Composer:
             groups.setdefault(tuple(map(id, job.prompts)), []).append(i)
         order = [i for members in groups.values() for i in members]
         images = torch.cat([jobs[i].images for i in order]).to(self.model.device)
-        kv = self.model.backbone_kv(images)  # the one backbone pass of the batch
+        features, kv = self.model.backbone_forward(images)  # the one backbone pass of the batch
+        pooled = self.model.pooled(features)  # [B, D], for density weighting
         results: list[Tensor | BaseException] = [RuntimeError("job not run")] * len(jobs)
         start = 0
         for members in groups.values():
             stop = start + sum(len(jobs[i].images) for i in members)
-            self._run_group(kv[:, :, start:stop], [jobs[i] for i in members], members, results)
+            self._run_group(kv[:, :, start:stop], pooled[start:stop], [jobs[i] for i in members], members, results)
             start = stop
         return results
 
-    def _run_group(self, kv: Tensor, jobs: list[_Job], members: list[int], results: list) -> None:
-        """Jobs sharing one prompt selection: run the prompts once, compose per job."""
+    def _run_group(self, kv: Tensor, pooled: Tensor, jobs: list[_Job], members: list[int], results: list) -> None:
+        """Jobs sharing one prompt selection: run the prompts once, weight and compose per job."""
         try:
             logits = self.model.forward_kv(kv, jobs[0].prompts)  # [k, n, C]
         except Exception as err:  # fail these jobs only, not the batch
@@ -291,7 +343,12 @@ class _Composer:
         start = 0
         for i, job in zip(members, jobs):
             stop = start + len(job.images)
-            results[i] = compose_probs(logits[:, start:stop], job.weighting).float().cpu()
+            try:
+                weights = composition_weights(job.weighting, logits[:, start:stop], job.prompts, pooled[start:stop])
+                results[i] = compose_probs(logits[:, start:stop], weights).float().cpu()
+            except Exception as err:  # this job only
+                logger.exception("composition failed for one job")
+                results[i] = err
             start = stop
 
 
@@ -313,9 +370,12 @@ class CompositionServicer(pb_grpc.CompositionServiceServicer):
             served = select_prompts(self._snapshot(), principal, request.sources)
             num_classes = served[0].prompt.num_classes
             top_k = self._check_request(request, num_classes)
-            images = decode_images(request.images, self.transform, self.config.max_image_pixels)
-            job = _Job(images, tuple(s.prompt for s in served), WEIGHTINGS[request.weighting])
-            probs = self._run(job, context)
+            prompts = tuple(s.prompt for s in served)
+            weighting = _weighting(request.weighting, served)
+            with self._reserve() as slot:  # admission before any image is decoded
+                images = decode_images(request.images, self.transform, self.config.max_image_pixels,
+                                       self.config.max_request_pixels)
+                probs = self._run(_Job(images, prompts, weighting), context, slot)
         except RequestError as err:
             context.abort(err.code, err.message)
         return _predict_response(probs, top_k, served, self.config.class_names)
@@ -346,7 +406,15 @@ class CompositionServicer(pb_grpc.CompositionServiceServicer):
         except (PoolError, sqlite3.Error, OSError) as err:
             logger.exception("cannot read the prompt pool")
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"the prompt pool is unreadable ({err}); retry later") from err
+                               f"the prompt pool is unreadable right now ({type(err).__name__}); retry later") from err
+
+    def _reserve(self) -> Reservation:
+        try:
+            return self.batcher.reserve()
+        except QueueFullError as err:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from err
+        except BatcherClosedError as err:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(err)) from err
 
     def _check_request(self, request: pb.PredictRequest, num_classes: int) -> int:
         """Validate counts and options; return the effective ``top_k``."""
@@ -356,18 +424,23 @@ class CompositionServicer(pb_grpc.CompositionServiceServicer):
                                f"a request carries 1 to {self.config.max_images} images, got {n}; split it")
         if request.weighting not in WEIGHTINGS:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"unknown weighting {request.weighting}; use UNIFORM or CONFIDENCE")
+                               f"unknown weighting {request.weighting}; use DEFAULT, UNIFORM, CONFIDENCE or DENSITY")
         if not 0 <= request.top_k <= num_classes:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"top_k must be within 1..{num_classes} (0 = {DEFAULT_TOP_K}), got {request.top_k}")
         return request.top_k or min(DEFAULT_TOP_K, num_classes)
 
-    def _run(self, job: _Job, context: grpc.ServicerContext) -> Tensor:
-        """Queue ``job`` and wait for its probabilities ``[n, C]`` within the deadline."""
+    def _run(self, job: _Job, context: grpc.ServicerContext, slot: Reservation) -> Tensor:
+        """Queue ``job`` in its reserved ``slot``; wait for its probabilities ``[n, C]`` within the deadline.
+
+        A client without a deadline (grpc then reports ~2**63 ns remaining) waits without one.
+        """
         remaining = context.time_remaining()
+        if remaining is not None and remaining > MAX_DEADLINE_S:
+            remaining = None
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
-            future = self.batcher.submit(job, size=len(job.images), deadline=deadline)
+            future = self.batcher.submit(job, size=len(job.images), deadline=deadline, reservation=slot)
         except QueueFullError as err:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from err
         except BatcherClosedError as err:
@@ -383,7 +456,21 @@ class CompositionServicer(pb_grpc.CompositionServiceServicer):
             raise RequestError(grpc.StatusCode.CANCELLED, "the request was cancelled") from err
         except Exception as err:
             logger.exception("composition failed")
-            raise RequestError(grpc.StatusCode.INTERNAL, f"composition failed: {type(err).__name__}: {err}") from err
+            raise RequestError(grpc.StatusCode.INTERNAL, f"composition failed ({type(err).__name__}; the details "
+                               "are in the server's log)") from err
+
+
+def _weighting(value: int, served: Sequence[ServedPrompt]) -> Weighting:
+    """The weighting a request asks for (unset: ``default_weighting``); raises ``RequestError``."""
+    prompts = [s.prompt for s in served]
+    weighting = WEIGHTINGS[value] or default_weighting(prompts)
+    if weighting is Weighting.DENSITY:
+        missing = [s.entry.source for s in served if s.prompt.density is None]
+        if missing:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"density weighting needs every selected source's density; {missing[:10]} shipped "
+                               "none. Use WEIGHTING_UNIFORM or WEIGHTING_CONFIDENCE, or select other sources")
+    return weighting
 
 
 def _predict_response(probs: Tensor, top_k: int, served: Sequence[ServedPrompt],
@@ -400,11 +487,47 @@ def _predict_response(probs: Tensor, top_k: int, served: Sequence[ServedPrompt],
 
 
 def _source_info(entry: PoolEntry) -> pb.SourceInfo:
-    created = Timestamp()
-    created.FromNanoseconds(int(entry.created_at * 1e9))
+    """The listing of one source; an implausible stored ``created_at`` is left unset, not fatal."""
     return pb.SourceInfo(source=entry.source, version=entry.version, labels=entry.labels,
                          num_classes=entry.num_classes, num_examples=entry.num_examples,
-                         created_at=created, sha256=entry.sha256)
+                         created_at=_timestamp(entry.created_at), sha256=entry.sha256)
+
+
+def _timestamp(seconds: float) -> Timestamp | None:
+    """``seconds`` as a protobuf Timestamp, or None when it is no valid one (NaN, inf, beyond 9999)."""
+    stamp = Timestamp()
+    try:
+        stamp.FromNanoseconds(int(seconds * 1e9))
+        stamp.ToDatetime()  # validates the range 0001..9999
+    except (ValueError, OverflowError, TypeError):
+        return None
+    return stamp
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls to the composition service without a valid token before their request is parsed.
+
+    Health and reflection stay open. The handler authenticates again to learn the caller's
+    rights (one SHA-256 per call).
+    """
+
+    def __init__(self, tokens: TokenStore) -> None:
+        self.tokens = tokens
+
+    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201 (grpc's API)
+        """Continue with the real handler, or with one that aborts ``UNAUTHENTICATED`` unread."""
+        if not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return continuation(handler_call_details)
+        try:
+            self.tokens.authenticate(handler_call_details.invocation_metadata)
+        except AuthenticationError as err:
+            message = str(err)
+            return grpc.unary_unary_rpc_method_handler(  # no deserializer: the request bytes stay unread
+                lambda _request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, message))
+        return continuation(handler_call_details)
 
 
 # --------------------------------------------------------------------------- server
@@ -421,7 +544,7 @@ class CompositionServer:
                  transform: Callable[[Image.Image], Tensor]) -> None:
         self.config = config
         tokens = TokenStore(config.tokens) if config.tokens is not None else None
-        self.catalog = Catalog(pool, model)
+        self.catalog = Catalog(pool, model, num_classes=len(config.class_names) or None)
         self.batcher = DynamicBatcher(_Composer(model), max_batch=config.max_batch,
                                       max_queue=config.max_queue, max_wait=config.max_wait, name="alacarte-batcher")
         self.health = health.HealthServicer()
@@ -429,6 +552,7 @@ class CompositionServer:
                    ("grpc.max_send_message_length", config.max_message_bytes)]
         self._server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="alacarte-rpc"),
+            interceptors=[TokenInterceptor(tokens)] if tokens is not None else [],
             options=options, maximum_concurrent_rpcs=config.rpc_threads)
         pb_grpc.add_CompositionServiceServicer_to_server(
             CompositionServicer(self.catalog, self.batcher, tokens, config, transform), self._server)
@@ -549,6 +673,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="wait to fill a batch, in ms (default: %(default)s)")
     perf.add_argument("--max-images", type=int, default=limits.max_images,
                       help="images per request (default: %(default)s)")
+    perf.add_argument("--max-request-pixels", type=int, default=limits.max_request_pixels,
+                      help="decoded pixels of all images of one request (default: %(default)s)")
     perf.add_argument("--max-message-mb", type=int, default=limits.max_message_bytes // MiB,
                       help="largest request or response, MiB (default: %(default)s)")
 
@@ -602,17 +728,17 @@ def _service_config(args: argparse.Namespace) -> ServiceConfig:
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, tokens=args.tokens,
         class_names=load_class_names(args.classes) if args.classes else (), max_batch=args.max_batch,
         max_queue=args.max_queue, max_wait=args.max_wait_ms / 1000, max_images=args.max_images,
-        max_message_bytes=args.max_message_mb * MiB)
+        max_request_pixels=args.max_request_pixels, max_message_bytes=args.max_message_mb * MiB)
 
 
 def _load(args: argparse.Namespace) -> tuple[APTViT, PromptPool, Callable[[Image.Image], Tensor]]:
-    """The backbone (as configured by ``AppConfig``), the existing pool and the transform."""
+    """The backbone (as configured by ``AppConfig``), the existing pool (read-only) and the transform."""
     from common.config import AppConfig, build_model
     from common.data import backbone_transform
 
     config = AppConfig(backbone=args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
                        img_size=args.img_size, pool_dir=str(args.pool or ""))
-    pool = PromptPool(config.pool_path(), create=False)
+    pool = PromptPool(config.pool_path(), read_only=True)
     model = build_model(config, device=args.device)
     return model, pool, backbone_transform(model.backbone)
 

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import sqlite3
+
 import grpc
 import numpy as np
 import pytest
@@ -31,10 +33,13 @@ from PIL import Image
 from common import alacarte_pb2 as pb
 from common import alacarte_pb2_grpc as pb_grpc
 from common.cli import main as cli_main
+from common.compose import Weighting, compose_probs, composition_weights
 from common.data import backbone_transform
+from common.density import SourceDensity
 from common.model import APTViT, load_backbone
 from server.auth import AuthenticationError, TokenStore, add_user, remove_user
 from server.batcher import DeadlineExceededError, DynamicBatcher, QueueFullError
+from server.admission import MAX_N_PROMPT
 from server.pool import PromptPool
 from server.query import CompositionClient
 from server.service import SERVICE_NAME, CompositionServer, ServiceConfig
@@ -169,7 +174,7 @@ def test_default_top_k_and_default_sources(secured, pool, model, tokens, tmp_pat
 def test_list_sources(secured, pool, tokens) -> None:
     with client_for(secured, tokens[1]["ops"]) as client:
         listed = client.list_sources()
-    assert [s.source for s in listed] == sorted([*SOURCES, "seven"])
+    assert [s.source for s in listed] == sorted(SOURCES)  # "seven" is of another label space than the names
     d = next(s for s in listed if s.source == "d")
     entry = pool.info("d")
     assert (d.version, d.labels, d.label_names, d.num_classes, d.sha256) == \
@@ -191,7 +196,7 @@ def test_access_matrix(secured, tokens, user) -> None:
                 code, message = status_of(client.predict, IMAGES[:1], [source])
                 assert code == grpc.StatusCode.PERMISSION_DENIED and source in message and user in message
         listed = [s.source for s in client.list_sources()]
-        assert listed == (sorted([*SOURCES, "seven"]) if rights == "*" else rights)
+        assert listed == (sorted(SOURCES) if rights == "*" else rights)
         # a source that does not exist: unknown for who may see everything, denied for the others
         code, _ = status_of(client.predict, IMAGES[:1], ["nope"])
         assert code == (grpc.StatusCode.INVALID_ARGUMENT if rights == "*" else grpc.StatusCode.PERMISSION_DENIED)
@@ -253,7 +258,6 @@ BAD_REQUESTS = {
     "top_k negative": (dict(images=IMAGES[:1], top_k=-1), "top_k"),
     "unknown weighting": (dict(images=IMAGES[:1], weighting=7), "weighting"),
     "unknown source": (dict(images=IMAGES[:1], sources=["a", "zz"]), "unknown source 'zz'"),
-    "label spaces differ": (dict(images=IMAGES[:1], sources=["a", "seven"]), "label space"),
 }
 
 
@@ -266,6 +270,17 @@ def test_bad_input_is_invalid_argument(secured, tokens, case) -> None:
     code, message = status_of(stub.Predict, request, metadata=metadata, timeout=30)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in message
+
+
+def test_other_label_space_is_refused(secured, start, pool, tokens) -> None:
+    metadata = (("authorization", f"Bearer {tokens[1]['ops']}"),)
+    request = pb.PredictRequest(images=IMAGES[:1], sources=["a", "seven"])
+    stub = pb_grpc.CompositionServiceStub(grpc.insecure_channel(secured.address))
+    code, message = status_of(stub.Predict, request, metadata=metadata, timeout=30)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "label space" in message  # class names fix it: 10
+    stub = pb_grpc.CompositionServiceStub(grpc.insecure_channel(start(pool).address))  # no class names
+    code, message = status_of(stub.Predict, request, timeout=30)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "label space" in message
 
 
 def test_message_size_limit(start, pool) -> None:
@@ -558,3 +573,172 @@ def test_alacarte_serve_command(model, tmp_path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+# --------------------------------------------------------------------------- hardening (issue 14)
+
+
+def test_predict_without_a_deadline(secured, pool, model, tokens) -> None:
+    """A raw stub call with no timeout: grpc reports a huge time_remaining, which must mean 'none'."""
+    stub = pb_grpc.CompositionServiceStub(grpc.insecure_channel(secured.address))
+    reply = stub.Predict(pb.PredictRequest(images=IMAGES, sources=["a", "b"], top_k=NUM_CLASSES),
+                         metadata=(("authorization", f"Bearer {tokens[1]['ops']}"),))
+    got = dense([p.labels for p in reply.predictions])
+    torch.testing.assert_close(got, local_probs(model, pool, IMAGES, ["a", "b"]), atol=1e-5, rtol=0)
+
+
+def test_a_queue_slot_is_reserved_before_any_image_is_decoded(start, pool, monkeypatch) -> None:
+    server = start(pool, max_queue=1)
+    entered, release = threading.Event(), threading.Event()
+    compose = server.batcher._process
+    server.batcher._process = lambda jobs: (entered.set(), release.wait(30), compose(jobs))[2]
+    decoded = []
+    import server.service as service
+
+    decode = service._decode_one
+    monkeypatch.setattr(service, "_decode_one", lambda *a: decoded.append(a[0]) or decode(*a))
+    with client_for(server) as client:
+        running = threading.Thread(target=client.predict, args=(IMAGES[:1], ["a"]))
+        running.start()
+        assert entered.wait(10)
+        queued = threading.Thread(target=client.predict, args=(IMAGES[:1], ["a"]))
+        queued.start()
+        _wait_until(lambda: server.batcher.queued == 1)
+        decoded.clear()
+        code, message = status_of(client.predict, [b"garbage", *IMAGES[:1]], ["a"])
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in message  # not INVALID_ARGUMENT
+        assert decoded == []
+        release.set()
+        running.join()
+        queued.join()
+
+
+def test_total_pixels_are_bounded_before_decoding(start, pool, monkeypatch) -> None:
+    import server.service as service
+
+    server = start(pool, max_image_pixels=64 * 64, max_request_pixels=2 * 48 * 40)
+    monkeypatch.setattr(service, "_decode_one", lambda *a: pytest.fail("an image was decoded"))
+    with client_for(server) as client:
+        code, message = status_of(client.predict, [encode(5, (48, 40))] * 3, ["a"])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "5760 pixels in all" in message
+
+
+def test_a_call_without_a_valid_token_is_refused_unread(secured, tokens) -> None:
+    """Bytes that are no PredictRequest at all: refused UNAUTHENTICATED, so never parsed."""
+    channel = grpc.insecure_channel(secured.address)
+    raw = channel.unary_unary(f"/{SERVICE_NAME}/Predict", request_serializer=None, response_deserializer=None)
+    garbage = b"\xff" * 64
+    for metadata in [(), (("authorization", "Bearer alc_0123456789abcdef_x"),)]:
+        code, message = status_of(raw, garbage, metadata=metadata, timeout=30)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "token" in message
+    code, _ = status_of(raw, garbage, metadata=(("authorization", f"Bearer {tokens[1]['ops']}"),), timeout=30)
+    assert code != grpc.StatusCode.UNAUTHENTICATED  # with a token the request is parsed (and is garbage)
+
+
+def test_errors_carry_no_server_paths(start, model, tmp_path) -> None:
+    pool = PromptPool(tmp_path / "pool")
+    pool.add("a", random_prompt(model, seed=0))
+    pool.add("broken", random_prompt(model, seed=1))
+    pool.info("broken").path.write_bytes(random_prompt(model, seed=2).to_bytes())  # damaged behind its back
+    server = start(pool)
+    with client_for(server) as client:
+        code, message = status_of(client.predict, IMAGES[:1], ["broken"])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "damaged" in message
+        assert str(tmp_path) not in message and "/" not in message
+
+        def fail(jobs):
+            raise OSError(f"cannot read {tmp_path / 'secret'}")
+
+        server.batcher._process = fail
+        code, message = status_of(client.predict, IMAGES[:1], ["a"])
+    assert code == grpc.StatusCode.INTERNAL and str(tmp_path) not in message and "OSError" in message
+
+
+@pytest.mark.parametrize("created_at", ["1e12", "'Inf'", "-1e300"])
+def test_list_sources_survives_an_odd_stored_created_at(start, model, tmp_path, created_at) -> None:
+    pool = PromptPool(tmp_path / "pool")
+    pool.add("a", random_prompt(model, seed=0))
+    pool.add("b", random_prompt(model, seed=1))
+    with sqlite3.connect(pool.index_path) as conn:  # written by an older build, or by hand
+        conn.execute(f"UPDATE prompts SET created_at = {created_at} WHERE source = 'a'")
+    with client_for(start(pool)) as client:
+        assert [s.source for s in client.list_sources()] == ["a", "b"]
+
+
+def test_serves_a_read_only_pool_without_changing_it(start, model, tmp_path) -> None:
+    writer = fill_pool(tmp_path / "pool", model, other_label_space=False)
+    orphan = writer.root / "prompts" / "a" / "v7.safetensors"
+    orphan.write_bytes(b"left by an interrupted write")
+    before = {p: p.read_bytes() for p in writer.root.rglob("*") if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+    server = start(PromptPool(writer.root, read_only=True))
+    with client_for(server) as client:
+        assert [p.source for p in client.predict(IMAGES[:1], ["a", "b"]).prompts] == ["a", "b"]
+    after = {p: p.read_bytes() for p in writer.root.rglob("*") if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+    assert after == before and orphan.exists()
+
+
+def test_prompts_over_the_shape_limits_are_unservable(start, model, tmp_path) -> None:
+    pool = PromptPool(tmp_path / "pool")
+    pool.add("a", random_prompt(model, seed=0))
+    pool.add("huge", random_prompt(model, seed=1, n_prompt=MAX_N_PROMPT + 1))
+    with client_for(start(pool)) as client:
+        assert [s.source for s in client.list_sources()] == ["a"]
+        assert [p.source for p in client.predict(IMAGES[:1]).prompts] == ["a"]  # the default selection works
+        code, message = status_of(client.predict, IMAGES[:1], ["huge"])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "at most 16" in message
+
+
+# --------------------------------------------------------------------------- density weighting
+
+
+@pytest.fixture(scope="module")
+def density_pool(model, tmp_path_factory) -> PromptPool:
+    """Sources ``x`` (classes 0-4) and ``y`` (classes 5-9), each with a density fitted on its own images."""
+    pool = PromptPool(tmp_path_factory.mktemp("density"))
+    gen = torch.Generator().manual_seed(3)
+    for i, (source, classes) in enumerate((("x", range(5)), ("y", range(5, 10)))):
+        images = torch.randn(40, 3, IMG, IMG, generator=gen) + 2.0 * i
+        labels = torch.tensor([classes[j % 5] for j in range(40)])
+        with torch.no_grad():
+            pooled = model.pooled(model.backbone_forward(images)[0])
+        prompt = random_prompt(model, seed=20 + i, labels=classes)
+        prompt.density = SourceDensity.fit(pooled, labels, rank=4)
+        pool.add(source, prompt)
+    pool.add("plain", random_prompt(model, seed=30))
+    return pool
+
+
+def direct_density_probs(model: APTViT, pool: PromptPool, images: list[bytes], sources: list[str]) -> torch.Tensor:
+    """``compose_probs(logits, composition_weights(DENSITY, ...))`` computed directly."""
+    transform = backbone_transform(model.backbone)
+    x = torch.stack([transform(Image.open(io.BytesIO(b))) for b in images])
+    prompts = [pool.get(s, model=model) for s in sources]
+    with torch.no_grad():
+        logits, pooled = model.forward_with_pooled(x, prompts)
+        return compose_probs(logits, composition_weights(Weighting.DENSITY, logits, prompts, pooled))
+
+
+def test_density_weighting_equals_direct_composition(start, density_pool, model) -> None:
+    want = direct_density_probs(model, density_pool, IMAGES, ["x", "y"])
+    uniform = local_probs(model, density_pool, IMAGES, ["x", "y"], "uniform")
+    assert not torch.allclose(want, uniform, atol=1e-3)  # the weighting matters here
+    with client_for(start(density_pool)) as client:
+        for weighting in ("density", "default"):  # unset = density: every selected prompt carries one
+            got = dense(client.predict(IMAGES, ["x", "y"], NUM_CLASSES, weighting).predictions)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        got = dense(client.predict(IMAGES, ["x", "y"], NUM_CLASSES, "uniform").predictions)
+        torch.testing.assert_close(got, uniform, atol=1e-5, rtol=0)
+        default = dense(client.predict(IMAGES, ["x", "plain"], NUM_CLASSES).predictions)  # "plain" has none
+        torch.testing.assert_close(default, local_probs(model, density_pool, IMAGES, ["plain", "x"], "uniform"),
+                                   atol=1e-5, rtol=0)
+        code, message = status_of(client.predict, IMAGES, ["x", "plain"], NUM_CLASSES, "density")
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "plain" in message
+
+
+def test_cli_query_with_density_weighting(start, density_pool, tmp_path, capsys) -> None:
+    server = start(density_pool)
+    image = tmp_path / "one.png"
+    image.write_bytes(IMAGES[0])
+    assert cli_main(["query", "--server", server.address, "--sources", "x,y", "--weighting", "density",
+                     "--top-k", "1", str(image)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "composed: x v1, y v1"
