@@ -669,12 +669,16 @@ def test_serves_a_read_only_pool_without_changing_it(start, model, tmp_path) -> 
     writer = fill_pool(tmp_path / "pool", model, other_label_space=False)
     orphan = writer.root / "prompts" / "a" / "v7.safetensors"
     orphan.write_bytes(b"left by an interrupted write")
-    before = {p: p.read_bytes() for p in writer.root.rglob("*") if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+    before = pool_bytes(writer.root)
     server = start(PromptPool(writer.root, read_only=True))
     with client_for(server) as client:
         assert [p.source for p in client.predict(IMAGES[:1], ["a", "b"]).prompts] == ["a", "b"]
-    after = {p: p.read_bytes() for p in writer.root.rglob("*") if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
-    assert after == before and orphan.exists()
+    assert pool_bytes(writer.root) == before and orphan.exists()
+
+
+def pool_bytes(root: Path) -> dict[Path, bytes]:
+    """Every file of a pool folder (but SQLite's -wal/-shm side files) with its bytes."""
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
 
 
 def test_prompts_over_the_shape_limits_are_unservable(start, model, tmp_path) -> None:
