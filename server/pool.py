@@ -464,14 +464,18 @@ class PromptPool:
         write, with no writer active (no ``-shm``), SQLite can only read it as immutable.
         """
         try:
-            schema = self._schema()
-        except sqlite3.OperationalError:
-            if os.access(self.root, os.W_OK):
-                raise
-            self._ro_uri = f"file:{self.index_path}?mode=ro&immutable=1"
-            logger.warning("prompt pool %s is read-only for this process: reading it as immutable "
-                           "(changes made meanwhile by a writer are not seen)", self.root)
-            schema = self._schema()
+            try:
+                schema = self._schema()
+            except sqlite3.OperationalError:
+                if os.access(self.root, os.W_OK):
+                    raise
+                self._ro_uri = f"file:{self.index_path}?mode=ro&immutable=1"
+                logger.warning("prompt pool %s is read-only for this process: reading it as immutable "
+                               "(changes made meanwhile by a writer are not seen)", self.root)
+                schema = self._schema()
+        except sqlite3.DatabaseError as err:
+            raise PoolError(f"the index of the prompt pool at {self.root} is unreadable ({err}); check the "
+                            "folder's permissions, or restore it") from err
         if schema != SCHEMA_VERSION:
             raise PoolError(f"prompt pool {self.root} has index schema {schema}; this build reads "
                             f"schema {SCHEMA_VERSION}. Use a matching alacarte version")

@@ -564,3 +564,10 @@ def test_cli_needs_an_existing_pool(tmp_path: Path, capsys, monkeypatch) -> None
     PromptPool(tmp_path / "empty")
     assert cli_main(["pool", "ls", "--pool", str(tmp_path / "empty")]) == 0
     assert "is empty" in capsys.readouterr().out
+
+
+def test_cli_reports_an_unreadable_index(tmp_path: Path, capsys) -> None:
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "pool.sqlite").write_bytes(b"not a database" * 100)
+    assert cli_main(["pool", "--pool", str(tmp_path / "pool"), "ls"]) == 1
+    assert "is unreadable" in capsys.readouterr().err
