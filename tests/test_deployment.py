@@ -13,6 +13,7 @@ and every wait has a deadline.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -630,28 +631,44 @@ def test_supernode_killed_mid_round_does_not_stop_the_run(insecure_cluster, firs
 
 @pytest.mark.slow
 def test_tls_and_supernode_authentication(tmp_path, node_dirs):
-    """Certificates from certs.sh; a key from keys.sh registered through the Control API
-    (over TLS); a SuperNode with an unregistered key is refused; one round runs over TLS."""
+    """Certificates from certs.sh; keys from keys.sh registered through the Control API (over
+    TLS), which binds each registered node id to its source in node-sources.json; a SuperNode
+    with an unregistered key is refused; a registered node claiming another source than its
+    key's is not trained; one round runs over TLS."""
     cluster = Cluster(tmp_path, cluster_env(tmp_path), "secure")
     certs, keys = tmp_path / "certs", tmp_path / "keys"
     try:
         port = free_port()
         script(cluster, str(DEPLOY / "certs.sh"), "--out", str(certs), "--superlink", "127.0.0.1")
-        script(cluster, str(DEPLOY / "keys.sh"), "--out", str(keys), "src-a", "rogue")
+        script(cluster, str(DEPLOY / "keys.sh"), "--out", str(keys), "src-a", "src-b", "rogue")
         link = start_superlink(cluster, port, "--certs", str(certs))
         script(cluster, str(DEPLOY / "connect.sh"), cluster.connection, f"127.0.0.1:{port}",
                "--root-certificates", str(certs / "ca.crt"))
         wait_for_port(port, link)
-        script(cluster, str(DEPLOY / "keys.sh"), "--out", str(keys), "--register", cluster.connection, "src-a")
+        script(cluster, str(DEPLOY / "keys.sh"), "--out", str(keys), "--register", cluster.connection,
+               "src-a", "src-b")
+        bindings = {v: int(k) for k, v in json.loads((keys / "node-sources.json").read_text()).items()}
+        assert set(bindings) == {"src-a", "src-b"}
         ca = ("--root-certificates", str(certs / "ca.crt"))
         node = start_supernode(cluster, "src-a", node_dirs["src-a"], port, *ca, "--key", str(keys / "src-a.key"))
         rogue = start_supernode(cluster, "rogue", node_dirs["src-b"], port, *ca, "--key", str(keys / "rogue.key"))
-        node.wait_for(r"SuperNode ID: \d+", START_TIMEOUT_S)
+        # registered with src-b's key, but claims to be src-a (and holds other data)
+        impostor = cluster.start("node-impostor", [
+            "bash", str(DEPLOY / "supernode.sh"), "--superlink", f"127.0.0.1:{port}", "--source", "src-a",
+            "--data-dir", str(node_dirs["src-b"]), "--port", str(free_port()), "--max-wait-time",
+            str(START_TIMEOUT_S), *ca, "--key", str(keys / "src-b.key")], "impostor-home")
+        for proc in (node, impostor):
+            proc.wait_for(r"SuperNode ID: \d+", START_TIMEOUT_S)
+        assert int(impostor.wait_for(r"SuperNode ID: (\d+)", START_TIMEOUT_S)[1]) == bindings["src-b"]
 
         pool_dir = tmp_path / "pool"
-        run = flwr_run(cluster, BASE_CONFIG | {"pool-dir": str(pool_dir), "reply-timeout": RUN_TIMEOUT_S})
+        run = flwr_run(cluster, BASE_CONFIG | {"pool-dir": str(pool_dir), "reply-timeout": RUN_TIMEOUT_S,
+                                               "node-sources": str(keys / "node-sources.json")})
         assert run.returncode == 0, run.output[-3000:]
-        check_pool(pool_dir, {"src-a": 1})
+        assert f"node {bindings['src-b']} claims source 'src-a' but is bound to 'src-b'" in run.output, \
+            run.output[-3000:]
+        check_pool(pool_dir, {"src-a": 1})  # trained on src-a's own data only (check_pool checks the labels)
+        assert [e.version for e in PromptPool(pool_dir, read_only=True).history("src-a")] == [1]
         assert rogue.popen.wait(timeout=START_TIMEOUT_S) != 0  # gave up meanwhile: never got a node id
         assert "Failed to activate SuperNode" in rogue.text()
     finally:
