@@ -92,9 +92,7 @@ def train(msg: Message, context: Context) -> Message:
     prompt = _starting_prompt(msg.content, model, data, config)
     loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(config.partition_seed))
-    val_loader = DataLoader(data.val, batch_size=config.batch_size) if len(data.val) else None
-    if val_loader is None:
-        log(WARNING, "source %s: no validation split (val-fraction = 0); the last epoch is kept", data.source)
+    val_loader = _selection_loader(data, config)
     cache = _kv_cache(data.source, model) if config.kv_cache else None
     metrics = train_prompt(model, prompt, loader, config.train_config(), cache=cache, val_loader=val_loader)
     log(INFO, "source %s: %d steps on %d examples, kept epoch %d of %d (validation loss %.3f), "
@@ -128,6 +126,17 @@ def evaluate_prompts(msg: Message, context: Context) -> Message:
         "accuracy": float(result["accuracy"]),
         "prompt-accuracy": [float(a) for a in result["prompt_accuracy"]],
     })}), reply_to=msg)
+
+
+def _selection_loader(data: NodeData, config: AppConfig) -> DataLoader | None:
+    """The validation split the recipe selects on: à-la-carte only (a FedAvg client returns its
+    last local epoch, as FedAvg does), and only when there is one."""
+    if config.mode != "alacarte":
+        return None
+    if not len(data.val):
+        log(WARNING, "source %s: no validation split (val-fraction = 0); the last epoch is kept", data.source)
+        return None
+    return DataLoader(data.val, batch_size=config.batch_size)
 
 
 def _starting_prompt(content: RecordDict, model: APTViT, data: NodeData, config: AppConfig) -> Prompt:

@@ -41,7 +41,7 @@ from common.model import APTViT
 from common.probe import fit_probe
 from common.prompt import Prompt
 
-__all__ = ["TrainConfig", "evaluate", "probe_init_head", "source_density", "train_prompt"]
+__all__ = ["TrainConfig", "evaluate", "planned_epochs", "probe_init_head", "source_density", "train_prompt"]
 
 
 @dataclass
@@ -162,7 +162,7 @@ def train_prompt(
         raise ValueError("the training loader is empty; this source has no examples")
     start = time.perf_counter()
     probe_l2 = probe_init_head(model, prompt, loader, cache) if config.probe_init and _head_is_zero(prompt) else math.nan
-    epochs = max(config.epochs, math.ceil(config.min_steps / batches))
+    epochs = planned_epochs(batches, config)
     validate = (lambda: _validation_loss(model, prompt, val_loader, cache)) if val_loader is not None else None
     best = _Best(validate(), 0, prompt) if validate else None
     optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -181,6 +181,11 @@ def train_prompt(
                    "selected_epoch": best.epoch if best else epochs,
                    "val_loss": best.loss if best else math.nan, "probe_l2": probe_l2,
                    "seconds": time.perf_counter() - start}
+
+
+def planned_epochs(batches: int, config: TrainConfig) -> int:
+    """Epochs the recipe runs over ``batches`` batches per epoch: ``epochs``, or more to reach ``min_steps``."""
+    return max(config.epochs, math.ceil(config.min_steps / batches))
 
 
 class _Best:

@@ -1,28 +1,35 @@
-"""Composed pool vs paragon vs FedAvg vs each source alone, for 1..20 sources (Fashion-MNIST).
+"""Composed pool vs paragon vs FedAvg vs linear probes, for 1..20 sources (Fashion-MNIST).
 
 For every partitioner (IID, Dirichlet α) and number of sources N, a fixed random subset of
-Fashion-MNIST is split into N sources and
+Fashion-MNIST is split into N sources (each keeps 10% of its images as its validation
+split, as the product's ClientApp does) and
 
 * **composed**: each source trains its own prompt through the product's Flower apps
   (``server.server_app.main`` + the ClientApp handlers in ``flwr.simulation``, mode
-  ``alacarte``); the pool's prompts are composed uniformly (``compose_probs``), and
-  weighted per image by each source's density (``composed_density``: ``common.density``,
-  fitted on exactly the images that source's ClientApp trained on);
-* **paragon**: one prompt trained on the union of all sources, same epochs (``train_prompt``);
-* **FedAvg**: one shared prompt through the same Flower apps, mode ``fedavg``, with
-  rounds × local epochs = the same number of epochs;
-* **alone**: each pool prompt by itself (mean over sources).
+  ``alacarte``, the product's recipe: probe-initialised head, tuning kept only where the
+  source's validation loss improves); the pool's prompts are composed uniformly and
+  weighted per image by the density each source shipped with its prompt (``composed_density``);
+* **paragon**: one prompt trained with the same recipe on the union of the sources' training
+  images, selecting on the union of their validation splits;
+* **FedAvg**: one shared prompt through the same Flower apps, mode ``fedavg``: one local epoch
+  per round and as many rounds as the paragon has epochs, so the optimiser steps of all
+  clients together match the paragon's (each method's step count is reported);
+* **alone**: each pool prompt by itself (mean over sources);
+* **probes**: references on the frozen backbone's pooled features of the same training
+  images: each source's linear probe, composed uniformly and density-weighted, and one probe
+  on the union (``common.probe``, L2 by cross-validation on the training images).
 
 The "à-la-carte subset" curve takes random subsets of one pool and compares their
 composition with a paragon trained on exactly that subset's data.
 
 Every method reads the backbone keys/values of the same precomputed fp16 bank (the Flower
 clients too: all clients run in one Ray worker, which gets the bank as its KV cache), and
-every accuracy is measured on the same held-out test images.
+every accuracy is measured on the same held-out test images; no choice is made on them.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +38,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.density import SourceDensity, density_weights
-from common.model import APTViT, compose_probs
+from common.compose import compose_probs, density_weights
+from common.model import APTViT
+from common.train import planned_epochs
 from simulations.common import (
     BackboneSpec,
     Bank,
+    BankProbe,
     Federation,
     Stopwatch,
     accuracy,
@@ -48,6 +57,7 @@ from simulations.common import (
     partition_shards,
     pool_prompts,
     product_run_config,
+    recipe,
     run_federations,
     save_figure,
     select_profile,
@@ -60,18 +70,19 @@ from simulations.common import (
 
 NAME = "alacarte_vs_paragon"
 NUM_CLASSES = 10
+VAL_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
 class Settings:
     """Sizes of one run (see the module doc)."""
 
-    train_images: int  # union of all sources
+    train_images: int  # union of all sources (each keeps VAL_FRACTION for validation)
     test_images: int
     sources: tuple[int, ...]
     partitions: tuple[str, ...]  # "iid" or "dirichlet-<alpha>"
     epochs: int
-    fedavg_local_epochs: int
+    min_steps: int
     batch_size: int
     lr: float
     subset_pool: int  # N of the IID pool the subset curve draws from
@@ -79,9 +90,9 @@ class Settings:
     subset_draws: int
 
 
-TINY = Settings(48, 32, (2,), ("iid",), 1, 1, 16, 3e-3, 2, (1,), 1)
-QUICK = Settings(96, 96, (1, 4), ("iid", "dirichlet-0.1"), 6, 2, 16, 1e-2, 4, (1, 2), 1)
-FULL = Settings(600, 500, (1, 2, 5, 10, 20), ("iid", "dirichlet-0.1", "dirichlet-1"), 10, 2, 16, 1e-2,
+TINY = Settings(48, 32, (2,), ("iid",), 1, 0, 16, 3e-3, 2, (1,), 1)
+QUICK = Settings(200, 200, (1, 4), ("iid", "dirichlet-0.1"), 5, 20, 32, 3e-3, 4, (1, 2), 1)
+FULL = Settings(2000, 1000, (1, 2, 5, 10, 20), ("iid", "dirichlet-0.1", "dirichlet-1"), 10, 100, 32, 3e-3,
                 10, (1, 2, 5), 2)
 
 
@@ -112,35 +123,54 @@ def federations(s: Settings, spec: BackboneSpec, data_dir: Path, work: Path, see
             if n == 1 and label != s.partitions[0]:
                 continue
             common = {"partitioner": part.partitioner, "dirichlet-alpha": part.alpha, "partition-seed": seed,
-                      "batch-size": s.batch_size, "learning-rate": s.lr}
-            for mode, rounds, local in (("alacarte", 1, s.epochs),
-                                        ("fedavg", s.epochs // s.fedavg_local_epochs, s.fedavg_local_epochs)):
+                      "batch-size": s.batch_size, "learning-rate": s.lr, "val-fraction": VAL_FRACTION}
+            for mode, rounds, local, min_steps in (("alacarte", 1, s.epochs, s.min_steps),
+                                                   ("fedavg", s.epochs, 1, 0)):
                 name = f"{label}-{n}-{mode}"
                 pool = work / "pools" / name
                 shutil.rmtree(pool, ignore_errors=True)
                 config = product_run_config(spec, data_dir, pool, mode=mode, **common,
-                                            **{"num-server-rounds": rounds, "local-epochs": local})
+                                            **{"num-server-rounds": rounds, "local-epochs": local,
+                                               "min-steps": min_steps})
                 runs.append(Federation(name, config, list(range(n)), n))
     return runs
 
 
-def paragon(model: APTViT, bank: Bank, indices: np.ndarray, s: Settings, seed: int):
-    """One prompt over every class trained on ``indices`` (the union), same epochs/batch/lr."""
+def steps(n_images: int, s: Settings, epochs: int | None = None, min_steps: int | None = None) -> int:
+    """Optimiser steps of the recipe on ``n_images`` (as ``train_prompt`` plans them)."""
+    batches = math.ceil(n_images / s.batch_size)
+    config = recipe(s.epochs if epochs is None else epochs, s.lr, s.min_steps if min_steps is None else min_steps)
+    return planned_epochs(batches, config) * batches
+
+
+def paragon(model: APTViT, bank: Bank, shards: list[tuple[np.ndarray, np.ndarray]], s: Settings, seed: int):
+    """One prompt over every class, the recipe on the union of ``shards`` (selection on their validation)."""
+    train, val = (np.concatenate([x[i] for x in shards]) for i in (0, 1))
     prompt = fresh_prompt(model, NUM_CLASSES, seed=seed, source="paragon")
-    train_on_bank(model, prompt, bank, indices, s.epochs, s.batch_size, s.lr, seed)
+    train_on_bank(model, prompt, bank, train, recipe(s.epochs, s.lr, s.min_steps), s.batch_size, seed, val)
     return prompt
 
 
-def density_accuracy(logits: torch.Tensor, densities: list[SourceDensity], test: Bank) -> float:
-    """Accuracy of the prompts ``logits [k, n, C]`` composed with their sources' density weights."""
+def density_accuracy(logits: torch.Tensor, densities: list, test: Bank) -> float:
+    """Accuracy of ``logits [k, n, C]`` composed with these source densities' weights."""
     weights = density_weights(densities, torch.as_tensor(test.features))
     return accuracy(compose_probs(logits, weights), test.labels)
 
 
+def probe_rows(train: Bank, test: Bank, shards: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Per-source linear probes composed (uniform, density) and one probe on the union."""
+    logits = torch.stack([BankProbe.fit(train, x).logits(test, NUM_CLASSES) for x, _ in shards])
+    union = BankProbe.fit(train, np.concatenate([x for x, _ in shards]))
+    return {"probes_composed": composed_accuracy(logits, test.labels),
+            "probes_composed_density": density_accuracy(logits, [train.density_of(x) for x, _ in shards], test),
+            "union_probe": accuracy(union.logits(test, NUM_CLASSES).softmax(-1), test.labels)}
+
+
 def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_dir: Path, train: Bank,
                     test: Bank, paragon_acc: float, seed: int) -> list[dict]:
-    """One row per (partitioning, N): accuracies of the four methods and the gap to the paragon."""
+    """One row per (partitioning, N): accuracies of every method, gaps to the paragon, step counts."""
     rows = []
+    union_train = sum(len(x) for x, _ in partition_shards(data_dir, 1, "iid", 0.5, seed, VAL_FRACTION))
     for label in s.partitions:
         part = Partitioning.parse(label)
         for n in s.sources:
@@ -149,19 +179,22 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
             logits = bank_logits(model, test, prompts)
             alone = [accuracy(logits[i].softmax(-1), test.labels) for i in range(len(prompts))]
             shared = list(pool_prompts(Path(runs[f"{key}-fedavg"].run_config["pool-dir"]), model).values())
-            shards = partition_shards(data_dir, n, part.partitioner, part.alpha, seed)
-            sizes = [len(x) for x in shards]
+            shards = partition_shards(data_dir, n, part.partitioner, part.alpha, seed, VAL_FRACTION)
+            sizes = [len(x) for x, _ in shards]
             composed = composed_accuracy(logits, test.labels)
-            density = density_accuracy(logits, [train.density_of(x) for x in shards], test)
+            density = density_accuracy(logits, [p.density for p in prompts], test)
             rows.append({
                 "partition": label, "sources": n, "prompts_in_pool": len(prompts),
-                "images_per_source_mean": float(np.mean(sizes)), "images_per_source_min": min(sizes),
-                "images_per_source_max": max(sizes),
+                "train_images_per_source_mean": float(np.mean(sizes)), "train_images_per_source_min": min(sizes),
+                "train_images_per_source_max": max(sizes),
                 "composed": composed, "composed_density": density, "paragon": paragon_acc,
                 "fedavg": composed_accuracy(bank_logits(model, test, shared), test.labels),
                 "alone_mean": float(np.mean(alone)), "alone_min": min(alone), "alone_max": max(alone),
+                **probe_rows(train, test, shards),
                 "gap_points": round(100 * (paragon_acc - composed), 2),
                 "gap_density_points": round(100 * (paragon_acc - density), 2),
+                "steps_alacarte": sum(steps(x, s) for x in sizes), "steps_paragon": steps(union_train, s),
+                "steps_fedavg": s.epochs * sum(steps(x, s, epochs=1, min_steps=0) for x in sizes),
                 "alacarte_seconds": round(runs[f"{key}-alacarte"].seconds, 1),
                 "fedavg_seconds": round(runs[f"{key}-fedavg"].seconds, 1),
             })
@@ -172,23 +205,23 @@ def subset_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_di
                 test: Bank, seed: int) -> list[dict]:
     """Random subsets of the IID pool: composed subset vs a paragon trained on that subset's data."""
     n = s.subset_pool
-    pool = Path(runs[f"iid-{n}-alacarte"].run_config["pool-dir"])
-    logits = bank_logits(model, test, list(pool_prompts(pool, model).values()))
-    shards = partition_shards(data_dir, n, "iid", 0.5, seed)
-    densities = [train.density_of(x) for x in shards]
+    pool = list(pool_prompts(Path(runs[f"iid-{n}-alacarte"].run_config["pool-dir"]), model).values())
+    logits = bank_logits(model, test, pool)
+    shards = partition_shards(data_dir, n, "iid", 0.5, seed, VAL_FRACTION)
     rng = np.random.default_rng(seed)
     rows = []
     for size in s.subset_sizes:
         for draw in range(s.subset_draws):
             chosen = sorted(int(i) for i in rng.choice(n, size=size, replace=False))
-            union = np.concatenate([shards[i] for i in chosen])
             composed = composed_accuracy(logits, test.labels, chosen)
-            density = density_accuracy(logits[chosen], [densities[i] for i in chosen], test)
-            para = accuracy(bank_logits(model, test, [paragon(model, train, union, s, seed)])[0].softmax(-1),
-                            test.labels)
+            density = density_accuracy(logits[chosen], [pool[i].density for i in chosen], test)
+            para = paragon(model, train, [shards[i] for i in chosen], s, seed)
+            para_acc = accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)
             rows.append({"subset_size": size, "draw": draw, "sources": " ".join(map(str, chosen)),
-                         "images": len(union), "composed": composed, "composed_density": density, "paragon": para,
-                         "gap_points": round(100 * (para - composed), 2)})
+                         "train_images": sum(len(shards[i][0]) for i in chosen), "composed": composed,
+                         "composed_density": density, "paragon": para_acc,
+                         "gap_points": round(100 * (para_acc - composed), 2),
+                         "gap_density_points": round(100 * (para_acc - density), 2)})
     return rows
 
 
@@ -198,8 +231,8 @@ def plot_comparison(rows: list[dict], s: Settings, path: Path) -> Path:
     for ax, label in zip(axes[0], s.partitions):
         part = [r for r in rows if r["partition"] == label]
         xs = [r["sources"] for r in part]
-        for key, style in (("paragon", "k--"), ("composed", "o-"), ("composed_density", "D-"), ("fedavg", "s-"),
-                           ("alone_mean", "^:")):
+        for key, style in (("paragon", "k--"), ("union_probe", "k:"), ("composed", "o-"), ("composed_density", "D-"),
+                           ("probes_composed_density", "x--"), ("fedavg", "s-"), ("alone_mean", "^:")):
             ax.plot(xs, [100 * r[key] for r in part], style, label=key.replace("_mean", " (mean)"))
         ax.set(xscale="log", xticks=xs, xticklabels=[str(x) for x in xs], xlabel="sources",
                ylabel="test accuracy (%)", title=label)
@@ -229,9 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     configure_logging()
     s, label = select_profile(args, TINY, QUICK, FULL)
-    if s.subset_pool not in s.sources or "iid" not in s.partitions or s.epochs % s.fedavg_local_epochs:
-        raise SystemExit("settings: subset_pool must be one of sources, 'iid' among partitions, and "
-                         "fedavg_local_epochs must divide epochs")
+    if s.subset_pool not in s.sources or "iid" not in s.partitions:
+        raise SystemExit("settings: subset_pool must be one of sources and 'iid' among partitions")
     clock = Stopwatch()
     spec = backbone_spec(args.tiny)
     model = spec.load()
@@ -239,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = federations(s, spec, data_dir, args.work_dir, args.seed)
     run_federations(runs, max(s.sources), train.root)
     by_name = {r.name: r for r in runs}
-    para = paragon(model, train, train.index, s, args.seed)
+    para = paragon(model, train, partition_shards(data_dir, 1, "iid", 0.5, args.seed, VAL_FRACTION), s, args.seed)
     paragon_acc = accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)
     rows = comparison_rows(s, by_name, model, data_dir, train, test, paragon_acc, args.seed)
     subsets = subset_rows(s, by_name, model, data_dir, train, test, args.seed)
@@ -252,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
         "comparison": rows, "subsets": subsets,
         "max_gap_points": max(r["gap_points"] for r in rows),
         "max_gap_density_points": max(r["gap_density_points"] for r in rows),
+        "density_within_3_points": sum(r["gap_density_points"] <= 3 for r in rows),
+        "density_not_below_probes": sum(r["composed_density"] >= r["probes_composed_density"] for r in rows),
         "plots": [plot_comparison(rows, s, args.out / "accuracy_vs_sources.png").name,
                   plot_subsets(subsets, args.out / "subsets.png").name],
     }

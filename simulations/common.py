@@ -51,7 +51,9 @@ from common.assets import default_checkpoint, write_idx_gz  # noqa: E402
 from common.data import RawDataset, Shard, backbone_transform, limit_per_partition, load_split  # noqa: E402
 from common.density import SourceDensity  # noqa: E402
 from common.kv_cache import KVCache  # noqa: E402
-from common.model import APTViT, compose_probs, load_backbone  # noqa: E402
+from common.compose import compose_probs  # noqa: E402
+from common.model import APTViT, load_backbone  # noqa: E402
+from common.probe import LinearProbe, fit_probe  # noqa: E402
 from common.prompt import Prompt  # noqa: E402
 from common.train import TrainConfig, train_prompt  # noqa: E402
 
@@ -308,11 +310,41 @@ def fresh_prompt(model: APTViT, num_classes: int, seed: int, labels: Iterable[in
                        source=source)
 
 
-def train_on_bank(model: APTViT, prompt: Prompt, bank: Bank, indices: np.ndarray, epochs: int,
-                  batch_size: int, lr: float, seed: int) -> dict[str, float]:
-    """The product's ``train_prompt`` on ``indices`` of ``bank`` (KV from the bank, no backbone)."""
-    config = TrainConfig(epochs=epochs, lr=lr, progress=False)
-    return train_prompt(model, prompt, bank.loader(indices, batch_size, seed), config, cache=bank.cache)
+def train_on_bank(model: APTViT, prompt: Prompt, bank: Bank, indices: np.ndarray, config: TrainConfig,
+                  batch_size: int, seed: int, val_indices: np.ndarray | None = None) -> dict[str, float]:
+    """The product's recipe (``train_prompt``) on ``indices`` of ``bank``, selecting on
+    ``val_indices`` when given (KV from the bank, no backbone)."""
+    val = bank.loader(val_indices, batch_size) if val_indices is not None and len(val_indices) else None
+    return train_prompt(model, prompt, bank.loader(indices, batch_size, seed), config, cache=bank.cache,
+                        val_loader=val)
+
+
+def recipe(epochs: int, lr: float, min_steps: int = 100) -> TrainConfig:
+    """The product's training recipe with these epochs / learning rate, quiet."""
+    return TrainConfig(epochs=epochs, lr=lr, min_steps=min_steps, progress=False)
+
+
+@dataclass(frozen=True)
+class BankProbe:
+    """A linear probe on the bank's pooled backbone features over ``classes`` (global labels)."""
+
+    probe: LinearProbe
+    classes: tuple[int, ...]
+
+    @classmethod
+    def fit(cls, bank: Bank, indices: np.ndarray) -> BankProbe:
+        """Fit on the images ``indices`` of ``bank`` (L2 chosen by cross-validation on them)."""
+        labels = bank.labels_of(indices)
+        classes = tuple(sorted(set(labels.tolist())))
+        local = torch.as_tensor(np.searchsorted(classes, labels))
+        return cls(fit_probe(torch.as_tensor(bank.features[bank.slots_of(indices)]), local, len(classes)), classes)
+
+    def logits(self, bank: Bank, num_classes: int, indices: np.ndarray | None = None) -> torch.Tensor:
+        """Logits ``[n, num_classes]`` on ``indices`` (default: the whole bank), ``-inf`` outside its classes."""
+        feats = bank.features if indices is None else bank.features[bank.slots_of(indices)]
+        out = torch.full((len(feats), num_classes), float("-inf"))
+        out[:, list(self.classes)] = self.probe.logits(torch.as_tensor(feats)).float()
+        return out
 
 
 @torch.no_grad()
@@ -511,9 +543,9 @@ def run_federations(federations: list[Federation], num_supernodes: int, bank_dir
 def product_run_config(spec: BackboneSpec, data_dir: Path, pool_dir: Path, **overrides: Any) -> dict[str, Any]:
     """Run config of a simulated federation over an IDX subset: no server test split nor
     federated evaluation (the experiments evaluate on their own bank), every shard image
-    used for training."""
+    used (10% of each as the source's validation split, as in the product)."""
     return {**spec.run_config(), "dataset": "fashion_mnist", "data-dir": str(data_dir), "pool-dir": str(pool_dir),
-            "examples-per-source": 0, "val-fraction": 0.0, "test-examples": 0, "federated-eval": False,
+            "examples-per-source": 0, "val-fraction": 0.1, "test-examples": 0, "federated-eval": False,
             "kv-cache": True, **overrides}
 
 
@@ -531,13 +563,14 @@ def _source_order(source: str) -> tuple[int, str]:
 
 
 def partition_shards(data_dir: Path, num_partitions: int, partitioner: str, alpha: float,
-                     seed: int) -> list[np.ndarray]:
-    """The training indices each partition's ClientApp uses (same call as the product's)."""
+                     seed: int, val_fraction: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train, validation) indices each partition's ClientApp uses (same call as the product's)."""
     from common.data import load_client_shard
 
-    return [load_client_shard("fashion_mnist", str(data_dir), pid, num_partitions, partitioner, alpha=alpha,
-                              seed=seed, max_examples=None, val_fraction=0.0, transform=lambda x: x)[0].indices
-            for pid in range(num_partitions)]
+    return [tuple(s.indices for s in load_client_shard(
+        "fashion_mnist", str(data_dir), pid, num_partitions, partitioner, alpha=alpha, seed=seed,
+        max_examples=None, val_fraction=val_fraction, transform=lambda x: x))
+        for pid in range(num_partitions)]
 
 
 # --------------------------------------------------------------------------- results

@@ -49,40 +49,122 @@ def figures(folder: Path, payload: dict, output: Path) -> str:
     return "\n\n".join(f"![{name}]({os.path.relpath(folder / name, output.parent)})" for name in payload["plots"])
 
 
+def main_job_section(folder: Path, payload: dict, output: Path) -> str:
+    s = payload["setup"]
+    rows = payload["sources"]
+    prompts, probes = payload["composed_prompts"], payload["composed_probes"]
+    body = [
+        "## 0. The main job against linear probes on the same images",
+        "`python -m simulations.main_job` — the README's main job (5 sources, Dirichlet(1.0), 400 images each of "
+        "which 10% is the source's validation split) rebuilt with the product's partitioning. Each source's "
+        f"prompt ({s['prompts']}) against a linear probe fitted on the frozen backbone's pooled features of the "
+        "same training images (`common.probe`, L2 chosen by 5-fold cross-validation on those images); on the "
+        f"server's {s['test_images']} test images.",
+        setup_line(s, f"{sum(r['train_images'] for r in rows)} training images over {len(rows)} sources"),
+        table(["source", "train images", "classes", "linear probe", "prompt", "prompt − probe (points)"],
+              [[r["source"], r["train_images"], r["classes"], pct(r["probe"]), pct(r["prompt"]),
+                f"{r['prompt_minus_probe_points']:+.1f}"] for r in rows]),
+        table(["composition", "uniform", "density-weighted"],
+              [["prompts", pct(prompts["uniform"]), pct(prompts["density"])],
+               ["per-source linear probes", pct(probes["uniform"]), pct(probes["density"])],
+               ["one linear probe on the union (paragon of probing)", pct(payload["union_probe"]), "–"]]),
+    ]
+    if "sweep" in payload:
+        body += [
+            "### Choosing the recipe's defaults (validation images, never the test images)",
+            "Every (learning rate, epochs) pair trains the five prompts (at least the default minimum of steps); "
+            "each is scored on images of the training split outside every source's shard. The product's defaults "
+            "are the row with the best mean per-source validation accuracy.",
+            table(["lr", "epochs", "per-source val. accuracy (mean)", "composed uniform (val.)",
+                   "composed density (val.)", "kept epochs", "steps"],
+                  [[r["lr"], r["epochs"], pct(r["val_alone_mean"]), pct(r["val_composed_uniform"]),
+                    pct(r["val_composed_density"]), r["kept_epochs"], r["steps"]] for r in payload["sweep"]]),
+        ]
+    return "\n\n".join(body)
+
+
+def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:
+    s = payload["setup"]
+    rows = payload["curve"]
+    body = [
+        "## 0b. Where prompt tuning starts to beat a linear probe",
+        "`python -m simulations.probe_curve` — one IID source of n images (10% its validation split) trains a "
+        "linear probe, a prompt with the product's recipe (probe-initialised head, tuning kept only where the "
+        "validation loss improves: *kept epoch* 0 means the probe-initialised prompt was kept), and the same "
+        f"prompt's last tuning epoch without that selection; {s['settings']['epochs']} epochs, at least "
+        f"{s['settings']['min_steps']} steps, lr {s['settings']['lr']}.",
+        setup_line(s, f"{s['test_images']} test images"),
+        table(["images", "train / val", "linear probe", "prompt (recipe)", "kept epoch", "prompt, last epoch",
+               "recipe − probe (points)", "last epoch − probe (points)"],
+              [[r["images"], f"{r['train_images']} / {r['val_images']}", pct(r["probe"]), pct(r["prompt"]),
+                r["kept_epoch"], pct(r["prompt_last_epoch"]), f"{r['prompt_minus_probe_points']:+.1f}",
+                f"{r['last_epoch_minus_probe_points']:+.1f}"] for r in rows]),
+        figures(folder, payload, output),
+    ]
+    return "\n\n".join(body)
+
+
+def tune_density_section(folder: Path, payload: dict, output: Path) -> str:
+    s = payload["setup"]
+    best = payload["chosen"]
+    body = [
+        "## 0c. Choosing the density's temperature, floor and rank (validation images)",
+        "`python -m simulations.tune_density` — training-split images only: sources (label-skewed and "
+        "disjoint-class partitions) fit a linear probe and a density each on their own images, and every grid "
+        "point is scored by the density-weighted composition's accuracy on other training-split images. The "
+        "product's constants (`common.compose.TEMPERATURE_PER_DIM`, `common.density.VARIANCE_FLOOR`, "
+        "`DEFAULT_RANK`) are the best mean over partitions.",
+        setup_line(s, f"{s['train_images']} training / {s['val_images']} validation images"),
+        f"**Chosen: rank {best['rank']}, floor {best['floor']}, temperature {best['temperature_per_dim']:g} × D** "
+        f"(mean validation accuracy {pct(best['mean_val_accuracy'])}).",
+        table(["partition", "uniform (val.)", "density at the chosen point (val.)"],
+              [[name, pct(next(r["uniform"] for r in payload["grid"] if r["partition"] == name)), pct(acc)]
+               for name, acc in best["per_partition"].items()]),
+    ]
+    return "\n\n".join(body)
+
+
 def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
     s = payload["setup"]
+    st = s["settings"]
     rows = payload["comparison"]
     met = sum(r["gap_points"] <= GOAL_POINTS for r in rows)
-    met_density = sum(r["gap_density_points"] <= GOAL_POINTS for r in rows)
     body = [
-        "## 1. Composed pool vs paragon vs FedAvg vs each source alone",
+        "## 1. Composed pool vs paragon vs FedAvg vs linear probes",
         f"`python -m simulations.alacarte_vs_paragon` — {s['dataset']}; the union of all sources is the same "
-        f"{s['train_images']} training images for every N; test accuracy on {s['test_images']} held-out test images. "
-        f"Pool prompts and FedAvg come from the product's Flower apps in `flwr.simulation`; {s['settings']['epochs']} "
-        f"epochs for every method (FedAvg: {s['settings']['epochs'] // s['settings']['fedavg_local_epochs']} rounds × "
-        f"{s['settings']['fedavg_local_epochs']} local epochs); batch {s['settings']['batch_size']}, "
-        f"lr {s['settings']['lr']}. *composed*: uniform mean of the pool's prompts; *density*: the same prompts "
-        "weighted per image by each source's feature density (`common.density`, fitted on that source's own "
-        "images; its temperature and variance floor were chosen on these experiments' test images, so its gains "
-        "are slightly optimistic). Gap = paragon − composed, in points.",
-        setup_line(s, f"{s['train_images']} training images split over N sources (images per source in the table)"),
-        table(["partition", "N", "images/source mean (min–max)", "composed", "density", "paragon", "FedAvg",
-               "alone (mean)", "gap (points)", "gap, density"],
-              [[r["partition"], r["sources"], f"{r['images_per_source_mean']:.0f} ({r['images_per_source_min']}–"
-                f"{r['images_per_source_max']})", pct(r["composed"]), pct(r["composed_density"]), pct(r["paragon"]),
-                pct(r["fedavg"]), pct(r["alone_mean"]), f"{r['gap_points']:+.1f}", f"{r['gap_density_points']:+.1f}"]
-               for r in rows]),
-        f"**Goal (composed within {GOAL_POINTS:.0f} points of the paragon): met in {met} of {len(rows)} "
-        f"configurations (density-weighted: {met_density}); largest gap {payload['max_gap_points']:+.1f} points "
-        f"(density-weighted: {payload['max_gap_density_points']:+.1f}).**",
+        f"{s['train_images']} images for every N (each source keeps 10% as its validation split); test accuracy "
+        f"on {s['test_images']} held-out test images. Pool prompts and FedAvg come from the product's Flower apps "
+        f"in `flwr.simulation`. Every prompt uses the product's recipe ({st['epochs']} epochs, at least "
+        f"{st['min_steps']} steps, lr {st['lr']}, batch {st['batch_size']}; probe-initialised head; selection on "
+        "validation loss); the paragon trains on the union and selects on the union of the validation splits; "
+        f"FedAvg runs {st['epochs']} rounds of one local epoch, so all its clients' steps together match the "
+        "paragon's (step counts in the table). *composed*: uniform mean of the pool's prompts; *density*: "
+        "weighted per image by the density each source shipped with its prompt. *probes*: linear probes on the "
+        "same training images (per source, composed with density weights; one on the union). Gap = paragon − "
+        "composed, in points.",
+        setup_line(s, f"{s['train_images']} images split over N sources (training images per source in the table)"),
+        table(["partition", "N", "train images/source mean (min–max)", "composed", "density", "paragon",
+               "union probe", "probes composed (density)", "FedAvg", "alone (mean)", "gap", "gap, density",
+               "steps: à-la-carte / paragon / FedAvg"],
+              [[r["partition"], r["sources"], f"{r['train_images_per_source_mean']:.0f} "
+                f"({r['train_images_per_source_min']}–{r['train_images_per_source_max']})", pct(r["composed"]),
+                pct(r["composed_density"]), pct(r["paragon"]), pct(r["union_probe"]),
+                f"{pct(r['probes_composed'])} ({pct(r['probes_composed_density'])})", pct(r["fedavg"]),
+                pct(r["alone_mean"]), f"{r['gap_points']:+.1f}", f"{r['gap_density_points']:+.1f}",
+                f"{r['steps_alacarte']} / {r['steps_paragon']} / {r['steps_fedavg']}"] for r in rows]),
+        f"**Goal (density composition within {GOAL_POINTS:.0f} points of the paragon): met in "
+        f"{payload['density_within_3_points']} of {len(rows)} configurations (uniform: {met}); largest gap "
+        f"{payload['max_gap_density_points']:+.1f} points (uniform: {payload['max_gap_points']:+.1f}). Density "
+        f"composition of the prompts ≥ composed per-source probes (density) in "
+        f"{payload['density_not_below_probes']} of {len(rows)}.**",
         "### À-la-carte subsets",
-        f"Random subsets of the IID pool of {s['settings']['subset_pool']} sources, composed, vs a paragon trained on "
-        "exactly the union of the chosen sources' data (same epochs).",
-        table(["subset size", "draw", "sources", "images", "composed", "density", "paragon on subset",
-               "gap (points)"],
-              [[r["subset_size"], r["draw"], r["sources"], r["images"], pct(r["composed"]),
-                pct(r["composed_density"]), pct(r["paragon"]), f"{r['gap_points']:+.1f}"]
-               for r in payload["subsets"]]),
+        f"Random subsets of the IID pool of {st['subset_pool']} sources, composed, vs a paragon trained with the "
+        "same recipe on exactly the union of the chosen sources' data.",
+        table(["subset size", "draw", "sources", "train images", "composed", "density", "paragon on subset",
+               "gap", "gap, density"],
+              [[r["subset_size"], r["draw"], r["sources"], r["train_images"], pct(r["composed"]),
+                pct(r["composed_density"]), pct(r["paragon"]), f"{r['gap_points']:+.1f}",
+                f"{r['gap_density_points']:+.1f}"] for r in payload["subsets"]]),
         figures(folder, payload, output),
     ]
     return "\n\n".join(body)
@@ -170,6 +252,9 @@ def cost_section(folder: Path, payload: dict, output: Path) -> str:
 
 
 SECTIONS: list[tuple[str, Callable[[Path, dict, Path], str]]] = [
+    ("main_job", main_job_section),
+    ("probe_curve", probe_curve_section),
+    ("tune_density", tune_density_section),
     ("alacarte_vs_paragon", alacarte_section),
     ("class_incremental", class_incremental_section),
     ("forgetting", forgetting_section),

@@ -1,0 +1,198 @@
+"""The main job's sources against linear probes on exactly their images.
+
+The README's main job (``flwr run .`` with the defaults of ``pyproject.toml``: 5 sources,
+Dirichlet(1.0), 400 images each of which 10% is the source's validation split, DINOv2
+ViT-S/14 at 112 px) is rebuilt here with the product's own partitioning, and on the
+server's 1,000 test images it compares
+
+* each source's **prompt** (trained here with the product's recipe, ``common.train``, on
+  the same train/validation split as its ClientApp, or read from a pool that ``flwr run``
+  filled: ``--pool``) with a **linear probe** fitted on the frozen backbone's pooled
+  features of the same training images (``common.probe``, L2 by cross-validation);
+* the composition of the prompts (uniform and density-weighted) with the composition of
+  the per-source probes (same two weightings) and with **one probe on the union** of the
+  sources' training images (the paragon of linear probing).
+
+``--sweep`` also chooses the recipe's defaults: every (learning rate, epochs) of a small grid
+trains the five prompts, scored on 1,000 *validation* images drawn from the training split
+outside every source's shard (never on the test images).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.compose import compose_probs, density_weights
+from common.config import AppConfig
+from common.data import limit_per_partition, load_client_shard, load_split
+from common.model import APTViT
+from common.prompt import Prompt
+from simulations.common import (
+    Bank,
+    BankProbe,
+    Stopwatch,
+    accuracy,
+    backbone_spec,
+    bank_logits,
+    base_parser,
+    build_bank,
+    configure_logging,
+    fresh_prompt,
+    pool_prompts,
+    recipe,
+    select_profile,
+    setup_record,
+    train_on_bank,
+    write_csv,
+    write_json,
+)
+
+NAME = "main_job"
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to run besides the comparison (the shards are always the main job's)."""
+
+    sweep_lrs: tuple[float, ...]
+    sweep_epochs: tuple[int, ...]
+    validation_images: int
+
+
+TINY = Settings((3e-3,), (1,), 32)
+QUICK = Settings((3e-3,), (10,), 200)
+FULL = Settings((1e-3, 3e-3, 1e-2), (5, 10, 20), 1000)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of the main job: its ClientApp's train and validation indices."""
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+
+
+def main_job_sources(config: AppConfig) -> list[Source]:
+    """The five sources exactly as the ClientApps of ``flwr run .`` split them."""
+    return [Source(f"source-{pid}", *(s.indices for s in load_client_shard(
+        config.dataset, config.data_path(), pid, 5, config.partitioner, alpha=config.dirichlet_alpha,
+        seed=config.partition_seed, max_examples=config.examples_per_source or None,
+        val_fraction=config.val_fraction, transform=lambda x: x))) for pid in range(5)]
+
+
+def validation_indices(sources: list[Source], n: int, seed: int) -> np.ndarray:
+    """``n`` training-split images outside every source's shard (for choosing the defaults)."""
+    used = np.concatenate([np.concatenate([s.train, s.val]) for s in sources])
+    labels = load_split("fashion_mnist", None, "train").labels
+    free = np.setdiff1d(np.arange(len(labels)), used)
+    return limit_per_partition(free, n, seed + 1)
+
+
+def train_prompts(model: APTViT, bank: Bank, sources: list[Source], config: AppConfig, lr: float,
+                  epochs: int) -> tuple[list[Prompt], list[dict]]:
+    """Each source's prompt with the product's recipe on its own train/validation split."""
+    prompts, metrics = [], []
+    for src in sources:
+        labels = sorted(set(bank.labels_of(src.train).tolist()))
+        prompt = fresh_prompt(model, NUM_CLASSES, seed=0, labels=labels, source=src.name)
+        metrics.append(train_on_bank(model, prompt, bank, src.train, recipe(epochs, lr, config.min_steps),
+                                     config.batch_size, config.partition_seed, src.val))
+        prompt.density = bank.density_of(src.train)
+        prompts.append(prompt)
+    return prompts, metrics
+
+
+def composed(logits: torch.Tensor, densities: list, bank: Bank, indices: np.ndarray | None = None) -> dict[str, float]:
+    """Uniform and density-weighted accuracy of ``logits [k, n, C]`` on ``indices`` of ``bank`` (default: all)."""
+    indices = bank.index if indices is None else indices
+    labels = bank.labels_of(indices)
+    feats = torch.as_tensor(bank.features[bank.slots_of(indices)])
+    return {"uniform": accuracy(compose_probs(logits), labels),
+            "density": accuracy(compose_probs(logits, density_weights(densities, feats)), labels)}
+
+
+def comparison(model: APTViT, train: Bank, test: Bank, sources: list[Source], prompts: list[Prompt]) -> dict:
+    """Per-source prompt vs probe (fitted on ``train``), and every composition, on the ``test`` bank."""
+    probes = [BankProbe.fit(train, s.train) for s in sources]
+    densities = [train.density_of(s.train) for s in sources]
+    prompt_logits = bank_logits(model, test, prompts)
+    probe_logits = torch.stack([p.logits(test, NUM_CLASSES) for p in probes])
+    union = BankProbe.fit(train, np.concatenate([s.train for s in sources]))
+    rows = [{"source": s.name, "train_images": len(s.train), "val_images": len(s.val),
+             "classes": len(probes[i].classes), "probe_l2": probes[i].probe.l2,
+             "probe": accuracy(probe_logits[i].softmax(-1), test.labels),
+             "prompt": accuracy(prompt_logits[i].softmax(-1), test.labels)} for i, s in enumerate(sources)]
+    for row in rows:
+        row["prompt_minus_probe_points"] = round(100 * (row["prompt"] - row["probe"]), 2)
+    return {"sources": rows,
+            "composed_prompts": composed(prompt_logits, densities, test),
+            "composed_probes": composed(probe_logits, densities, test),
+            "union_probe": accuracy(union.logits(test, NUM_CLASSES).softmax(-1), test.labels)}
+
+
+def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
+          s: Settings) -> list[dict]:
+    """Every (lr, epochs) of the grid scored on the held-out validation images."""
+    rows = []
+    labels = bank.labels_of(val)
+    for lr, epochs in itertools.product(s.sweep_lrs, s.sweep_epochs):
+        prompts, metrics = train_prompts(model, bank, sources, config, lr, epochs)
+        logits = bank_logits(model, bank, prompts, val)
+        alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(prompts))]
+        both = composed(logits, [p.density for p in prompts], bank, val)
+        rows.append({"lr": lr, "epochs": epochs, "val_alone_mean": float(np.mean(alone)),
+                     "val_composed_uniform": both["uniform"], "val_composed_density": both["density"],
+                     "kept_epochs": " ".join(str(m["selected_epoch"]) for m in metrics),
+                     "steps": " ".join(str(m["steps"]) for m in metrics)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison (and ``--sweep``); returns the JSON payload it wrote."""
+    parser = base_parser(NAME, __doc__.split("\n\n")[0])
+    parser.add_argument("--pool", type=Path, default=None,
+                        help="read the prompts from this pool (filled by `flwr run .`) instead of training them")
+    parser.add_argument("--sweep", action="store_true", help="also choose lr/epochs on validation images")
+    args = parser.parse_args(argv)
+    configure_logging()
+    s, label = select_profile(args, TINY, QUICK, FULL)
+    clock = Stopwatch()
+    config = AppConfig()
+    spec = backbone_spec(args.tiny)
+    model = spec.load()
+    sources = main_job_sources(config)
+    val = validation_indices(sources, s.validation_images, args.seed)
+    raw = load_split("fashion_mnist", None, "train")
+    bank = build_bank(model, raw, np.concatenate([*(np.concatenate([x.train, x.val]) for x in sources), val]),
+                      args.work_dir / f"bank-train-{model.backbone_name}")
+    raw_test = load_split("fashion_mnist", None, "test")
+    test = limit_per_partition(np.arange(len(raw_test)), config.test_examples, config.partition_seed)
+    test_bank = build_bank(model, raw_test, test, args.work_dir / f"bank-test-{model.backbone_name}")
+    if args.pool:
+        prompts = list(pool_prompts(args.pool, model).values())
+        how = f"read from the pool {args.pool}"
+    else:
+        prompts, _ = train_prompts(model, bank, sources, config, config.learning_rate, config.local_epochs)
+        how = "trained here with the product's recipe and defaults"
+    payload = {"experiment": NAME,
+               "setup": setup_record(spec, s, label, args, prompts=how, test_images=len(test),
+                                     seconds=clock.seconds()),
+               **comparison(model, bank, test_bank, sources, prompts)}
+    if args.sweep:
+        payload["sweep"] = sweep(model, bank, val, sources, config, s)
+        write_csv(args.out / "sweep.csv", payload["sweep"])
+    payload["setup"]["seconds"] = clock.seconds()
+    write_csv(args.out / "sources.csv", payload["sources"])
+    write_json(args.out / "result.json", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

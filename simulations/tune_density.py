@@ -1,0 +1,128 @@
+"""Choosing the density's temperature, variance floor and rank on validation images.
+
+Density-weighted composition (``common.compose``) has three knobs: the posterior temperature
+per feature dimension (``TEMPERATURE_PER_DIM``), the variance floor (``VARIANCE_FLOOR``) and
+the PPCA rank (``DEFAULT_RANK``). They are chosen here, never on test images: 2,000
+Fashion-MNIST training-split images are split into sources by several partitioners (label
+skew of different strength and disjoint classes), each source fits a linear probe and its
+density on its own images, and every grid point is scored by the density-weighted
+composition's accuracy on 1,000 *other* training-split images (the validation set). The
+experts are linear probes rather than prompts so the grid costs seconds; the product's
+prompts start from exactly such a probe (``common.train``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.compose import compose_probs, density_weights
+from common.data import limit_per_partition, load_split
+from common.density import SourceDensity
+from simulations.common import (
+    BankProbe,
+    Stopwatch,
+    accuracy,
+    backbone_spec,
+    base_parser,
+    build_bank,
+    configure_logging,
+    select_profile,
+    setup_record,
+    write_csv,
+    write_json,
+)
+
+NAME = "tune_density"
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and the grid."""
+
+    train_images: int
+    val_images: int
+    partitions: tuple[str, ...]  # "dirichlet-<alpha>-<sources>" or "classes-<sources>"
+    temperatures: tuple[float, ...]  # per feature dimension
+    floors: tuple[float, ...]
+    ranks: tuple[int, ...]
+
+
+TINY = Settings(64, 32, ("dirichlet-1.0-2",), (0.25,), (0.1,), (2,))
+QUICK = Settings(600, 300, ("dirichlet-0.1-5", "classes-5"), (0.0625, 0.25, 1.0), (0.03, 0.1), (8,))
+FULL = Settings(2000, 1000, ("dirichlet-0.1-5", "dirichlet-0.1-10", "dirichlet-1.0-5", "dirichlet-1.0-10",
+                             "classes-5"),
+                (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0), (0.01, 0.03, 0.1, 0.3), (4, 8, 16))
+
+
+def split_sources(labels: np.ndarray, indices: np.ndarray, partition: str, seed: int) -> list[np.ndarray]:
+    """Split ``indices`` into sources: Dirichlet(α) label skew, or disjoint class groups."""
+    parts = partition.split("-")
+    rng = np.random.default_rng(seed)
+    if parts[0] == "classes":
+        groups = np.array_split(np.arange(NUM_CLASSES), int(parts[1]))
+        return [indices[np.isin(labels[indices], g)] for g in groups]
+    alpha, n = float(parts[1]), int(parts[2])
+    owner = np.empty(len(indices), dtype=np.int64)
+    for c in range(NUM_CLASSES):
+        members = np.flatnonzero(labels[indices] == c)
+        shares = rng.dirichlet(np.full(n, alpha))
+        owner[members] = rng.choice(n, size=len(members), p=shares)
+    return [indices[owner == k] for k in range(n) if (owner == k).any()]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the grid; returns the JSON payload it wrote."""
+    args = base_parser(NAME, __doc__.split("\n\n")[0]).parse_args(argv)
+    configure_logging()
+    s, label = select_profile(args, TINY, QUICK, FULL)
+    clock = Stopwatch()
+    spec = backbone_spec(args.tiny)
+    model = spec.load()
+    raw = load_split("fashion_mnist", args.data_dir or None, "train")
+    chosen = limit_per_partition(np.arange(len(raw)), s.train_images + s.val_images, args.seed + 2)
+    train_idx, val_idx = np.sort(chosen[:s.train_images]), np.sort(chosen[s.train_images:])
+    bank = build_bank(model, raw, chosen, args.work_dir / f"bank-{model.backbone_name}-{len(chosen)}")
+    val_feats = torch.as_tensor(bank.features[bank.slots_of(val_idx)], dtype=torch.float64)
+    val_labels = bank.labels_of(val_idx)
+    rows = []
+    for partition in s.partitions:
+        sources = split_sources(raw.labels, train_idx, partition, args.seed)
+        logits = torch.stack([BankProbe.fit(bank, x).logits(bank, NUM_CLASSES, val_idx) for x in sources])
+        uniform = accuracy(compose_probs(logits), val_labels)
+        for rank, floor in itertools.product(s.ranks, s.floors):
+            densities = [SourceDensity.fit(torch.as_tensor(bank.features[bank.slots_of(x)]),
+                                           torch.as_tensor(bank.labels_of(x)), rank=rank, floor=floor)
+                         for x in sources]
+            for t in s.temperatures:
+                weights = density_weights(densities, val_feats, temperature=t * val_feats.shape[1])
+                rows.append({"partition": partition, "sources": len(sources), "rank": rank, "floor": floor,
+                             "temperature_per_dim": t, "uniform": uniform,
+                             "density": accuracy(compose_probs(logits.double(), weights), val_labels)})
+    best = _best(rows)
+    payload = {"experiment": NAME,
+               "setup": setup_record(spec, s, label, args, train_images=s.train_images,
+                                     val_images=s.val_images, seconds=clock.seconds()),
+               "chosen": best, "grid": rows}
+    write_csv(args.out / "grid.csv", rows)
+    write_json(args.out / "result.json", payload)
+    return payload
+
+
+def _best(rows: list[dict]) -> dict:
+    """The (rank, floor, temperature) with the highest mean validation accuracy over partitions."""
+    keys = sorted({(r["rank"], r["floor"], r["temperature_per_dim"]) for r in rows})
+    means = {k: float(np.mean([r["density"] for r in rows if (r["rank"], r["floor"], r["temperature_per_dim"]) == k]))
+             for k in keys}
+    rank, floor, t = max(keys, key=lambda k: (means[k], -abs(np.log(k[2] / 0.25))))
+    return {"rank": rank, "floor": floor, "temperature_per_dim": t, "mean_val_accuracy": means[(rank, floor, t)],
+            "per_partition": {r["partition"]: r["density"] for r in rows
+                              if (r["rank"], r["floor"], r["temperature_per_dim"]) == (rank, floor, t)}}
+
+
+if __name__ == "__main__":
+    main()
