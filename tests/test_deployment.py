@@ -50,7 +50,7 @@ BIN = Path(sys.executable).parent
 SOURCES = {"src-a": (0, 1, 2), "src-b": (3, 4, 5, 6), "src-c": (7, 8, 9)}
 PER_CLASS = 12
 BASE_CONFIG = {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-size": 32, "local-epochs": 1,
-               "batch-size": 16, "examples-per-source": 200, "kv-cache": False, "test-examples": 0,
+               "min-steps": 2, "batch-size": 16, "examples-per-source": 200, "kv-cache": False, "test-examples": 0,
                "federated-eval": False}
 START_TIMEOUT_S = 90.0  # a process is up (port open / SuperNode connected)
 RUN_TIMEOUT_S = 420.0  # one `flwr run` on a busy 2-core machine

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_config(tmp_path_factory) -> dict:
     data = make_idx_dataset(tmp_path_factory.mktemp("idx"), n_train=120, n_test=40)
     return {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-size": 32, "data-dir": str(data),
-            "examples-per-source": 40, "local-epochs": 1, "batch-size": 16, "test-examples": 40,
+            "examples-per-source": 40, "local-epochs": 1, "min-steps": 2, "batch-size": 16, "test-examples": 40,
             "pool-dir": str(tmp_path_factory.mktemp("pool")), "partitioner": "classes"}
 
 
@@ -104,11 +104,14 @@ def test_train_starts_from_the_sent_prompt(run_config, train_reply, model):
     sent = prompt_from_records(train_reply.content, model)
     content = RecordDict({**{k: train_reply.content[k] for k in ("arrays", "prompt")},
                           "config": ConfigRecord({"parent-version": 1})})
-    reply = train(message(content), context(run_config))
+    # no validation split: the last tuning epoch is kept (with one, an untuned epoch 0 could win)
+    reply = train(message(content), context(run_config | {"val-fraction": 0.0}))
     trained = prompt_from_records(reply.content, model)
     assert reply.content["metrics"]["parent-version"] == 1
     assert trained.labels == sent.labels
     assert not np.array_equal(trained.arrays()["tokens"], sent.arrays()["tokens"])
+    # it continued from the sent head: a fresh prompt's zero head would have been probe-initialised
+    assert np.abs(trained.arrays()["head.weight"] - sent.arrays()["head.weight"]).max() < 0.5
 
 
 def test_train_uses_a_lent_kv_cache(run_config, model):

@@ -7,6 +7,7 @@ product path (local SuperLink, Ray workers, ClientApp/ServerApp, durable pool).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,7 +50,8 @@ def test_flwr_run_simulation_fills_the_pool(tmp_path):
     pool_dir = tmp_path / "pool"
     run_config = {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-size": 32,
                   "data-dir": str(data), "pool-dir": str(pool_dir), "examples-per-source": 40,
-                  "test-examples": 50, "local-epochs": 1, "num-server-rounds": 2, "partitioner": "classes"}
+                  "test-examples": 50, "local-epochs": 1, "min-steps": 2, "num-server-rounds": 2,
+                  "partitioner": "classes"}
     overrides = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower()}" for k, v in run_config.items())
     env = os.environ | {
         "FLWR_HOME": str(flwr_home),
@@ -65,7 +67,10 @@ def test_flwr_run_simulation_fills_the_pool(tmp_path):
         kill_processes_mentioning(str(flwr_home))
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    assert "composed (3)" in output, output[-3000:]
+    table = re.search(r"composed uniform \(3\)\s+all\s+\d+\s+([0-9.]+)\s*\n.*composed density \(3\)\s+all\s+\d+\s+([0-9.]+)",
+                      output)
+    assert table, output[-3000:]  # both composed rows: every source shipped its density
+    assert all(0.0 <= float(acc) <= 1.0 for acc in table.groups())
 
     model = build_model(AppConfig.from_run_config(run_config), device="cpu")
     pool = PromptPool(pool_dir)
