@@ -12,7 +12,7 @@ from __future__ import annotations
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from torch.utils.data import DataLoader
@@ -81,11 +81,25 @@ def federated_evaluate(grid: Grid, config: AppConfig, prompts: dict[str, Prompt]
         if reply.has_error():
             log(WARNING, "node %s (source %s) failed to evaluate: %s", nid, nodes[nid], reply.error.reason)
             continue
-        m = reply.content["metrics"]
-        rows.append((nodes[nid], int(m["num-examples"]), float(m["accuracy"])))
+        try:
+            rows.append((nodes[nid], *_evaluation_metrics(reply.content)))
+        except (KeyError, TypeError, ValueError) as err:
+            log(WARNING, "node %s (source %s) sent an unusable evaluation reply (%s); left out", nid, nodes[nid],
+                str(err)[:200])
     lines = [f"{'source':<20}  {'val images':>10}  {'composed acc':>12}"]
     lines += [f"{name:<20}  {n:>10}  {acc:>12.3f}" for name, n, acc in sorted(rows)]
     print("\nFederated evaluation of the composed model (each source's validation split)\n" + "\n".join(lines))
+
+
+def _evaluation_metrics(content: RecordDict) -> tuple[int, float]:
+    """(validation images, composed accuracy) of an evaluate reply; raises ``ValueError`` if malformed."""
+    metrics = content["metrics"]
+    if not isinstance(metrics, MetricRecord):
+        raise ValueError("'metrics' is not a MetricRecord")
+    n, acc = metrics["num-examples"], metrics["accuracy"]
+    if isinstance(n, list) or isinstance(acc, list) or not (0 <= n < 2**53 and 0.0 <= acc <= 1.0):
+        raise ValueError(f"num-examples {str(n)[:20]} / accuracy {str(acc)[:20]} out of range")
+    return int(n), float(acc)
 
 
 def format_table(title: str, prompts: dict[str, Prompt], result: dict) -> str:

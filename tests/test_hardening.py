@@ -33,6 +33,7 @@ from server.admission import (
 from server.bindings import NodeSourcesError, load_node_sources
 from server.federation import CheckedFedAvg, accept_reply, run_alacarte, run_fedavg
 from server.pool import PromptPool, StaleParentError
+from server.server_app import federated_evaluate
 
 SOURCES = {10: "src-a", 11: "src-b", 12: "src-c"}
 NUM_CLASSES = 10
@@ -309,3 +310,30 @@ def test_checked_fedavg_refuses_a_reply_of_another_shape(config, model):
                           "parent": ConfigRecord({"sha256": ""})})
     with pytest.raises(ValueError, match="num-examples >= 1"):
         strategy.check_reply(content)
+
+
+# ------------------------------------------------------------------ federated evaluation replies
+
+
+@pytest.mark.parametrize("metrics", [
+    None,  # no metrics record
+    ConfigRecord({"num-examples": 4, "accuracy": 0.5}),  # wrong record type
+    MetricRecord({"num-examples": 4, "accuracy": float("nan")}),
+    MetricRecord({"num-examples": 4, "accuracy": [0.5]}),
+    MetricRecord({"num-examples": 2**60, "accuracy": 0.5}),
+    MetricRecord({"accuracy": 0.5}),
+])
+def test_malformed_evaluation_reply_is_left_out(metrics, config, model, flwr_log, capsys):
+    def evaluating(bad: bool) -> Callable[[Message], Message]:
+        def handle(msg: Message) -> Message:
+            good = MetricRecord({"num-examples": 4, "accuracy": 0.75})
+            content = {} if bad and metrics is None else {"metrics": metrics if bad else good}
+            return Message(RecordDict(content), reply_to=msg)
+        return handle
+
+    grid = FakeGrid({10: evaluating(False), 11: evaluating(True)})
+    prompts = {"src-a": Prompt.init(model, NUM_CLASSES, labels=[0, 1], source="src-a")}
+    federated_evaluate(grid, config, prompts, {10: "src-a", 11: "src-b"})
+    table = capsys.readouterr().out
+    assert "src-a" in table and "0.750" in table and "src-b" not in table
+    assert any("node 11 (source src-b) sent an unusable evaluation reply" in line for line in flwr_log.records)
