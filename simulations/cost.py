@@ -2,15 +2,23 @@
 
 * **training time per epoch** of k prompts (k = 1, 2, 4, ...): APT's batched pass (all k
   prompts in one ``forward_kv`` per batch, one optimiser) vs training them one by one
-  (the product's ``train_prompt`` k times); both read the backbone keys/values from the
-  same KV bank, so this is the prompt-side cost only;
+  (the product's ``train_prompt`` k times, one epoch each, no probe initialisation nor
+  validation, so both do the same optimiser steps); both read the backbone keys/values from
+  the same KV bank, so this is the prompt-side cost only;
+* **the product's whole recipe** for one prompt on the same images (probe-initialised head,
+  ``epochs`` epochs but at least ``min_steps`` steps, validation loss after every epoch on a
+  10% validation split carved from those images by seed, best epoch kept): seconds and steps;
 * **inference time** on a batch of images vs k: one backbone pass plus k batched prompts
   (``APTViT.forward``) vs k separate single-prompt passes (each running the backbone);
 * **memory**: peak resident memory of a small Flower simulation (the product's apps) with
   2 vs 20 clients, each in its own subprocess (sum of RSS over the process tree, Ray
   included; shared pages are counted once per process);
+  (the memory probes train one epoch with no step floor: they measure memory, not accuracy);
 * **bytes uploaded per client per round**: the prompt arrays of each train reply, measured
-  on the Grid of those simulations, vs the size of the frozen backbone (fp32).
+  on the Grid of those simulations (the product's default ships the source's density inside
+  the prompt artefact), vs the size of the frozen backbone (fp32); and, for a prompt over
+  10 and over 2 classes, the reply's array bytes (``common.records.prompt_records``, what the
+  ClientApp sends) with and without the density.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.data import Shard, backbone_transform, load_split
+from common.data import Shard, backbone_transform, load_split, train_val_split
 from common.model import APTViT
+from common.records import prompt_records
+from common.train import TrainConfig
 from simulations.common import (
     BackboneSpec,
     Bank,
@@ -41,6 +51,7 @@ from simulations.common import (
     configure_logging,
     fresh_prompt,
     product_run_config,
+    recipe,
     run_federations,
     save_figure,
     select_profile,
@@ -54,6 +65,7 @@ from simulations.common import (
 
 NAME = "cost"
 NUM_CLASSES = 10
+ONE_EPOCH = TrainConfig(epochs=1, min_steps=0, lr=3e-3, probe_init=False, progress=False)  # the batched epoch's work
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class Settings:
     test_images: int
     epoch_images: int
     batch_size: int
+    epochs: int  # the product's recipe (whole-recipe timing)
+    min_steps: int
     prompt_counts: tuple[int, ...]
     infer_images: int
     one_by_one_max: int  # largest k measured one by one at inference (k backbone passes)
@@ -71,9 +85,9 @@ class Settings:
     images_per_client: int
 
 
-TINY = Settings(48, 32, 32, 16, (1, 2, 4), 8, 4, (2, 4), 4)
-QUICK = Settings(96, 96, 32, 16, (1, 2, 4, 8), 8, 8, (2, 4), 4)
-FULL = Settings(600, 500, 64, 16, (1, 2, 4, 8, 16, 32, 64), 8, 16, (2, 20), 8)
+TINY = Settings(48, 32, 32, 16, 1, 2, (1, 2, 4), 8, 4, (2, 4), 4)
+QUICK = Settings(96, 96, 32, 16, 2, 4, (1, 2, 4, 8), 8, 8, (2, 4), 4)
+FULL = Settings(1000, 500, 128, 32, 10, 100, (1, 2, 4, 8, 16, 32, 64), 8, 16, (2, 20, 40), 16)
 
 
 def batched_epoch(model: APTViT, prompts: list, bank: Bank, indices: np.ndarray, batch_size: int) -> None:
@@ -100,9 +114,41 @@ def training_rows(model: APTViT, bank: Bank, s: Settings) -> list[dict]:
         batched = time.perf_counter() - start
         start = time.perf_counter()
         for prompt in prompts:
-            train_on_bank(model, prompt, bank, indices, 1, s.batch_size, 3e-3, 0)
+            train_on_bank(model, prompt, bank, indices, ONE_EPOCH, s.batch_size, 0)
         rows.append({"prompts": k, "images": len(indices), "batched_s": round(batched, 3),
                      "one_by_one_s": round(time.perf_counter() - start, 3)})
+    return rows
+
+
+def recipe_row(model: APTViT, bank: Bank, s: Settings, seed: int) -> dict:
+    """The product's whole recipe for one prompt on the first ``epoch_images`` images of the bank
+    (10% of them, by seed, as its validation split): seconds, steps, epochs."""
+    fit, val = train_val_split(bank.index[:s.epoch_images], 0.1, seed)
+    prompt = fresh_prompt(model, NUM_CLASSES, seed=seed)
+    metrics = train_on_bank(model, prompt, bank, fit, recipe(s.epochs, 3e-3, s.min_steps), s.batch_size, seed,
+                            val_indices=val)
+    return {"train_images": len(fit), "val_images": len(val), "steps": int(metrics["steps"]),
+            "epochs": int(metrics["epochs"]), "selected_epoch": int(metrics["selected_epoch"]),
+            "seconds": round(float(metrics["seconds"]), 2)}
+
+
+def reply_bytes(prompt) -> int:
+    """Bytes of the prompt arrays of a train reply (``prompt_records``, as the ClientApp sends them)."""
+    return sum(len(a.data) for a in prompt_records(prompt)["arrays"].values())
+
+
+def bytes_rows(model: APTViT, bank: Bank, seed: int) -> list[dict]:
+    """Reply bytes of a prompt over 10 and over 2 classes, with and without its source density
+    (fitted on the bank's images of those classes, the product's rank and floor)."""
+    rows = []
+    for classes in (list(range(NUM_CLASSES)), [0, 1]):
+        prompt = fresh_prompt(model, NUM_CLASSES, seed=seed, labels=classes)
+        without = reply_bytes(prompt)
+        prompt.density = bank.density_of(bank.index[np.isin(bank.labels, classes)])
+        with_density = reply_bytes(prompt)
+        rows.append({"prompt_classes": len(classes), "reply_bytes_without_density": without,
+                     "reply_bytes_with_density": with_density, "density_bytes": with_density - without,
+                     "with_over_without": round(with_density / without, 2)})
     return rows
 
 
@@ -179,7 +225,8 @@ def run_probe(clients: int, s: Settings, spec: BackboneSpec, args: argparse.Name
     work = args.work_dir / f"probe-{clients}"
     data_dir = write_idx_subset(args.data_dir, clients * s.images_per_client, 8, args.seed, work / "data")
     fed = Federation("probe", product_run_config(spec, data_dir, work / "pool", partitioner="iid",
-                                                 **{"local-epochs": 1, "batch-size": s.batch_size}),
+                                                 **{"local-epochs": 1, "min-steps": 0, "batch-size": s.batch_size,
+                                                    "share-density": True}),
                      list(range(clients)), clients)
     clock = Stopwatch()
     run_federations([fed], clients)
@@ -196,6 +243,7 @@ def memory_rows(s: Settings, spec: BackboneSpec, model: APTViT, args: argparse.N
         upload = max(probe["uploads"])
         rows.append({"clients": clients, "peak_rss_mib": round(probe["peak_rss_bytes"] / 2**20, 1),
                      "train_replies": len(probe["uploads"]), "upload_bytes_per_client_round": upload,
+                     "upload_bytes_min": min(probe["uploads"]),
                      "backbone_bytes_fp32": backbone_bytes, "backbone_over_upload": round(backbone_bytes / upload, 1),
                      "seconds": probe["seconds"]})
     return rows
@@ -243,19 +291,23 @@ def main(argv: list[str] | None = None) -> dict | None:
                  backbone_transform(model.backbone))
     images = torch.stack([test[i][0] for i in range(len(test))])
     train_rows = training_rows(model, bank, s)
+    whole_recipe = recipe_row(model, bank, s, args.seed)
+    upload_bytes = bytes_rows(model, bank, args.seed)
     infer_rows = inference_rows(model, images, s)
     memory = memory_rows(s, spec, model, args)
     payload = {
         "experiment": NAME,
         "setup": setup_record(spec, s, label, args, dataset="Fashion-MNIST", torch_threads=torch.get_num_threads(),
                               seconds=clock.seconds()),
-        "training": train_rows, "inference": infer_rows, "memory": memory,
+        "training": train_rows, "recipe": whole_recipe, "reply_bytes": upload_bytes,
+        "inference": infer_rows, "memory": memory,
         "memory_ratio": round(memory[-1]["peak_rss_mib"] / memory[0]["peak_rss_mib"], 2),
         "plots": [plot(train_rows, infer_rows, memory, args.out / "cost.png").name],
     }
     write_csv(args.out / "training.csv", train_rows)
     write_csv(args.out / "inference.csv", infer_rows)
     write_csv(args.out / "memory.csv", memory)
+    write_csv(args.out / "reply_bytes.csv", upload_bytes)
     write_json(args.out / "result.json", payload)
     return payload
 
