@@ -65,7 +65,8 @@ def compose_probs(logits: Tensor, weights: Tensor | Sequence[float] | None = Non
     else:
         w = torch.as_tensor(weights, dtype=probs.dtype, device=probs.device)
         if w.shape not in ((k,), (k, B)) or bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
-            raise ValueError(f"weights must be finite, non-negative, of shape [{k}] or [{k}, {B}]; got {tuple(w.shape)}")
+            raise ValueError(f"weights must be finite, non-negative, of shape [{k}] or [{k}, {B}]; "
+                             f"got {tuple(w.shape)}")
         w = w.reshape(k, -1).expand(k, B)
         if not bool((w.sum(dim=0) > 0).all()):
             raise ValueError("weights must give every image a positive total weight (all-zero weights)")

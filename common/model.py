@@ -31,7 +31,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from common.compose import Weighting, composition_weights, compose_probs, default_weighting
+from common.compose import Weighting, compose_probs, composition_weights, default_weighting
 
 if TYPE_CHECKING:
     from common.prompt import Prompt

@@ -402,7 +402,8 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
     for name in TENSOR_NAMES:
         arr = arrays[name]
         if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
-            raise PromptShapeError(f"prompt tensor {name!r} must be a float32 array, got {getattr(arr, 'dtype', type(arr))}")
+            got = getattr(arr, "dtype", type(arr))
+            raise PromptShapeError(f"prompt tensor {name!r} must be a float32 array, got {got}")
         if arr.shape != expected[name]:
             raise PromptShapeError(f"prompt tensor {name!r} has shape {arr.shape}, metadata implies {expected[name]}")
         if not np.isfinite(arr).all():

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from common.compose import Weighting, composition_weights, compose_probs, default_weighting
+from common.compose import Weighting, compose_probs, composition_weights, default_weighting
 from common.density import SourceDensity
 from common.kv_cache import KVCache
 from common.model import APTViT
@@ -161,7 +161,8 @@ def train_prompt(
     if batches == 0:
         raise ValueError("the training loader is empty; this source has no examples")
     start = time.perf_counter()
-    probe_l2 = probe_init_head(model, prompt, loader, cache) if config.probe_init and _head_is_zero(prompt) else math.nan
+    probe_init = config.probe_init and _head_is_zero(prompt)
+    probe_l2 = probe_init_head(model, prompt, loader, cache) if probe_init else math.nan
     epochs = planned_epochs(batches, config)
     validate = (lambda: _validation_loss(model, prompt, val_loader, cache)) if val_loader is not None else None
     best = _Best(validate(), 0, prompt) if validate else None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.constant import SType

@@ -3,11 +3,10 @@ the posterior weights pick the source an image came from, and bad input is refus
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import MultivariateNormal
-
-import numpy as np
 
 from common.compose import compose_probs, density_weights
 from common.density import DensityError, SourceDensity

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from synthetic import make_idx_dataset
 
 from client.client_app import evaluate_prompts, identify, train, use_kv_cache
-from common.kv_cache import KVCache
 from common.config import AppConfig, ConfigError, build_model
+from common.kv_cache import KVCache
 from common.prompt import TENSOR_NAMES, BackboneMismatchError, PromptShapeError, PromptValueError
 from common.records import TRAIN_METRICS, ReplyError, check_train_reply, prompt_from_records, prompts_records
 from server.federation import accept_reply
@@ -48,7 +48,8 @@ def task_identity():
 
 
 def context(run_config: dict, partition: int = 0, partitions: int = 3) -> Context:
-    return Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition, "num-partitions": partitions},
+    node_config = {"partition-id": partition, "num-partitions": partitions}
+    return Context(run_id=1, node_id=partition + 1, node_config=node_config,
                    state=RecordDict(), run_config=run_config)
 
 
@@ -144,7 +145,8 @@ def _bad_replies(train_reply: Message, other_model) -> dict[str, tuple[Message, 
     nan[0, 0] = np.nan
     foreign = prompt_from_records(train_reply.content, None)
     foreign.fingerprint = other_model.fingerprint
-    extra = RecordDict({**dict(train_reply.content), "features": ArrayRecord({"x": Array(np.zeros((40, 192), np.float32))})})
+    features = ArrayRecord({"x": Array(np.zeros((40, 192), np.float32))})
+    extra = RecordDict({**dict(train_reply.content), "features": features})
     per_example = RecordDict({**dict(train_reply.content),
                               "metrics": MetricRecord({"num-examples": 3, "train-loss": [0.1, 0.2, 0.3]})})
     reply = message(RecordDict())

@@ -9,10 +9,12 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from conftest import IMG, NUM_CLASSES, make_vit, random_prompt
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 import common.model as model_mod
+from common.compose import Weighting, compose_probs, composition_weights
 from common.model import (
     APTViT,
     BackboneUnavailableError,
@@ -20,8 +22,6 @@ from common.model import (
     backbone_fingerprint,
     load_backbone,
 )
-from common.compose import Weighting, composition_weights, compose_probs
-from conftest import IMG, NUM_CLASSES, make_vit, random_prompt
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

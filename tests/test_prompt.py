@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from conftest import NUM_CLASSES, make_vit, random_prompt
 
 import common.density as density_mod
 from common.compose import Weighting, default_weighting
@@ -26,7 +27,6 @@ from common.prompt import (
     read_metadata,
     read_metadata_bytes,
 )
-from conftest import NUM_CLASSES, make_vit, random_prompt
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

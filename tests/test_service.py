@@ -10,14 +10,13 @@ import io
 import ipaddress
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import sqlite3
 
 import grpc
 import numpy as np
@@ -37,9 +36,9 @@ from common.compose import Weighting, compose_probs, composition_weights
 from common.data import backbone_transform
 from common.density import SourceDensity
 from common.model import APTViT, load_backbone
+from server.admission import MAX_N_PROMPT
 from server.auth import AuthenticationError, TokenStore, add_user, remove_user
 from server.batcher import DeadlineExceededError, DynamicBatcher, QueueFullError
-from server.admission import MAX_N_PROMPT
 from server.pool import PromptPool
 from server.query import CompositionClient
 from server.service import SERVICE_NAME, CompositionServer, ServiceConfig

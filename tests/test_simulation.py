@@ -67,8 +67,8 @@ def test_flwr_run_simulation_fills_the_pool(tmp_path):
         kill_processes_mentioning(str(flwr_home))
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    table = re.search(r"composed uniform \(3\)\s+all\s+\d+\s+([0-9.]+)\s*\n.*composed density \(3\)\s+all\s+\d+\s+([0-9.]+)",
-                      output)
+    row = r"\s+all\s+\d+\s+([0-9.]+)"
+    table = re.search(rf"composed uniform \(3\){row}\s*\n.*composed density \(3\){row}", output)
     assert table, output[-3000:]  # both composed rows: every source shipped its density
     assert all(0.0 <= float(acc) <= 1.0 for acc in table.groups())
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import IMG, NUM_CLASSES, make_vit, random_prompt
 
 import common.train as train_mod
 from common.compose import compose_probs, density_weights
@@ -16,7 +17,6 @@ from common.model import APTViT
 from common.probe import L2_GRID, fit_probe
 from common.prompt import Prompt
 from common.train import TrainConfig, evaluate, train_prompt
-from conftest import IMG, NUM_CLASSES, make_vit, random_prompt
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
