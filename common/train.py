@@ -8,10 +8,12 @@ The recipe of a source's prompt (LP-FT with selection on validation loss):
 2. **Prompt tuning.** Tokens, memory and head are tuned with AdamW and a cosine schedule
    for ``epochs`` epochs but at least ``min_steps`` optimiser steps, so small shards are not
    starved of steps.
-3. **Selection.** With validation data, the validation loss is measured before tuning and
-   after every epoch, and the prompt with the lowest one is kept: tuning is kept only where
-   the source's own validation data says it helps (else the probe-initialised prompt is).
-   Without validation data the last epoch is kept.
+3. **Selection.** With validation data, the per-example validation loss is measured before
+   tuning and after every epoch. A tuned epoch is eligible only if its mean loss is lower than
+   the untuned prompt's by more than one standard error of the paired per-example difference
+   (a few dozen validation images are noisy); the eligible epoch with the lowest loss is kept,
+   else the probe-initialised prompt is. Tuning is kept only where the source's own
+   validation data says it helps. Without validation data the last epoch is kept.
 
 Only the prompt's tensors are optimised. The backbone runs under ``torch.no_grad()``
 (inside ``APTViT.backbone_forward``), so no backward pass ever goes through it; with a
@@ -119,19 +121,18 @@ def source_density(model: APTViT, loader: Iterable[Sequence[Tensor]], cache: KVC
 
 
 @torch.no_grad()
-def _validation_loss(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor]],
-                     cache: KVCache | None) -> float:
-    """Mean cross-entropy over the prompt's label set on the examples whose label it covers."""
-    total, seen = 0.0, 0
+def _validation_losses(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor]],
+                       cache: KVCache | None) -> Tensor:
+    """Per-example cross-entropy ``[n]`` over the prompt's label set, on the examples whose label it covers."""
+    losses = []
     mask = prompt.label_mask
     for batch in loader:
         kv, _, labels = _batch_inputs(model, batch, cache)
         keep = mask[labels.clamp(0, prompt.num_classes - 1)] & (labels >= 0) & (labels < prompt.num_classes)
         if bool(keep.any()):
             logits = model.forward_kv(kv, [prompt])[0][keep][:, list(prompt.labels)]
-            total += float(F.cross_entropy(logits, _local_targets(prompt, labels[keep]), reduction="sum"))
-            seen += int(keep.sum())
-    return total / seen if seen else math.nan
+            losses.append(F.cross_entropy(logits, _local_targets(prompt, labels[keep]), reduction="none").cpu())
+    return torch.cat(losses) if losses else torch.zeros(0)
 
 
 def _head_is_zero(prompt: Prompt) -> bool:
@@ -164,8 +165,8 @@ def train_prompt(
     probe_init = config.probe_init and _head_is_zero(prompt)
     probe_l2 = probe_init_head(model, prompt, loader, cache) if probe_init else math.nan
     epochs = planned_epochs(batches, config)
-    validate = (lambda: _validation_loss(model, prompt, val_loader, cache)) if val_loader is not None else None
-    best = _Best(validate(), 0, prompt) if validate else None
+    validate = (lambda: _validation_losses(model, prompt, val_loader, cache)) if val_loader is not None else None
+    best = _Selection(validate(), prompt) if validate else None
     optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches)
     prompt.train()
@@ -175,12 +176,12 @@ def train_prompt(
         if best is not None:
             best.offer(validate(), epoch + 1, prompt)
     prompt.eval()
-    if best is not None:
+    if best is not None and best.active:
         prompt.load_state_dict(best.state)
     prompt.num_examples = last["num_examples"]
     return last | {"steps": epochs * batches, "epochs": epochs,
-                   "selected_epoch": best.epoch if best else epochs,
-                   "val_loss": best.loss if best else math.nan, "probe_l2": probe_l2,
+                   "selected_epoch": best.epoch if best and best.active else epochs,
+                   "val_loss": best.loss if best and best.active else math.nan, "probe_l2": probe_l2,
                    "seconds": time.perf_counter() - start}
 
 
@@ -189,15 +190,24 @@ def planned_epochs(batches: int, config: TrainConfig) -> int:
     return max(config.epochs, math.ceil(config.min_steps / batches))
 
 
-class _Best:
-    """The prompt state with the lowest validation loss so far (ties keep the earlier one)."""
+class _Selection:
+    """The prompt state to keep: the untuned one (epoch 0), unless a tuned epoch beats it on
+    validation by more than one standard error of the paired per-example loss difference; then
+    the lowest-loss such epoch. Inactive (nothing to select on) without validation examples."""
 
-    def __init__(self, loss: float, epoch: int, prompt: Prompt) -> None:
-        self.loss, self.epoch, self.state = loss, epoch, copy.deepcopy(prompt.state_dict())
+    def __init__(self, losses: Tensor, prompt: Prompt) -> None:
+        self.reference = losses
+        self.active = len(losses) > 0
+        self.loss, self.epoch = float(losses.mean()) if self.active else math.nan, 0
+        self.state = copy.deepcopy(prompt.state_dict())
 
-    def offer(self, loss: float, epoch: int, prompt: Prompt) -> None:
-        if loss < self.loss or (math.isnan(self.loss) and not math.isnan(loss)):
-            self.loss, self.epoch, self.state = loss, epoch, copy.deepcopy(prompt.state_dict())
+    def offer(self, losses: Tensor, epoch: int, prompt: Prompt) -> None:
+        if not self.active:
+            return
+        gain = self.reference - losses  # [n] paired: positive where the tuned prompt is better
+        error = float(gain.std() / math.sqrt(len(gain))) if len(gain) > 1 else 0.0
+        if float(gain.mean()) > error and float(losses.mean()) < self.loss:
+            self.loss, self.epoch, self.state = float(losses.mean()), epoch, copy.deepcopy(prompt.state_dict())
 
 
 def _train_epoch(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor]], optimizer, schedule,

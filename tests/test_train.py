@@ -312,22 +312,44 @@ def test_probe_init_head_equals_a_probe_fit_and_separates_the_data(model):
     assert result["prompt_accuracy"][0] == 1.0  # separable: the probe alone solves it
 
 
-def test_recipe_keeps_the_epoch_with_the_lowest_validation_loss(model, monkeypatch):
-    scripted = iter([0.9, 0.7, 0.4, 0.6, 0.5])  # before tuning, then after epochs 1..4: epoch 2 wins
-    states = []
+def scripted_validation(monkeypatch, per_epoch: list[torch.Tensor]) -> list[dict]:
+    """Make the recipe see these per-example validation losses (before tuning, then after each
+    epoch); returns the prompt states it was in at each measurement."""
+    scripted, states = iter(per_epoch), []
 
-    def fake_validation_loss(_model, prompt, _loader, _cache):
+    def fake_validation_losses(_model, prompt, _loader, _cache):
         states.append(copy.deepcopy(prompt.state_dict()))
         return next(scripted)
 
-    monkeypatch.setattr(train_mod, "_validation_loss", fake_validation_loss)
+    monkeypatch.setattr(train_mod, "_validation_losses", fake_validation_losses)
+    return states
+
+
+def test_recipe_keeps_the_epoch_with_the_lowest_validation_loss(model, monkeypatch):
+    base = torch.linspace(0.5, 1.3, 8)  # mean 0.9 before tuning
+    states = scripted_validation(monkeypatch, [base, base - 0.2, base - 0.5, base - 0.3, base - 0.4])
     prompt = fresh_prompt(model)
     metrics = train_prompt(model, prompt, toy_batches(16), TrainConfig(epochs=4, min_steps=0, progress=False),
                            val_loader=toy_batches(8, seed=3))
-    assert (metrics["selected_epoch"], metrics["val_loss"], metrics["epochs"]) == (2, 0.4, 4)
+    assert (metrics["selected_epoch"], metrics["epochs"]) == (2, 4)
+    assert metrics["val_loss"] == pytest.approx(0.4)
     for name, value in prompt.state_dict().items():
         assert torch.equal(value, states[2][name]), name
     assert not torch.equal(states[2]["tokens"], states[4]["tokens"])  # it really went back to epoch 2
+
+
+def test_recipe_ignores_a_gain_within_validation_noise(model, monkeypatch):
+    """A lower mean loss that is within one standard error of the paired difference is noise:
+    the untuned (probe-initialised) prompt stays."""
+    base = torch.full((8,), 0.9)
+    noisy = base + torch.tensor([-0.8, 0.7, -0.8, 0.7, -0.8, 0.7, -0.8, 0.7])  # mean 0.85, spread 0.8
+    states = scripted_validation(monkeypatch, [base, noisy, noisy])
+    prompt = fresh_prompt(model)
+    metrics = train_prompt(model, prompt, toy_batches(16), TrainConfig(epochs=2, min_steps=0, progress=False),
+                           val_loader=toy_batches(8, seed=3))
+    assert metrics["selected_epoch"] == 0 and metrics["val_loss"] == pytest.approx(0.9)
+    for name, value in prompt.state_dict().items():
+        assert torch.equal(value, states[0][name]), name
 
 
 def test_recipe_keeps_the_probe_when_tuning_hurts_validation(model):
