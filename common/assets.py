@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.files import atomic_write
+
 HELP = "prepare the default backbone and dataset in ALACARTE_HOME (idempotent)"
 
 BACKBONE_NAME = "vit_small_patch14_dinov2"
@@ -158,7 +160,7 @@ def record_asset(home: Path, name: str, path: Path, files: Iterable[Path], sourc
             _relative(home, f): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files
         },
     }
-    _atomic_write_bytes(home / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write(home / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def verify_asset(home: Path, name: str) -> list[str]:
@@ -195,16 +197,6 @@ def _relative(home: Path, path: Path) -> str:
         return path.resolve().relative_to(home.resolve()).as_posix()
     except ValueError as e:
         raise AssetError(f"{path} is outside the assets directory {home}") from e
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _say(message: str) -> None:
@@ -384,7 +376,7 @@ def write_backbone_checkpoint(
     metadata = {
         "arch": arch, "source": source, "source_sha256": source_sha256, "dtype": str(dtype).removeprefix("torch.")
     }
-    _atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write(path, save(tensors, metadata=metadata))
     return path
 
 
@@ -523,7 +515,7 @@ def write_idx_gz(array: np.ndarray, path: Path) -> None:
     if array.dtype != np.uint8:
         raise AssetError(f"IDX writer takes uint8 arrays, got {array.dtype} for {path}")
     header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    _atomic_write_bytes(path, gzip.compress(header + array.tobytes(), mtime=0))
+    atomic_write(path, gzip.compress(header + array.tobytes(), mtime=0))
 
 
 def _dataset_from_debian(dest: Path) -> str:

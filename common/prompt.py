@@ -25,8 +25,6 @@ Every way in (``load``, ``from_bytes``, ``from_arrays``) runs the same validatio
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from common.density import DensityError, SourceDensity
+from common.files import atomic_write
 
 if TYPE_CHECKING:
     from common.model import APTViT
@@ -282,22 +281,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         head = f.read(8)
         size = int.from_bytes(head, "little") if len(head) == 8 else 0
         return read_metadata_bytes(head + f.read(size))
-
-
-def atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _class_token(model: APTViT) -> Tensor:

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.prompt import atomic_write
+from common.files import atomic_write
 from server.pool import validate_source
 
 __all__ = [

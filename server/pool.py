@@ -64,7 +64,8 @@ from typing import TYPE_CHECKING
 
 import safetensors.numpy
 
-from common.prompt import Prompt, atomic_write
+from common.files import atomic_write
+from common.prompt import Prompt
 
 if TYPE_CHECKING:
     from common.model import APTViT

@@ -67,7 +67,7 @@ class Settings:
 
 TINY = Settings((3e-3,), (1,), 32)
 QUICK = Settings((3e-3,), (10,), 200)
-FULL = Settings((1e-3, 3e-3, 1e-2), (5, 10, 20), 1000)
+FULL = Settings((1e-3, 3e-3, 1e-2), (5, 10), 1000)
 
 
 @dataclass(frozen=True)
