@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from test_deployment import FakeGrid, flwr_log, task_identity  # noqa: F401  (fixtures)
 
 from common.config import AppConfig, build_model
+from common.density import SourceDensity
 from common.model import APTViT
 from common.prompt import Prompt
 from common.records import prompt_from_records, prompt_records
@@ -139,6 +140,20 @@ def _big_prompt(num_classes: int = NUM_CLASSES, n_prompt: int = 1, n_memory: int
     return corrupt
 
 
+def _density(change: Callable[[dict], None]) -> Corrupt:
+    """The good reply's prompt carrying a density of its own classes, whose arrays ``change`` corrupts."""
+    def corrupt(msg: Message, model: APTViT, source: str) -> Message:
+        reply = good_reply(msg, model, source)
+        prompt = prompt_from_records(reply.content, model)
+        labels = torch.tensor(prompt.labels).repeat(5)
+        features = torch.randn(len(labels), model.embed_dim, generator=torch.Generator().manual_seed(0))
+        prompt.density = SourceDensity.fit(features + labels[:, None], labels, rank=3)
+        arrays = prompt.arrays()
+        change(arrays)
+        return _with(reply, arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+    return corrupt
+
+
 def _error_reply(msg: Message, model: APTViT, source: str) -> Message:
     return Message(Error(code=0, reason="client crashed"), reply_to=msg)
 
@@ -181,6 +196,14 @@ MALFORMED: dict[str, tuple[Corrupt, str]] = {
     "other label space": (_big_prompt(num_classes=7), "label space"),
     "claims another source": (_edit(lambda r: {"prompt": _meta(r, source="src-a")}), "claims source"),
     "client error": (_error_reply, "client crashed"),
+    "density NaN mean": (_density(lambda a: a["density.mean"].fill(np.nan)), "NaN"),
+    "density negative variance": (_density(lambda a: a.update({"density.variances": -a["density.variances"]})),
+                                  "positive"),
+    "density rank over the limit": (_density(lambda a: a.update({"density.basis": np.zeros(
+        (len(a["density.classes"]), 40, a["density.mean"].shape[1]), np.float32)})), "rank"),
+    "density of foreign classes": (_density(lambda a: a.update({"density.classes": a["density.classes"] + 5})),
+                                   "outside the prompt's label set"),
+    "density array missing": (_density(lambda a: a.pop("density.residual")), "density"),
 }
 
 
