@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "serve": "server.service",
     "query": "server.query",
     "pool": "server.pool_cli",
+    "config": "common.config",
 }
 
 HELPS: dict[str, str] = {
@@ -24,6 +25,7 @@ HELPS: dict[str, str] = {
     "serve": "serve composition queries over gRPC from a prompt pool",
     "query": "ask a composition server for predictions on image files",
     "pool": "inspect or edit a prompt pool on disk (ls, show, rm)",
+    "config": "list the Flower app's run-config keys (--run-config \"key=value ...\"), their meaning and defaults",
 }
 
 

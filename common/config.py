@@ -7,8 +7,9 @@ and data from it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,40 +26,54 @@ class ConfigError(ValueError):
     """A run-config value is missing, of the wrong type or out of range."""
 
 
+def _key(default: Any, help_text: str) -> Any:
+    """A run-config field: its default and the help text ``AppConfig.help`` shows."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class AppConfig:
     """Run configuration shared by the ServerApp and the ClientApps."""
 
-    num_server_rounds: int = 1
-    local_epochs: int = 10
-    min_steps: int = 100
-    probe_init: bool = True
-    share_density: bool = True
-    mode: str = "alacarte"
-    backbone: str = DEFAULT_BACKBONE
-    checkpoint: str = ""
-    pretrained: bool = True
-    img_size: int = 112
-    dataset: str = "fashion_mnist"
-    data_dir: str = ""
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 1.0
-    partition_seed: int = 0
-    examples_per_source: int = 400
-    val_fraction: float = 0.1
-    test_examples: int = 1000
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    label_smoothing: float = 0.0
-    n_prompt: int = 1
-    n_memory: int = 4
-    kv_cache: bool = True
-    pool_dir: str = ""
-    reply_timeout: float = 3600.0
-    max_prompt_bytes: int = 8 << 20
-    federated_eval: bool = True
-    progress: bool = False
-    node_sources: str = ""  # JSON file {node id: source} binding nodes to sources (deploy/keys.sh --register)
+    num_server_rounds: int = _key(1, "rounds; each round every source continues from its latest prompt")
+    local_epochs: int = _key(10, "prompt-tuning epochs per round (see min-steps)")
+    min_steps: int = _key(100, "at least this many optimiser steps per round, however small the shard")
+    probe_init: bool = _key(True, "start a fresh prompt's head from a linear probe on its own features (LP-FT)")
+    share_density: bool = _key(True, "send the source's feature density with its prompt (density weighting)")
+    mode: str = _key("alacarte", f"one of {MODES}: a pool of prompts, or one FedAvg-averaged prompt")
+    backbone: str = _key(DEFAULT_BACKBONE, "timm ViT name of the frozen backbone")
+    checkpoint: str = _key("", "backbone weights file (.safetensors/.pth/.bin/.npz); empty = the prepared one")
+    pretrained: bool = _key(True, "pretrained weights (hub or checkpoint); false = seeded random init (tests)")
+    img_size: int = _key(112, "input resolution in pixels")
+    dataset: str = _key("fashion_mnist", "dataset name (see common.data)")
+    data_dir: str = _key("", "dataset folder; empty = the prepared one (deployment: the node's own data-dir)")
+    partitioner: str = _key("dirichlet", "simulation partitioner: iid, dirichlet or classes")
+    dirichlet_alpha: float = _key(1.0, "Dirichlet concentration of the label skew")
+    partition_seed: int = _key(0, "seed of partitions, caps, validation splits and shuffling")
+    examples_per_source: int = _key(400, "cap on a source's images (0 = all)")
+    val_fraction: float = _key(0.1, "share of a source's images kept as its validation split (selection)")
+    test_examples: int = _key(1000, "the server's own test subset (0 = none)")
+    batch_size: int = _key(32, "batch size of training and evaluation")
+    learning_rate: float = _key(3e-3, "AdamW learning rate (cosine schedule) of tokens, memory and head")
+    label_smoothing: float = _key(0.0, "label smoothing of the training loss")
+    n_prompt: int = _key(1, "input prompt tokens")
+    n_memory: int = _key(4, "memory tokens per layer")
+    kv_cache: bool = _key(True, "cache the backbone's keys/values after the first epoch")
+    pool_dir: str = _key("", "the durable prompt pool; empty = $ALACARTE_POOL, else $ALACARTE_HOME/pool")
+    reply_timeout: float = _key(3600.0, "seconds a node has to answer a round")
+    max_prompt_bytes: int = _key(8 << 20, "largest prompt upload accepted, in bytes")
+    federated_eval: bool = _key(True, "evaluate the composed pool on every node's validation split at the end")
+    progress: bool = _key(False, "progress bars on the clients")
+    node_sources: str = _key("", "JSON file {node id: source} binding nodes to sources (deploy/keys.sh --register)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Each run-config key (kebab-case) with its meaning and default."""
+        return {f.name.replace("_", "-"): f"{f.metadata['help']} (default {f.default!r})"
+                for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
@@ -70,10 +85,8 @@ class AppConfig:
             if name not in fields:
                 known = ", ".join(sorted(f.replace("_", "-") for f in fields))
                 raise ConfigError(f"unknown run-config key {key!r}; known keys: {known}")
-            values[name] = _coerce(key, value, type(getattr(cls, name)))
-        config = cls(**values)
-        config.validate()
-        return config
+            values[name] = _coerce(key, value, type(fields[name].default))
+        return cls(**values)
 
     def validate(self) -> None:
         """Raise ``ConfigError`` on out-of-range values."""
@@ -117,6 +130,17 @@ class AppConfig:
         from server.pool import default_pool_dir
 
         return default_pool_dir()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``alacarte config`` takes no arguments."""
+
+
+def run(_args: argparse.Namespace) -> int:
+    """Print every run-config key with its meaning and default."""
+    for key, text in AppConfig.help().items():
+        print(f"{key:<22} {text}")
+    return 0
 
 
 def build_model(config: AppConfig, device: str | None = None) -> APTViT:

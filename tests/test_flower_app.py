@@ -77,6 +77,16 @@ def test_config_errors():
         AppConfig.from_run_config({"mode": "average"})
 
 
+def test_config_validates_on_construction_and_documents_every_key():
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        AppConfig(mode="average")  # not only through from_run_config (the service builds one directly)
+    with pytest.raises(ConfigError, match="val-fraction"):
+        AppConfig(val_fraction=1.0)
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(AppConfig.help()) == set(pyproject)
+    assert all(len(text) > len("(default 0)") + 10 for text in AppConfig.help().values())
+
+
 def test_identify_reports_source_and_labels(run_config):
     reply = identify(message(RecordDict(), MessageType.QUERY), context(run_config, partition=2))
     assert reply.content["node"]["source"] == "source-2"
