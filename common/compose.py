@@ -41,7 +41,7 @@ __all__ = [
 
 # Posterior temperature per feature dimension (T = TEMPERATURE_PER_DIM · D). Chosen on
 # validation images (simulations/tune_density.py), never on test images.
-TEMPERATURE_PER_DIM = 0.25
+TEMPERATURE_PER_DIM = 0.125
 
 
 class Weighting(str, Enum):
