@@ -208,7 +208,8 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
                      "cached epoch) still suffer more than the large matmuls of the backbone.")
     lines += [
         "",
-        "| measurement | A | B | best A (s) | best B (s) | best A / best B | median ratio, CPU | ratio | goal | result |",
+        "| measurement | A | B | best A (s) | best B (s) | best A / best B | median ratio, CPU | ratio | goal "
+        "| result |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
@@ -224,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark the APT core (structured attention, training step, KV cache) on CPU.")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 1-2 minutes on 2 idle cores)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each single-batch pair (default 15, quick 5); epochs use a third")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions of each single-batch pair (default 15, quick 5); epochs use a third")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: the CPUs available to this process that "
                              "other jobs leave free: CPUs minus the 1-minute load average, rounded up, "

@@ -48,10 +48,10 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from common.assets import default_checkpoint, write_idx_gz  # noqa: E402
+from common.compose import compose_probs  # noqa: E402
 from common.data import RawDataset, Shard, backbone_transform, limit_per_partition, load_split  # noqa: E402
 from common.density import SourceDensity  # noqa: E402
 from common.kv_cache import KVCache  # noqa: E402
-from common.compose import compose_probs  # noqa: E402
 from common.model import APTViT, load_backbone  # noqa: E402
 from common.probe import LinearProbe, fit_probe  # noqa: E402
 from common.prompt import Prompt  # noqa: E402

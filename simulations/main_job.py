@@ -63,11 +63,12 @@ class Settings:
     sweep_lrs: tuple[float, ...]
     sweep_epochs: tuple[int, ...]
     validation_images: int
+    min_steps: int  # -1: the product's default (AppConfig.min_steps)
 
 
-TINY = Settings((3e-3,), (1,), 32)
-QUICK = Settings((3e-3,), (10,), 200)
-FULL = Settings((1e-3, 3e-3, 1e-2), (5, 10), 1000)
+TINY = Settings((3e-3,), (1,), 32, 2)
+QUICK = Settings((3e-3,), (10,), 200, -1)
+FULL = Settings((1e-3, 3e-3, 1e-2), (5, 10), 1000, -1)
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,10 @@ def main_job_sources(config: AppConfig) -> list[Source]:
         val_fraction=config.val_fraction, transform=lambda x: x))) for pid in range(5)]
 
 
-def validation_indices(sources: list[Source], n: int, seed: int) -> np.ndarray:
+def validation_indices(config: AppConfig, sources: list[Source], n: int, seed: int) -> np.ndarray:
     """``n`` training-split images outside every source's shard (for choosing the defaults)."""
     used = np.concatenate([np.concatenate([s.train, s.val]) for s in sources])
-    labels = load_split("fashion_mnist", None, "train").labels
+    labels = load_split(config.dataset, config.data_path(), "train").labels
     free = np.setdiff1d(np.arange(len(labels)), used)
     return limit_per_partition(free, n, seed + 1)
 
@@ -164,15 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
     configure_logging()
     s, label = select_profile(args, TINY, QUICK, FULL)
     clock = Stopwatch()
-    config = AppConfig()
+    config = AppConfig(data_dir=args.data_dir, min_steps=s.min_steps if s.min_steps >= 0 else AppConfig.min_steps)
     spec = backbone_spec(args.tiny)
     model = spec.load()
     sources = main_job_sources(config)
-    val = validation_indices(sources, s.validation_images, args.seed)
-    raw = load_split("fashion_mnist", None, "train")
+    val = validation_indices(config, sources, s.validation_images, args.seed)
+    raw = load_split(config.dataset, config.data_path(), "train")
     bank = build_bank(model, raw, np.concatenate([*(np.concatenate([x.train, x.val]) for x in sources), val]),
                       args.work_dir / f"bank-train-{model.backbone_name}")
-    raw_test = load_split("fashion_mnist", None, "test")
+    raw_test = load_split(config.dataset, config.data_path(), "test")
     test = limit_per_partition(np.arange(len(raw_test)), config.test_examples, config.partition_seed)
     test_bank = build_bank(model, raw_test, test, args.work_dir / f"bank-test-{model.backbone_name}")
     if args.pool:
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"experiment": NAME,
                "setup": setup_record(spec, s, label, args, prompts=how, test_images=len(test),
                                      seconds=clock.seconds()),
-               **comparison(model, bank, test_bank, sources, prompts)}
+               **comparison(model, bank, test_bank, sources, prompts), "plots": []}
     if args.sweep:
         payload["sweep"] = sweep(model, bank, val, sources, config, s)
         write_csv(args.out / "sweep.csv", payload["sweep"])

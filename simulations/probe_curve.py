@@ -60,7 +60,7 @@ class Settings:
 
 TINY = Settings((16, 32), 32, 1, 0, 3e-3, 16)
 QUICK = Settings((50, 200), 300, 5, 20, 3e-3, 32)
-FULL = Settings((50, 100, 200, 400, 800, 1600, 3200), 1000, 10, 100, 3e-3, 32)
+FULL = Settings((50, 100, 200, 400, 800, 1600), 1000, 10, 100, 3e-3, 32)
 
 
 def main(argv: list[str] | None = None) -> dict:

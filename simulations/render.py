@@ -181,7 +181,8 @@ def class_incremental_section(folder: Path, payload: dict, output: Path) -> str:
         "`python -m simulations.class_incremental` — one prompt per task trained on that task only, composed over "
         "the tasks seen so far (`apt_composed`: uniformly; `apt_density`: weighted per image by each task's "
         "feature density, fitted on that task's data only), vs a single prompt fine-tuned sequentially and "
-        "linear probes on the frozen backbone's pooled features (sequential: forgets; joint: upper bound that re-uses old data). Predictions "
+        "linear probes on the frozen backbone's pooled features (sequential: forgets; joint: upper bound that "
+        "re-uses old data). Predictions "
         f"are among all classes seen so far. {s['settings']['epochs']} epochs per task for the prompts.",
         setup_line(s, f"{s['settings']['train_per_class']} training / {s['settings']['test_per_class']} test images "
                       f"per class ({s['train_images']} / {s['test_images']} in all)"),

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"experiment": NAME,
                "setup": setup_record(spec, s, label, args, train_images=s.train_images,
                                      val_images=s.val_images, seconds=clock.seconds()),
-               "chosen": best, "grid": rows}
+               "chosen": best, "grid": rows, "plots": []}
     write_csv(args.out / "grid.csv", rows)
     write_json(args.out / "result.json", payload)
     return payload

@@ -26,7 +26,8 @@ from simulations.common import apply_overrides, backbone_spec, build_bank
 from simulations.render import render
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("alacarte_vs_paragon", "class_incremental", "forgetting", "cost")
+EXPERIMENTS = ("alacarte_vs_paragon", "class_incremental", "forgetting", "cost", "main_job", "probe_curve",
+               "tune_density")
 
 
 @pytest.fixture(scope="session")
@@ -107,9 +108,34 @@ def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
     payload = run_tiny("alacarte_vs_paragon", data_dir, results, tmp_path)
     row = payload["comparison"][0]
     assert row["prompts_in_pool"] == row["sources"] == 2
-    for key in ("composed", "paragon", "fedavg", "alone_mean"):
+    for key in ("composed", "composed_density", "paragon", "fedavg", "alone_mean", "probes_composed",
+                "probes_composed_density", "union_probe"):
         assert 0.0 <= row[key] <= 1.0
+    assert row["steps_alacarte"] > 0 and row["steps_paragon"] > 0 and row["steps_fedavg"] > 0
     assert payload["subsets"] and payload["setup"]["upload_bytes_per_reply"] > 0
+
+
+def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
+    payload = run_profile("main_job", "tiny", results, tmp_path, "--data-dir", str(data_dir), "--sweep")
+    assert [r["source"] for r in payload["sources"]] == [f"source-{i}" for i in range(5)]
+    for row in payload["sources"]:
+        assert 0.0 <= row["probe"] <= 1.0 and 0.0 <= row["prompt"] <= 1.0 and row["train_images"] > 0
+    assert set(payload["composed_prompts"]) == set(payload["composed_probes"]) == {"uniform", "density"}
+    assert len(payload["sweep"]) == 1 and payload["sweep"][0]["steps"]
+
+
+def test_probe_curve_tiny(data_dir, results, tmp_path):
+    payload = run_tiny("probe_curve", data_dir, results, tmp_path)
+    assert [r["images"] for r in payload["curve"]] == [16, 32]
+    for row in payload["curve"]:
+        assert row["train_images"] + row["val_images"] == row["images"] and 0 <= row["kept_epoch"]
+
+
+def test_tune_density_tiny(data_dir, results, tmp_path):
+    payload = run_tiny("tune_density", data_dir, results, tmp_path)
+    chosen = payload["chosen"]
+    assert (chosen["rank"], chosen["floor"], chosen["temperature_per_dim"]) == (2, 0.1, 0.25)  # TINY's one point
+    assert 0.0 <= chosen["mean_val_accuracy"] <= 1.0 and payload["grid"]
 
 
 def test_class_incremental_tiny(data_dir, results, tmp_path):
