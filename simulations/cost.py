@@ -87,7 +87,7 @@ class Settings:
 
 TINY = Settings(48, 32, 32, 16, 1, 2, (1, 2, 4), 8, 4, (2, 4), 4)
 QUICK = Settings(96, 96, 32, 16, 2, 4, (1, 2, 4, 8), 8, 8, (2, 4), 4)
-FULL = Settings(1000, 500, 128, 32, 10, 100, (1, 2, 4, 8, 16, 32, 64), 8, 16, (2, 20, 40), 16)
+FULL = Settings(1000, 500, 128, 32, 10, 100, (1, 2, 4, 8, 16, 32, 64), 8, 16, (2, 10, 20), 16)
 
 
 def batched_epoch(model: APTViT, prompts: list, bank: Bank, indices: np.ndarray, batch_size: int) -> None:
