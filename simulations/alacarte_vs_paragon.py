@@ -92,7 +92,7 @@ class Settings:
 
 TINY = Settings(48, 32, (2,), ("iid",), 1, 0, 16, 3e-3, 2, (1,), 1)
 QUICK = Settings(200, 200, (1, 4), ("iid", "dirichlet-0.1"), 5, 20, 32, 3e-3, 4, (1, 2), 1)
-FULL = Settings(2000, 1000, (1, 2, 5, 10, 20), ("iid", "dirichlet-0.1", "dirichlet-1"), 10, 100, 32, 3e-3,
+FULL = Settings(2000, 1000, (1, 2, 5, 10, 20), ("iid", "dirichlet-0.1", "dirichlet-1"), 5, 50, 32, 3e-3,
                 10, (1, 2, 5), 1)
 
 
