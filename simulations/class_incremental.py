@@ -55,8 +55,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.compose import compose_probs, density_weights
+from common.compose import TEMPERATURE_PER_DIM, compose_probs, density_weights
 from common.data import load_split, train_val_split
+from common.density import DEFAULT_RANK, VARIANCE_FLOOR
 from common.model import APTViT
 from common.probe import L2_GRID
 from simulations.common import (
@@ -363,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
                               prompt_train_images=int(sum(len(t.train) for t in tasks)),
                               val_images=int(sum(len(t.val) for t in tasks)),
                               test_images=int(sum(len(t.test) for t in tasks)),
+                              density_rank=DEFAULT_RANK, density_floor=VARIANCE_FLOOR,
+                              temperature_per_dim=TEMPERATURE_PER_DIM,
                               torch_threads=torch.get_num_threads(), seconds=clock.seconds()),
         "summary": rows, "matrices": matrices, "training": log,
         "final": {r["method"]: {"average_accuracy": r["average_accuracy"], "forgetting": r["forgetting"]}
