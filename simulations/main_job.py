@@ -64,11 +64,17 @@ class Settings:
     sweep_epochs: tuple[int, ...]
     validation_images: int
     min_steps: int  # -1: the product's default (AppConfig.min_steps)
+    examples_per_source: int  # -1: the product's default (AppConfig.examples_per_source)
+
+    def config(self, data_dir: str) -> AppConfig:
+        """The main job's run configuration, with this profile's sizes."""
+        sizes = {"min_steps": self.min_steps, "examples_per_source": self.examples_per_source}
+        return AppConfig(data_dir=data_dir, **{k: v for k, v in sizes.items() if v >= 0})
 
 
-TINY = Settings((3e-3,), (1,), 32, 2)
-QUICK = Settings((3e-3,), (10,), 200, -1)
-FULL = Settings((1e-3, 3e-3, 1e-2), (5, 10), 1000, -1)
+TINY = Settings((3e-3,), (1,), 32, 2, 20)
+QUICK = Settings((3e-3,), (10,), 200, -1, -1)
+FULL = Settings((1e-3, 3e-3, 1e-2), (5, 10), 1000, -1, -1)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,8 @@ def validation_indices(config: AppConfig, sources: list[Source], n: int, seed: i
     used = np.concatenate([np.concatenate([s.train, s.val]) for s in sources])
     labels = load_split(config.dataset, config.data_path(), "train").labels
     free = np.setdiff1d(np.arange(len(labels)), used)
+    if len(free) < n:
+        raise SystemExit(f"only {len(free)} training-split images lie outside the sources' shards; need {n}")
     return limit_per_partition(free, n, seed + 1)
 
 
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     configure_logging()
     s, label = select_profile(args, TINY, QUICK, FULL)
     clock = Stopwatch()
-    config = AppConfig(data_dir=args.data_dir, min_steps=s.min_steps if s.min_steps >= 0 else AppConfig.min_steps)
+    config = s.config(args.data_dir)
     spec = backbone_spec(args.tiny)
     model = spec.load()
     sources = main_job_sources(config)
