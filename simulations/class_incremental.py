@@ -36,7 +36,9 @@ are chosen by cross-validation on training images; the density's temperature, ra
 floor are the product's defaults (chosen on validation images by
 ``simulations/tune_density.py``). Probes need no separate validation split, so the probe
 methods fit on all of a task's training images (training and validation split: the probe
-references get at least the data the prompts get). Test images are only ever scored.
+references get at least the data the prompts get). Test images are only ever scored. (The
+``--tiny`` smoke profile fixes the probes' L2 at the grid's middle value instead of
+cross-validating it, to stay fast on random features.)
 
 All methods read the same precomputed backbone bank (keys/values for the prompts, pooled
 features for the probes and densities).
@@ -59,7 +61,7 @@ from common.compose import TEMPERATURE_PER_DIM, compose_probs, density_weights
 from common.data import load_split, train_val_split
 from common.density import DEFAULT_RANK, VARIANCE_FLOOR
 from common.model import APTViT
-from common.probe import L2_GRID
+from common.probe import L2_GRID, fit_probe
 from simulations.common import (
     Bank,
     BankProbe,
@@ -101,9 +103,10 @@ class Settings:
     min_steps: int
     batch_size: int
     lr: float
+    probe_cv: bool = True  # probe L2 by cross-validation (False: the grid's middle value; smoke tests only)
 
 
-TINY = Settings(4, 3, 0.25, 1, 2, 16, 3e-3)
+TINY = Settings(4, 3, 0.25, 1, 2, 16, 3e-3, probe_cv=False)
 QUICK = Settings(20, 12, 0.2, 10, 20, 32, 3e-3)
 FULL = Settings(240, 100, 0.1, 10, 100, 32, 3e-3)  # the product's recipe (TrainConfig defaults, batch 32)
 
@@ -180,7 +183,7 @@ def run_apt(model: APTViT, train: Bank, test: Bank, tasks: list[Task], s: Settin
                                 s.batch_size, seed, val_indices=task.val)
         log.append(_train_row("apt", t, metrics))
         prompts.append(prompt)
-        probes.append(BankProbe.fit(train, task.all_train).logits(test, num_classes))
+        probes.append(fit_bank_probe(train, task.all_train, s.probe_cv).logits(test, num_classes))
         densities.append(train.density_of(task.train))
         weights = density_weights(densities, test_features)
         logits = bank_logits(model, test, list(prompts))
@@ -268,7 +271,18 @@ def _fit_offset(z: torch.Tensor, y: torch.Tensor, offset: torch.Tensor, num_clas
     return params.detach()
 
 
-def run_probes(train: Bank, test: Bank, tasks: list[Task], num_classes: int, seed: int,
+def fit_bank_probe(bank: Bank, indices: np.ndarray, cv: bool) -> BankProbe:
+    """``BankProbe.fit`` (L2 by cross-validation), or with the middle L2 of the grid when not ``cv``."""
+    if cv:
+        return BankProbe.fit(bank, indices)
+    labels = bank.labels_of(indices)
+    classes = tuple(sorted(set(labels.tolist())))
+    probe = fit_probe(torch.as_tensor(bank.features[bank.slots_of(indices)]),
+                      torch.as_tensor(np.searchsorted(classes, labels)), len(classes), l2=L2_GRID[len(L2_GRID) // 2])
+    return BankProbe(probe, classes)
+
+
+def run_probes(train: Bank, test: Bank, tasks: list[Task], num_classes: int, seed: int, cv: bool,
                log: list[dict]) -> dict[str, list[Scorer]]:
     """Sequential (warm-started) and joint linear probes on the bank's pooled features."""
     out: dict[str, list[Scorer]] = {"probe_sequential": [], "probe_joint": []}
@@ -279,8 +293,9 @@ def run_probes(train: Bank, test: Bank, tasks: list[Task], num_classes: int, see
         images = task.all_train
         seen.append(images)
         weight, bias, l2 = fit_warm_probe(torch.as_tensor(train.features[train.slots_of(images)]),
-                                          torch.as_tensor(train.labels_of(images)), num_classes, previous, seed=seed)
-        joint = BankProbe.fit(train, np.concatenate(seen))
+                                          torch.as_tensor(train.labels_of(images)), num_classes, previous,
+                                          grid=L2_GRID if cv else L2_GRID[len(L2_GRID) // 2:][:1], seed=seed)
+        joint = fit_bank_probe(train, np.concatenate(seen), cv)
         previous = (weight, bias)
         log.append({"method": "probe_sequential", "task": t + 1, "l2": l2})
         log.append({"method": "probe_joint", "task": t + 1, "l2": joint.probe.l2})
@@ -352,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     log: list[dict] = []
     scorers = {**run_apt(model, train, test, tasks, s, num_classes, args.seed, log),
                "sequential_prompt": run_sequential_prompt(model, train, test, tasks, s, num_classes, args.seed, log),
-               **run_probes(train, test, tasks, num_classes, args.seed, log)}
+               **run_probes(train, test, tasks, num_classes, args.seed, s.probe_cv, log)}
     matrices = accuracy_matrices(scorers, tasks, test)
     rows = summary_rows(matrices)
     title = f"Split {'CIFAR-100' if args.cifar100 else 'Fashion-MNIST'} ({len(tasks)} x {per_task})"
