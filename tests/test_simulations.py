@@ -142,7 +142,7 @@ def test_class_incremental_tiny(data_dir, results, tmp_path):
     payload = run_tiny("class_incremental", data_dir, results, tmp_path)
     assert payload["setup"]["tasks"] == 5
     assert set(payload["final"]) == {"apt_composed", "apt_density", "sequential_prompt", "probe_sequential",
-                                     "probe_joint"}
+                                     "probe_joint", "probe_density"}
     assert all(len(m) == 5 for m in payload["matrices"].values())
 
 
