@@ -50,15 +50,17 @@ class SourceDensity:
     residual: Tensor  # [K] isotropic variance of the other D - r directions
 
     @classmethod
-    def fit(cls, features: Tensor, labels: Tensor, rank: int = DEFAULT_RANK,
+    def fit(cls, features: Tensor, labels: Tensor, rank: int | None = None,
             floor: float = VARIANCE_FLOOR) -> SourceDensity:
         """Fit on a source's features ``[n, D]`` and labels ``[n]``; raises ``ValueError`` on bad input.
 
+        ``rank``: principal directions per class (default ``DEFAULT_RANK``, at most ``D - 1``).
         ``floor``: residual variances are at least this fraction of the source's mean variance.
         """
         if features.ndim != 2 or labels.shape != features.shape[:1] or len(labels) == 0:
             raise ValueError(f"need features [n, D] and labels [n] with n > 0; got {tuple(features.shape)} "
                              f"and {tuple(labels.shape)}")
+        rank = min(DEFAULT_RANK, features.shape[1] - 1) if rank is None else rank
         if not 0 < rank < features.shape[1]:
             raise ValueError(f"rank must be in 1..{features.shape[1] - 1}, got {rank}")
         x = features.detach().to(torch.float64)
