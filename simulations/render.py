@@ -53,11 +53,13 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
     s = payload["setup"]
     rows = payload["sources"]
     prompts, probes = payload["composed_prompts"], payload["composed_probes"]
+    origin = ("the prompts `flwr run .` stored in its pool" if s["prompts"].startswith("read from")
+              else "prompts trained by the script with the product's recipe")
     body = [
-        "## 0. The main job against linear probes on the same images",
+        f"## 0. The main job against linear probes on the same images ({origin})",
         "`python -m simulations.main_job` — the README's main job (5 sources, Dirichlet(1.0), 400 images each of "
         "which 10% is the source's validation split) rebuilt with the product's partitioning. Each source's "
-        f"prompt ({s['prompts']}) against a linear probe fitted on the frozen backbone's pooled features of the "
+        f"prompt ({origin}) against a linear probe fitted on the frozen backbone's pooled features of the "
         "same training images (`common.probe`, L2 chosen by 5-fold cross-validation on those images); on the "
         f"server's {s['test_images']} test images.",
         setup_line(s, f"{sum(r['train_images'] for r in rows)} training images over {len(rows)} sources"),
@@ -273,6 +275,7 @@ def cost_section(folder: Path, payload: dict, output: Path) -> str:
 
 SECTIONS: list[tuple[str, Callable[[Path, dict, Path], str]]] = [
     ("main_job", main_job_section),
+    ("main_job_sweep", main_job_section),
     ("probe_curve", probe_curve_section),
     ("tune_density", tune_density_section),
     ("alacarte_vs_paragon", alacarte_section),
