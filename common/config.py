@@ -36,7 +36,7 @@ class AppConfig:
     """Run configuration shared by the ServerApp and the ClientApps."""
 
     num_server_rounds: int = _key(1, "rounds; each round every source continues from its latest prompt")
-    local_epochs: int = _key(10, "prompt-tuning epochs per round (see min-steps)")
+    local_epochs: int = _key(5, "prompt-tuning epochs per round (see min-steps)")
     min_steps: int = _key(100, "at least this many optimiser steps per round, however small the shard")
     probe_init: bool = _key(True, "start a fresh prompt's head from a linear probe on its own features (LP-FT)")
     share_density: bool = _key(True, "send the source's feature density with its prompt (density weighting)")
@@ -54,7 +54,7 @@ class AppConfig:
     val_fraction: float = _key(0.1, "share of a source's images kept as its validation split (selection)")
     test_examples: int = _key(1000, "the server's own test subset (0 = none)")
     batch_size: int = _key(32, "batch size of training and evaluation")
-    learning_rate: float = _key(3e-3, "AdamW learning rate (cosine schedule) of tokens, memory and head")
+    learning_rate: float = _key(1e-3, "AdamW learning rate (cosine schedule) of tokens, memory and head")
     label_smoothing: float = _key(0.0, "label smoothing of the training loss")
     n_prompt: int = _key(1, "input prompt tokens")
     n_memory: int = _key(4, "memory tokens per layer")

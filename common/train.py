@@ -50,9 +50,9 @@ __all__ = ["TrainConfig", "evaluate", "planned_epochs", "probe_init_head", "sour
 class TrainConfig:
     """The recipe of one prompt (see the module doc); the defaults are the product's."""
 
-    epochs: int = 10
+    epochs: int = 5
     min_steps: int = 100
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     probe_init: bool = True
