@@ -596,7 +596,7 @@ def test_three_supernodes_fill_the_pool(first_run):
     assert result.returncode == 0, result.output[-3000:]
     for source in SOURCES:
         assert f"stored {source} v1" in result.output, result.output[-3000:]
-    assert "composed (3)" in result.output, result.output[-3000:]
+    assert "composed uniform (3)" in result.output and "composed density (3)" in result.output, result.output[-3000:]
     check_pool(pool_dir, {"src-a": 1, "src-b": 1, "src-c": 1})
 
 
