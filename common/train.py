@@ -265,11 +265,13 @@ def evaluate(
         correct += hits.sum(dim=1).cpu()
         own_correct += (hits & own).sum(dim=1).cpu()
         own_seen += own.sum(dim=1).cpu()
-        for weighting in compared:
-            probs = compose_probs(logits, composition_weights(weighting, logits, prompts, pooled))
+        composed = {w: compose_probs(logits, composition_weights(w, logits, prompts, pooled)) for w in compared}
+        for weighting, probs in composed.items():
             composed_correct[weighting] += int((probs.argmax(-1) == labels).sum())
-        w = chosen if isinstance(chosen, Tensor) else composition_weights(chosen, logits, prompts, pooled)
-        probs = compose_probs(logits, w)  # [B, C]
+        probs = composed.get(chosen) if not isinstance(chosen, Tensor) else None
+        if probs is None:  # a custom tensor, or confidence weighting: not among the compared ones
+            w = chosen if isinstance(chosen, Tensor) else composition_weights(chosen, logits, prompts, pooled)
+            probs = compose_probs(logits, w)  # [B, C]
         chosen_correct += int((probs.argmax(-1) == labels).sum())
         nll -= float(probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum())
         seen += len(labels)
