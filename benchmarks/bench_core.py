@@ -145,8 +145,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     optimizer = torch.optim.AdamW(prompt.parameters(), lr=1e-3)
 
     def train_step() -> None:  # what train_prompt does per batch without a cache
-        kv = model.backbone_kv(images)
-        loss = F.cross_entropy(model.forward_kv(kv, [prompt])[0], labels)
+        features, kv = model.backbone_forward(images)
+        loss = F.cross_entropy(model.forward_kv(kv, model.pooled(features), [prompt])[0], labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

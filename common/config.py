@@ -38,7 +38,9 @@ class AppConfig:
     num_server_rounds: int = _key(1, "rounds; each round every source continues from its latest prompt")
     local_epochs: int = _key(5, "prompt-tuning epochs per round (see min-steps)")
     min_steps: int = _key(100, "at least this many optimiser steps per round, however small the shard")
-    probe_init: bool = _key(True, "start a fresh prompt's head from a linear probe on its own features (LP-FT)")
+    probe_init: bool = _key(True, "start a fresh prompt as a linear probe on the backbone's pooled features (LP-FT)")
+    selection_margin: float = _key(1.0, "keep a tuned epoch only if its validation loss beats the untuned prompt's "
+                                        "by more than this many standard errors")
     share_density: bool = _key(True, "send the source's feature density with its prompt (density weighting)")
     mode: str = _key("alacarte", f"one of {MODES}: a pool of prompts, or one FedAvg-averaged prompt")
     backbone: str = _key(DEFAULT_BACKBONE, "timm ViT name of the frozen backbone")
@@ -97,6 +99,8 @@ class AppConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if min(self.n_memory, self.examples_per_source, self.test_examples, self.min_steps) < 0:
             raise ConfigError("n-memory, examples-per-source, test-examples and min-steps must be >= 0")
+        if not self.selection_margin >= 0.0:
+            raise ConfigError(f"selection-margin must be >= 0, got {self.selection_margin}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.learning_rate <= 0 or self.reply_timeout <= 0:
@@ -106,7 +110,7 @@ class AppConfig:
         """The client's training recipe (``common.train``) from the run config."""
         return TrainConfig(epochs=self.local_epochs, min_steps=self.min_steps, lr=self.learning_rate,
                            label_smoothing=self.label_smoothing, probe_init=self.probe_init,
-                           progress=self.progress)
+                           selection_margin=self.selection_margin, progress=self.progress)
 
     def checkpoint_path(self) -> str | None:
         """The backbone weights file: ``checkpoint``, else the one ``alacarte setup`` prepared."""

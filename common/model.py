@@ -12,6 +12,9 @@ Structured attention, as implemented here:
 * the tokens of prompt ``i`` attend to the backbone tokens of the same layer, to their own
   tokens and to their own memory tokens, never to another prompt's.
 
+Each prompt's head reads its prompt output (mean of its tokens after the final norm) next to
+the backbone's own pooled feature, ``[prompt ; pooled] -> logits`` (``common.prompt``).
+
 All ``k`` prompts run in one batched pass per layer: their queries are stacked and scored
 against the *shared* backbone keys/values (no k-fold copy) and against their own
 keys/values; one softmax over the concatenated scores gives exactly the masked attention
@@ -239,7 +242,8 @@ class APTViT(nn.Module):
         """Per-prompt logits ``[k, B, C]`` for ``k`` prompts over one shared backbone pass.
 
         Logits of classes outside a prompt's label set are ``-inf`` (its softmax is 0 there).
-        Same result as ``forward_kv(backbone_kv(images), prompts)``, but each layer's prompt
+        Same result as ``forward_kv(kv, pooled(features), prompts)`` with ``features, kv =
+        backbone_forward(images)``, but each layer's prompt
         tokens run as soon as that layer's backbone keys/values exist, so the keys/values of
         all layers are never gathered into one tensor (saves a large copy and allocation).
         """
@@ -259,11 +263,12 @@ class APTViT(nn.Module):
         with torch.no_grad():
             pooled = self.pooled(self._run_backbone(images, run_layer))
         features = self._assemble([self._group_features(x) for x, _ in states], groups)
-        return self.head_logits(features, prompts), pooled
+        return self.head_logits(features, pooled, prompts), pooled
 
-    def forward_kv(self, kv: Tensor, prompts: Sequence[Prompt]) -> Tensor:
-        """Like ``forward`` but from precomputed backbone keys/values (e.g. a cache)."""
-        return self.head_logits(self.features_kv(kv, prompts), prompts)
+    def forward_kv(self, kv: Tensor, pooled: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        """Like ``forward`` but from precomputed backbone keys/values ``[L, 2, B, heads, N, hd]``
+        and pooled features ``[B, D]`` (e.g. a cache's ``fetch``)."""
+        return self.head_logits(self.features_kv(kv, prompts), pooled.to(self.device), prompts)
 
     def features_kv(self, kv: Tensor, prompts: Sequence[Prompt]) -> Tensor:
         """Each prompt's output features ``[k, B, D]`` (what its head reads) from backbone keys/values."""
@@ -272,11 +277,13 @@ class APTViT(nn.Module):
         return self._assemble([self._forward_group(kv, members) for members in groups], groups)
 
     @staticmethod
-    def head_logits(features: Tensor, prompts: Sequence[Prompt]) -> Tensor:
-        """Each prompt's head on its features ``[k, B, D]``, label-masked: logits ``[k, B, C]``."""
-        weight = torch.stack([p.head.weight for p in prompts])  # [k, C, D]
+    def head_logits(features: Tensor, pooled: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        """Each prompt's head on ``[its features [k, B, D] ; pooled [B, D]]``, label-masked: logits ``[k, B, C]``."""
+        D = features.shape[-1]
+        weight = torch.stack([p.head.weight for p in prompts])  # [k, C, 2D]
         bias = torch.stack([p.head.bias for p in prompts])  # [k, C]
-        logits = torch.einsum("kbd,kcd->kbc", features, weight) + bias[:, None]  # [k, B, C]
+        logits = (torch.einsum("kbd,kcd->kbc", features, weight[..., :D])
+                  + torch.einsum("bd,kcd->kbc", pooled.to(features.dtype), weight[..., D:]) + bias[:, None])  # [k, B, C]
         mask = torch.stack([p.label_mask.to(logits.device) for p in prompts])  # [k, C]
         return logits.masked_fill(~mask[:, None], float("-inf"))
 

@@ -7,11 +7,16 @@ name            shape                 role
 ==============  ====================  ===========================================
 ``tokens``      ``[P, D]``            input prompt tokens (``P = n_prompt``)
 ``memory``      ``[L, M, D]``         memory tokens of every layer (``M = n_memory``)
-``head.weight`` ``[C, D]``            linear head over the global label space
+``head.weight`` ``[C, 2D]``           linear head over the global label space, reading
+                                      ``[prompt output ; backbone pooled feature]``
 ``head.bias``   ``[C]``
 ==============  ====================  ===========================================
 
-plus, optionally (format version 2), the source's :class:`~common.density.SourceDensity`
+The head reads the prompt's output features next to the frozen backbone's own pooled
+feature (its class token), so a prompt whose prompt-side columns are zero *is* a linear
+probe on the backbone, and tuning learns what the prompt adds to it (``common.train``).
+
+plus, optionally (format version >= 2), the source's :class:`~common.density.SourceDensity`
 (arrays ``density.<field>``: per-class counts, means, top principal directions and variances
 of the source's pooled backbone features) that density-weighted composition needs; a
 version-1 artefact, or a source that keeps its density private, has none and composes
@@ -54,8 +59,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "alacarte-prompt"
-FORMAT_VERSION = 2  # 2 added the optional source density; version 1 still loads
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added the optional source density, 3 the pooled-feature half of the head
+READABLE_VERSIONS = (1, 2, 3)  # a version-1/2 head [C, D] loads with zero pooled-feature columns
 TENSOR_NAMES = ("tokens", "memory", "head.weight", "head.bias")
 DENSITY_PREFIX = "density."
 MAX_INT_FIELD = 2**53  # dimensions and example counts above this are not real prompts
@@ -123,7 +128,7 @@ class Prompt(nn.Module):
         self.created_at = time.time() if created_at is None else created_at
         self.tokens = nn.Parameter(torch.zeros(n_prompt, embed_dim))  # [P, D]
         self.memory = nn.Parameter(torch.zeros(depth, n_memory, embed_dim))  # [L, M, D]
-        self.head = nn.Linear(embed_dim, num_classes)  # [C, D], [C]
+        self.head = nn.Linear(2 * embed_dim, num_classes)  # [C, 2D] over [prompt output ; pooled], [C]
         self.density: SourceDensity | None = None  # the source's feature density, if it shares one
 
     @classmethod
@@ -202,7 +207,8 @@ class Prompt(nn.Module):
         version = meta.pop("format_version")
         tensors = {k: v for k, v in arrays.items() if not k.startswith(DENSITY_PREFIX)}
         density = {k[len(DENSITY_PREFIX):]: v for k, v in arrays.items() if k.startswith(DENSITY_PREFIX)}
-        _check_arrays(tensors, meta)  # before allocating anything the metadata asks for
+        _check_arrays(tensors, meta, version)  # before allocating anything the metadata asks for
+        tensors = _upgrade_head(tensors, version)
         if density and version < 2:
             raise PromptVersionError(f"a version-{version} prompt cannot carry a density; re-export it")
         prompt = cls(**meta)
@@ -376,12 +382,12 @@ def _parse_density(arrays: Mapping[str, np.ndarray], prompt: Prompt) -> SourceDe
     return density
 
 
-def _check_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
+def _check_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping, version: int) -> None:
     if set(arrays) != set(TENSOR_NAMES):
         raise PromptShapeError(f"prompt tensors must be exactly {list(TENSOR_NAMES)}, got {sorted(arrays)}")
     D, C = meta["embed_dim"], meta["num_classes"]
     expected = {"tokens": (meta["n_prompt"], D), "memory": (meta["depth"], meta["n_memory"], D),
-                "head.weight": (C, D), "head.bias": (C,)}
+                "head.weight": (C, 2 * D if version >= 3 else D), "head.bias": (C,)}
     for name in TENSOR_NAMES:
         arr = arrays[name]
         if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
@@ -391,6 +397,15 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
             raise PromptShapeError(f"prompt tensor {name!r} has shape {arr.shape}, metadata implies {expected[name]}")
         if not np.isfinite(arr).all():
             raise PromptValueError(f"prompt tensor {name!r} contains NaN or Inf; the training diverged")
+
+
+def _upgrade_head(arrays: Mapping[str, np.ndarray], version: int) -> dict[str, np.ndarray]:
+    """Version < 3 heads ``[C, D]`` read only the prompt's output: append zero pooled-feature columns."""
+    arrays = dict(arrays)
+    if version < 3:
+        weight = arrays["head.weight"]
+        arrays["head.weight"] = np.concatenate([weight, np.zeros_like(weight)], axis=1)
+    return arrays
 
 
 def _check_backbone(prompt: Prompt, model: APTViT) -> None:

@@ -2,18 +2,21 @@
 
 The recipe of a source's prompt (LP-FT with selection on validation loss):
 
-1. **Probe initialisation.** When the prompt's head is still zero (a fresh prompt), the
-   head is set to a linear probe (``common.probe``) fitted on the prompt's own initial output
-   features of the training images, so the prompt starts at a linear probe's accuracy.
+1. **Probe initialisation.** When the prompt's head is still zero (a fresh prompt), its
+   pooled-feature columns are set to a linear probe (``common.probe``) fitted on the
+   backbone's pooled features of the training images and its prompt columns stay zero: the
+   prompt starts as exactly that linear probe (the reference every prompt is measured against).
 2. **Prompt tuning.** Tokens, memory and head are tuned with AdamW and a cosine schedule
    for ``epochs`` epochs but at least ``min_steps`` optimiser steps, so small shards are not
    starved of steps.
 3. **Selection.** With validation data, the per-example validation loss is measured before
    tuning and after every epoch. A tuned epoch is eligible only if its mean loss is lower than
-   the untuned prompt's by more than one standard error of the paired per-example difference
+   the untuned prompt's by more than ``selection_margin`` standard errors of the paired
+   per-example difference
    (a few dozen validation images are noisy); the eligible epoch with the lowest loss is kept,
    else the probe-initialised prompt is. Tuning is kept only where the source's own
-   validation data says it helps. Without validation data the last epoch is kept.
+   validation data says it helps, so a prompt is the probe unless its validation data shows
+   the tuned prompt is better. Without validation data the last epoch is kept.
 
 Only the prompt's tensors are optimised. The backbone runs under ``torch.no_grad()``
 (inside ``APTViT.backbone_forward``), so no backward pass ever goes through it; with a
@@ -56,6 +59,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     probe_init: bool = True
+    selection_margin: float = 1.0  # standard errors a tuned epoch must win by (see the module doc)
     progress: bool = True
 
 
@@ -86,14 +90,16 @@ def _local_targets(prompt: Prompt, labels: Tensor) -> Tensor:
 @torch.no_grad()
 def probe_init_head(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor]],
                     cache: KVCache | None = None) -> float:
-    """Set the head to a linear probe on the prompt's output features of ``loader``; returns its L2.
+    """Make the head a linear probe on the backbone's pooled features of ``loader``; returns its L2.
 
-    Rows of classes outside the prompt's label set stay zero (they are masked anyway).
+    The probe goes into the pooled-feature columns ``head.weight[:, D:]``; the prompt columns
+    and the rows of classes outside the prompt's label set stay zero, so the prompt's logits
+    are exactly the probe's.
     """
     features, targets = [], []
     for batch in loader:
-        kv, _, labels = _batch_inputs(model, batch, cache)
-        features.append(model.features_kv(kv, [prompt])[0])
+        _, pooled, labels = _batch_inputs(model, batch, cache)
+        features.append(pooled)
         targets.append(_local_targets(prompt, labels))
     if not features:
         raise ValueError("the training loader is empty; this source has no examples")
@@ -101,7 +107,7 @@ def probe_init_head(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Ten
     labels_index = list(prompt.labels)
     prompt.head.weight.zero_()
     prompt.head.bias.zero_()
-    prompt.head.weight[labels_index] = probe.weight.to(prompt.head.weight)
+    prompt.head.weight[labels_index, prompt.embed_dim:] = probe.weight.to(prompt.head.weight)
     prompt.head.bias[labels_index] = probe.bias.to(prompt.head.bias)
     return probe.l2
 
@@ -127,10 +133,10 @@ def _validation_losses(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[
     losses = []
     mask = prompt.label_mask
     for batch in loader:
-        kv, _, labels = _batch_inputs(model, batch, cache)
+        kv, pooled, labels = _batch_inputs(model, batch, cache)
         keep = mask[labels.clamp(0, prompt.num_classes - 1)] & (labels >= 0) & (labels < prompt.num_classes)
         if bool(keep.any()):
-            logits = model.forward_kv(kv, [prompt])[0][keep][:, list(prompt.labels)]
+            logits = model.forward_kv(kv, pooled, [prompt])[0][keep][:, list(prompt.labels)]
             losses.append(F.cross_entropy(logits, _local_targets(prompt, labels[keep]), reduction="none").cpu())
     return torch.cat(losses) if losses else torch.zeros(0)
 
@@ -166,7 +172,7 @@ def train_prompt(
     probe_l2 = probe_init_head(model, prompt, loader, cache) if probe_init else math.nan
     epochs = planned_epochs(batches, config)
     validate = (lambda: _validation_losses(model, prompt, val_loader, cache)) if val_loader is not None else None
-    best = _Selection(validate(), prompt) if validate else None
+    best = _Selection(validate(), prompt, config.selection_margin) if validate else None
     optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches)
     prompt.train()
@@ -192,11 +198,11 @@ def planned_epochs(batches: int, config: TrainConfig) -> int:
 
 class _Selection:
     """The prompt state to keep: the untuned one (epoch 0), unless a tuned epoch beats it on
-    validation by more than one standard error of the paired per-example loss difference; then
-    the lowest-loss such epoch. Inactive (nothing to select on) without validation examples."""
+    validation by more than ``margin`` standard errors of the paired per-example loss difference;
+    then the lowest-loss such epoch. Inactive (nothing to select on) without validation examples."""
 
-    def __init__(self, losses: Tensor, prompt: Prompt) -> None:
-        self.reference = losses
+    def __init__(self, losses: Tensor, prompt: Prompt, margin: float) -> None:
+        self.reference, self.margin = losses, margin
         self.active = len(losses) > 0
         self.loss, self.epoch = float(losses.mean()) if self.active else math.nan, 0
         self.state = copy.deepcopy(prompt.state_dict())
@@ -206,7 +212,7 @@ class _Selection:
             return
         gain = self.reference - losses  # [n] paired: positive where the tuned prompt is better
         error = float(gain.std() / math.sqrt(len(gain))) if len(gain) > 1 else 0.0
-        if float(gain.mean()) > error and float(losses.mean()) < self.loss:
+        if float(gain.mean()) > self.margin * error and float(losses.mean()) < self.loss:
             self.loss, self.epoch, self.state = float(losses.mean()), epoch, copy.deepcopy(prompt.state_dict())
 
 
@@ -217,9 +223,9 @@ def _train_epoch(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, disable=not config.progress, leave=False)
     for batch in bar:
-        kv, _, labels = _batch_inputs(model, batch, cache)
+        kv, pooled, labels = _batch_inputs(model, batch, cache)
         targets = _local_targets(prompt, labels)
-        logits = model.forward_kv(kv, [prompt])[0][:, labels_index]  # [B, |labels|]
+        logits = model.forward_kv(kv, pooled, [prompt])[0][:, labels_index]  # [B, |labels|]
         loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -334,7 +334,7 @@ class _Composer:
     def _run_group(self, kv: Tensor, pooled: Tensor, jobs: list[_Job], members: list[int], results: list) -> None:
         """Jobs sharing one prompt selection: run the prompts once, weight and compose per job."""
         try:
-            logits = self.model.forward_kv(kv, jobs[0].prompts)  # [k, n, C]
+            logits = self.model.forward_kv(kv, pooled, jobs[0].prompts)  # [k, n, C]
         except Exception as err:  # fail these jobs only, not the batch
             logger.exception("prompt forward failed for %d job(s)", len(jobs))
             for i in members:

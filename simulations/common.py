@@ -319,9 +319,9 @@ def train_on_bank(model: APTViT, prompt: Prompt, bank: Bank, indices: np.ndarray
                         val_loader=val)
 
 
-def recipe(epochs: int, lr: float, min_steps: int = 100) -> TrainConfig:
-    """The product's training recipe with these epochs / learning rate, quiet."""
-    return TrainConfig(epochs=epochs, lr=lr, min_steps=min_steps, progress=False)
+def recipe(epochs: int, lr: float, min_steps: int = 100, selection_margin: float = 1.0) -> TrainConfig:
+    """The product's training recipe with these epochs / learning rate / selection margin, quiet."""
+    return TrainConfig(epochs=epochs, lr=lr, min_steps=min_steps, selection_margin=selection_margin, progress=False)
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,7 @@ def bank_logits(model: APTViT, bank: Bank, prompts: Sequence[Prompt], indices: n
     out = []
     for start in range(0, len(indices), batch_size):
         idx = torch.as_tensor(indices[start:start + batch_size])
-        out.append(model.forward_kv(bank.cache.kv(idx, torch.zeros(0)), list(prompts)))
+        out.append(model.forward_kv(*bank.cache.fetch(idx, torch.zeros(0)), list(prompts)))
     return torch.cat(out, dim=1)
 
 

@@ -95,7 +95,7 @@ def batched_epoch(model: APTViT, prompts: list, bank: Bank, indices: np.ndarray,
     params = [p for prompt in prompts for p in prompt.parameters()]
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     for _, labels, idx in bank.loader(indices, batch_size, seed=0):
-        logits = model.forward_kv(bank.cache.kv(idx, torch.zeros(0)), prompts)  # [k, B, C]
+        logits = model.forward_kv(*bank.cache.fetch(idx, torch.zeros(0)), prompts)  # [k, B, C]
         loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(prompts)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,7 +13,8 @@ server's 1,000 test images it compares
   the per-source probes (same two weightings) and with **one probe on the union** of the
   sources' training images (the paragon of linear probing).
 
-``--sweep`` also chooses the recipe's defaults: every (learning rate, epochs) of a small grid
+``--sweep`` also chooses the recipe's defaults: every (learning rate, epochs, selection
+margin) of a small grid
 trains the five prompts, scored on 1,000 *validation* images drawn from the training split
 outside every source's shard (never on the test images).
 """
@@ -62,6 +63,7 @@ class Settings:
 
     sweep_lrs: tuple[float, ...]
     sweep_epochs: tuple[int, ...]
+    sweep_margins: tuple[float, ...]
     validation_images: int
     min_steps: int  # -1: the product's default (AppConfig.min_steps)
     examples_per_source: int  # -1: the product's default (AppConfig.examples_per_source)
@@ -72,9 +74,9 @@ class Settings:
         return AppConfig(data_dir=data_dir, **{k: v for k, v in sizes.items() if v >= 0})
 
 
-TINY = Settings((3e-3,), (1,), 32, 2, 20)
-QUICK = Settings((3e-3,), (10,), 200, -1, -1)
-FULL = Settings((1e-3, 3e-3, 1e-2), (5, 10), 1000, -1, -1)
+TINY = Settings((3e-3,), (1,), (1.0,), 32, 2, 20)
+QUICK = Settings((3e-3,), (10,), (1.0,), 200, -1, -1)
+FULL = Settings((1e-3, 3e-3), (5, 10), (1.0, 2.0), 1000, -1, -1)
 
 
 @dataclass(frozen=True)
@@ -105,13 +107,13 @@ def validation_indices(config: AppConfig, sources: list[Source], n: int, seed: i
 
 
 def train_prompts(model: APTViT, bank: Bank, sources: list[Source], config: AppConfig, lr: float,
-                  epochs: int) -> tuple[list[Prompt], list[dict]]:
+                  epochs: int, margin: float) -> tuple[list[Prompt], list[dict]]:
     """Each source's prompt with the product's recipe on its own train/validation split."""
     prompts, metrics = [], []
     for src in sources:
         labels = sorted(set(bank.labels_of(src.train).tolist()))
         prompt = fresh_prompt(model, NUM_CLASSES, seed=0, labels=labels, source=src.name)
-        metrics.append(train_on_bank(model, prompt, bank, src.train, recipe(epochs, lr, config.min_steps),
+        metrics.append(train_on_bank(model, prompt, bank, src.train, recipe(epochs, lr, config.min_steps, margin),
                                      config.batch_size, config.partition_seed, src.val))
         prompt.density = bank.density_of(src.train)
         prompts.append(prompt)
@@ -148,15 +150,15 @@ def comparison(model: APTViT, train: Bank, test: Bank, sources: list[Source], pr
 
 def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
           s: Settings) -> list[dict]:
-    """Every (lr, epochs) of the grid scored on the held-out validation images."""
+    """Every (lr, epochs, selection margin) of the grid scored on the held-out validation images."""
     rows = []
     labels = bank.labels_of(val)
-    for lr, epochs in itertools.product(s.sweep_lrs, s.sweep_epochs):
-        prompts, metrics = train_prompts(model, bank, sources, config, lr, epochs)
+    for lr, epochs, margin in itertools.product(s.sweep_lrs, s.sweep_epochs, s.sweep_margins):
+        prompts, metrics = train_prompts(model, bank, sources, config, lr, epochs, margin)
         logits = bank_logits(model, bank, prompts, val)
         alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(prompts))]
         both = composed(logits, [p.density for p in prompts], bank, val)
-        rows.append({"lr": lr, "epochs": epochs, "val_alone_mean": float(np.mean(alone)),
+        rows.append({"lr": lr, "epochs": epochs, "selection_margin": margin, "val_alone_mean": float(np.mean(alone)),
                      "val_composed_uniform": both["uniform"], "val_composed_density": both["density"],
                      "kept_epochs": " ".join(str(m["selected_epoch"]) for m in metrics),
                      "steps": " ".join(str(m["steps"]) for m in metrics)})
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = list(pool_prompts(args.pool, model).values())
         how = f"read from the pool {args.pool}"
     else:
-        prompts, _ = train_prompts(model, bank, sources, config, config.learning_rate, config.local_epochs)
+        prompts, _ = train_prompts(model, bank, sources, config, config.learning_rate, config.local_epochs,
+                                   config.selection_margin)
         how = "trained here with the product's recipe and defaults"
     payload = {"experiment": NAME,
                "setup": setup_record(spec, s, label, args, prompts=how, test_images=len(test),

@@ -59,11 +59,12 @@ def reference_logits(model: APTViT, images: torch.Tensor, prompts) -> tuple[torc
         seq = seq + blk.ls1(attn.proj(attn.norm(o)))
         seq = seq + blk.ls2(blk.mlp(blk.norm2(seq)))
     seq = bb.norm(seq)
+    pooled = bb.forward_head(seq[:, :N], pre_logits=True)  # the backbone's own pooled feature
     out, start = [], N
     for p in prompts:
         feats = seq[:, start:start + p.n_prompt].mean(1)
         start += p.n_prompt
-        out.append(p.head(feats).masked_fill(~p.label_mask, float("-inf")))
+        out.append(p.head(torch.cat([feats, pooled], -1)).masked_fill(~p.label_mask, float("-inf")))
     return torch.stack(out), seq[:, :N]
 
 
@@ -115,13 +116,15 @@ def test_captured_kv_are_each_layers_keys_and_values(name, images, request):
 
 def test_forward_kv_equals_forward(model, model64, images, prompts):
     # forward runs the prompts layer by layer inside the backbone pass; forward_kv from stored kv
-    kv = model.backbone_kv(images)
+    features, kv = model.backbone_forward(images)
     with torch.no_grad():
-        torch.testing.assert_close(model(images, prompts), model.forward_kv(kv, prompts), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(images, prompts), model.forward_kv(kv, model.pooled(features), prompts),
+                                   rtol=1e-5, atol=1e-5)
     prompts64 = as_double(mixed_prompts(model64))
     x = images.double()
+    features, kv = model64.backbone_forward(x)
     with torch.no_grad():
-        torch.testing.assert_close(model64(x, prompts64), model64.forward_kv(model64.backbone_kv(x), prompts64),
+        torch.testing.assert_close(model64(x, prompts64), model64.forward_kv(kv, model64.pooled(features), prompts64),
                                    rtol=0, atol=1e-10)
 
 

@@ -74,7 +74,7 @@ def test_init_shapes_and_binding(model):
     p = Prompt.init(model, num_classes=NUM_CLASSES, n_prompt=2, n_memory=3, seed=0)
     assert p.tokens.shape == (2, model.embed_dim)
     assert p.memory.shape == (model.depth, 3, model.embed_dim)
-    assert p.head.weight.shape == (NUM_CLASSES, model.embed_dim) and p.head.bias.shape == (NUM_CLASSES,)
+    assert p.head.weight.shape == (NUM_CLASSES, 2 * model.embed_dim) and p.head.bias.shape == (NUM_CLASSES,)
     assert p.fingerprint == model.fingerprint and p.backbone == model.backbone_name
     assert p.labels == tuple(range(NUM_CLASSES))
     assert {n for n, _ in p.named_parameters()} == set(TENSORS)
@@ -289,7 +289,7 @@ def test_corrupted_tensor_offsets(prompt):
         Prompt.from_bytes(len(raw).to_bytes(8, "little") + raw + body)
 
 
-@pytest.mark.parametrize("version", ["3", "0", "999"])
+@pytest.mark.parametrize("version", ["4", "0", "999"])
 def test_unknown_format_version(prompt, version):
     with pytest.raises(PromptVersionError, match="version"):
         Prompt.from_bytes(bad_bytes(prompt, format_version=version))
@@ -298,7 +298,7 @@ def test_unknown_format_version(prompt, version):
 def test_future_version_with_different_fields_reports_version(prompt):
     # a future format may rename fields: the version must be what is reported
     with pytest.raises(PromptVersionError):
-        Prompt.from_bytes(bad_bytes(prompt, format_version="3", n_memory=None, depth=None))
+        Prompt.from_bytes(bad_bytes(prompt, format_version="4", n_memory=None, depth=None))
 
 
 @pytest.mark.parametrize("changes", [
@@ -394,16 +394,35 @@ def test_round_trip_with_and_without_density(prompt, model):
     assert again.density is not None and prompt.to_bytes() == again.to_bytes()
     for name, value in prompt.density.to_arrays().items():
         assert np.array_equal(again.density.to_arrays()[name], value), name
-    assert again.metadata()["format_version"] == str(FORMAT_VERSION) == "2"
+    assert again.metadata()["format_version"] == str(FORMAT_VERSION) == "3"
+
+
+def old_bytes(prompt: Prompt, version: str) -> bytes:
+    """``prompt`` as a version-1/2 artefact: its head reads the prompt output only (``[C, D]``)."""
+    arrays = prompt.arrays()
+    arrays["head.weight"] = arrays["head.weight"][:, :prompt.embed_dim].copy()
+    return bad_bytes(prompt, arrays, format_version=version)
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_old_artefact_loads_with_a_prompt_only_head(prompt, model, images, version):
+    loaded = Prompt.from_bytes(old_bytes(prompt, version), model)
+    D = model.embed_dim
+    assert torch.equal(loaded.head.weight[:, :D], prompt.head.weight[:, :D]) and not loaded.head.weight[:, D:].any()
+    features, kv = model.backbone_forward(images)
+    with torch.no_grad():  # same function as the old head: the pooled-feature columns read nothing
+        expected = APTViT.head_logits(model.features_kv(kv, [prompt]), torch.zeros_like(model.pooled(features)), [prompt])
+        torch.testing.assert_close(model(images, [loaded]), expected)
+    with pytest.raises(PromptShapeError, match="head.weight"):  # a version-3 head must have 2D columns
+        Prompt.from_bytes(old_bytes(prompt, "3"), model)
 
 
 def test_version_1_artefact_still_loads_and_composes_uniformly(prompt, model, images):
-    old = bad_bytes(prompt, format_version="1")
-    loaded = Prompt.from_bytes(old, model)
+    loaded = Prompt.from_bytes(old_bytes(prompt, "1"), model)
     assert loaded.density is None and default_weighting([loaded]) is Weighting.UNIFORM
     with_density(prompt)
     with pytest.raises(PromptVersionError, match="version-1 prompt cannot carry a density"):
-        Prompt.from_bytes(bad_bytes(prompt, format_version="1"), model)
+        Prompt.from_bytes(old_bytes(prompt, "1"), model)
 
 
 @pytest.mark.parametrize(("change", "match"), [

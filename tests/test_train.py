@@ -155,7 +155,8 @@ def test_evaluate_per_prompt_and_composed(model):
 def test_cache_float32_is_exact(model, images, prompts):
     cache = KVCache(model, dtype=torch.float32)
     indices = torch.arange(len(images))
-    expected_kv = model.backbone_kv(images)
+    features, expected_kv = model.backbone_forward(images)
+    pooled = model.pooled(features)
     first = cache.kv(indices, images)
     assert (cache.hits, cache.misses, len(cache)) == (0, len(images), len(images))
     second = cache.kv(indices, torch.full_like(images, float("nan")))  # hits never look at the images
@@ -163,8 +164,9 @@ def test_cache_float32_is_exact(model, images, prompts):
     assert torch.equal(first, expected_kv) and torch.equal(second, expected_kv)
     assert second.dtype == torch.float32 and second.shape == expected_kv.shape
     with torch.no_grad():
-        assert torch.equal(model.forward_kv(second, prompts), model.forward_kv(expected_kv, prompts))
-        torch.testing.assert_close(model.forward_kv(second, prompts), model(images, prompts), rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.forward_kv(second, pooled, prompts), model.forward_kv(expected_kv, pooled, prompts))
+        torch.testing.assert_close(model.forward_kv(*cache.fetch(indices, images), prompts), model(images, prompts),
+                                   rtol=1e-5, atol=1e-5)
     cache.close()
 
 
@@ -187,7 +189,8 @@ def test_cache_float16_is_close(model, images, prompts):
     assert not torch.equal(kv16, kv)  # it really went through half precision
     torch.testing.assert_close(kv16, kv, rtol=1e-3, atol=1e-3)
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_kv(kv16, prompts), model(images, prompts), rtol=0, atol=1e-2)
+        torch.testing.assert_close(model.forward_kv(*cache.fetch(indices, images), prompts), model(images, prompts),
+                                   rtol=0, atol=1e-2)
     cache.close()
 
 
@@ -290,9 +293,9 @@ def test_cache_on_another_backbone_is_separate(images):
 # --------------------------------------------------------------------------------------
 
 
-def prompt_features(model, prompt, batches) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_features(model, prompt, batches) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        feats = torch.cat([model.features_kv(model.backbone_kv(x), [prompt])[0] for x, _, _ in batches])
+        feats = torch.cat([model.pooled(model.backbone_forward(x)[0]) for x, _, _ in batches])
     targets = torch.cat([torch.tensor([prompt.labels.index(int(c)) for c in y]) for _, y, _ in batches])
     return feats, targets
 
@@ -301,14 +304,20 @@ def test_probe_init_head_equals_a_probe_fit_and_separates_the_data(model):
     batches = toy_batches(32)
     prompt = fresh_prompt(model)
     l2 = train_mod.probe_init_head(model, prompt, batches)
-    feats, targets = prompt_features(model, prompt, batches)
+    feats, targets = pooled_features(model, prompt, batches)
     probe = fit_probe(feats, targets, len(CLASSES))
     assert l2 == probe.l2 and l2 in L2_GRID
-    torch.testing.assert_close(prompt.head.weight[list(CLASSES)], probe.weight)
+    D = model.embed_dim
+    torch.testing.assert_close(prompt.head.weight[list(CLASSES), D:], probe.weight)
     torch.testing.assert_close(prompt.head.bias[list(CLASSES)], probe.bias)
+    assert not prompt.head.weight[:, :D].any()  # the prompt side starts at zero
     others = [c for c in range(NUM_CLASSES) if c not in CLASSES]
     assert not prompt.head.weight[others].any() and not prompt.head.bias[others].any()
-    result = evaluate(model, [prompt], [(x, y) for x, y, _ in toy_batches(32, seed=5)])
+    test = toy_batches(32, seed=5)
+    with torch.no_grad():  # the fresh prompt's logits are exactly the probe's
+        logits = torch.cat([model(x, [prompt])[0][:, list(CLASSES)] for x, _, _ in test])
+    torch.testing.assert_close(logits, probe.logits(pooled_features(model, prompt, test)[0]), rtol=1e-4, atol=1e-4)
+    result = evaluate(model, [prompt], [(x, y) for x, y, _ in test])
     assert result["prompt_accuracy"][0] == 1.0  # separable: the probe alone solves it
 
 
