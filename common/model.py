@@ -282,8 +282,8 @@ class APTViT(nn.Module):
         D = features.shape[-1]
         weight = torch.stack([p.head.weight for p in prompts])  # [k, C, 2D]
         bias = torch.stack([p.head.bias for p in prompts])  # [k, C]
-        logits = (torch.einsum("kbd,kcd->kbc", features, weight[..., :D])
-                  + torch.einsum("bd,kcd->kbc", pooled.to(features.dtype), weight[..., D:]) + bias[:, None])  # [k, B, C]
+        logits = (torch.einsum("kbd,kcd->kbc", features, weight[..., :D])  # [k, B, C]
+                  + torch.einsum("bd,kcd->kbc", pooled.to(features.dtype), weight[..., D:]) + bias[:, None])
         mask = torch.stack([p.label_mask.to(logits.device) for p in prompts])  # [k, C]
         return logits.masked_fill(~mask[:, None], float("-inf"))
 

@@ -411,7 +411,8 @@ def test_old_artefact_loads_with_a_prompt_only_head(prompt, model, images, versi
     assert torch.equal(loaded.head.weight[:, :D], prompt.head.weight[:, :D]) and not loaded.head.weight[:, D:].any()
     features, kv = model.backbone_forward(images)
     with torch.no_grad():  # same function as the old head: the pooled-feature columns read nothing
-        expected = APTViT.head_logits(model.features_kv(kv, [prompt]), torch.zeros_like(model.pooled(features)), [prompt])
+        zero = torch.zeros_like(model.pooled(features))
+        expected = APTViT.head_logits(model.features_kv(kv, [prompt]), zero, [prompt])
         torch.testing.assert_close(model(images, [loaded]), expected)
     with pytest.raises(PromptShapeError, match="head.weight"):  # a version-3 head must have 2D columns
         Prompt.from_bytes(old_bytes(prompt, "3"), model)
