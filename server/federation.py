@@ -1,8 +1,9 @@
 """Server-side rounds over Flower's Grid: à-la-carte (a pool of prompts) or FedAvg (one prompt).
 
-À-la-carte round: every node gets its own source's latest prompt from the pool (or none),
-trains it in isolation, and sends it back; each reply is validated and stored as a new
-version of that source. Nothing is averaged.
+À-la-carte round (``AlaCarteFederation``): every node gets its own source's latest prompt
+from the pool (or none), trains it in isolation, and sends it back; each reply is validated
+and stored as a new version of that source. Nothing is averaged. FedAvg (``run_fedavg``)
+is Flower's own strategy (``CheckedFedAvg``).
 
 Failures (deployment: SuperNodes on other machines come and go):
 
@@ -50,8 +51,8 @@ from server.admission import check_metadata, check_metrics, check_prompt, decode
 from server.bindings import load_node_sources
 from server.pool import InvalidSourceError, PoolCorruptError, PromptPool, UnknownSourceError, validate_source
 
-__all__ = ["CheckedFedAvg", "RoundReport", "Start", "accept_reply", "admit_prompt", "identify_nodes",
-           "run_alacarte", "run_fedavg", "run_label_space", "send_and_collect", "train_round"]
+__all__ = ["AlaCarteFederation", "CheckedFedAvg", "Parent", "RoundReport", "TrainRound", "admit_prompt",
+           "identify_nodes", "run_fedavg", "run_label_space", "send_and_collect"]
 
 FEDAVG_SOURCE = "fedavg"
 MAX_REASON_CHARS = 300
@@ -66,7 +67,7 @@ class RoundReport:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
-def send_and_collect(grid: Grid, messages: dict[int, Message], timeout: float) -> dict[int, Message]:
+def send_and_collect(grid: Grid, messages: Mapping[int, Message], timeout: float) -> dict[int, Message]:
     """Send one message per node and return the replies that arrived in time, by node id.
 
     Replies are matched by the id of the message they answer (not by their sender: an
@@ -149,7 +150,7 @@ def _node_identity(reply: Message) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class Start:
+class Parent:
     """What a source trains from: its latest usable prompt (or None), that version and file SHA-256."""
 
     prompt: Prompt | None
@@ -157,32 +158,42 @@ class Start:
     sha256: str = ""
 
 
-def _latest(pool: PromptPool, source: str, model: APTViT) -> Start:
+@dataclass(frozen=True)
+class TrainRound:
+    """One configured round: which node trains which source, from which parent, with which message."""
+
+    server_round: int
+    sources: Mapping[int, str]  # node id -> source
+    parents: Mapping[str, Parent]  # source -> what it trains from
+    messages: Mapping[int, Message]  # node id -> its train message
+
+
+def _latest(pool: PromptPool, source: str, model: APTViT) -> Parent:
     """The source's latest usable prompt, its version and SHA-256.
 
-    ``Start(None)`` for a source not in the pool. A stored prompt this backbone cannot use
-    (another backbone, or a file damaged outside the pool) gives ``Start(None, latest
+    ``Parent(None)`` for a source not in the pool. A stored prompt this backbone cannot use
+    (another backbone, or a file damaged outside the pool) gives ``Parent(None, latest
     version, its sha256)``: the source trains afresh and its reply becomes the next
     version, instead of being refused as stale forever.
     """
     try:
         entry = pool.info(source)
     except UnknownSourceError:
-        return Start(None)
+        return Parent(None)
     try:
-        return Start(pool.get(source, entry.version, model=model), entry.version, entry.sha256)
+        return Parent(pool.get(source, entry.version, model=model), entry.version, entry.sha256)
     except (PromptError, PoolCorruptError) as err:
         log(WARNING, "source %s: stored v%d is unusable (%s); training afresh", source,
             entry.version, err)
-        return Start(None, entry.version, entry.sha256)
+        return Parent(None, entry.version, entry.sha256)
 
 
-def _train_message(nid: int, start: Start, rnd: int, config: AppConfig) -> Message:
-    records = prompt_records(start.prompt) if start.prompt is not None else {}
-    cfg = ConfigRecord({"server-round": rnd, "parent-version": start.version, "parent-sha256": start.sha256,
-                        "local-epochs": config.local_epochs})
+def _train_message(nid: int, parent: Parent, server_round: int, config: AppConfig) -> Message:
+    records = prompt_records(parent.prompt) if parent.prompt is not None else {}
+    cfg = ConfigRecord({"server-round": server_round, "parent-version": parent.version,
+                        "parent-sha256": parent.sha256, "local-epochs": config.local_epochs})
     return Message(RecordDict({**records, "config": cfg}), dst_node_id=nid, message_type=MessageType.TRAIN,
-                   group_id=f"round-{rnd}")
+                   group_id=f"round-{server_round}")
 
 
 def admit_prompt(content: RecordDict, model: APTViT, config: AppConfig,
@@ -199,76 +210,124 @@ def admit_prompt(content: RecordDict, model: APTViT, config: AppConfig,
     return check_prompt(Prompt.from_arrays(arrays, metadata, model), num_classes), metrics
 
 
-def accept_reply(reply: Message, source: str, pool: PromptPool, model: APTViT, config: AppConfig, *,
-                 parent_sha256_sent: str | None = None, num_classes: int | None = None) -> int:
-    """Validate a train reply and store its prompt; returns the new version.
+class AlaCarteFederation:
+    """The à-la-carte rounds over Flower's Grid: each source trains its own prompt, the pool keeps it.
 
-    ``parent_sha256_sent`` is the SHA-256 of the prompt the server sent with the train
-    message ("" for none); the reply must echo it. The prompt is stored only if the echoed
-    prompt is still the source's latest (``PromptPool.add``'s ``parent_sha256`` guard).
+    It reads like a Flower strategy without being one (nothing is averaged): ``start`` runs
+    the rounds; each round ``configure_train`` makes one train message per node, the replies
+    are collected, and ``aggregate_train`` validates them and stores each as its source's
+    next version, returning a ``RoundReport``.
 
-    Raises ``ReplyError``, a ``PromptError`` or a ``PoolError`` (e.g. ``StaleParentError``)
-    when the reply must not be stored; the round loop also survives anything else.
+    ``num_classes`` is the run's label space (``run_label_space``, read once here); replied
+    prompts of another size are rejected.
     """
-    if reply.has_error():
-        raise ReplyError(f"client error {reply.error.code}: {str(reply.error.reason)[:MAX_REASON_CHARS]}")
-    prompt, metrics = admit_prompt(reply.content, model, config, num_classes)
-    if prompt.source != source:
-        raise ReplyError(f"prompt claims source {prompt.source[:140]!r} but node is source {source!r}")
-    echoed = parent_sha256(reply.content)
-    if parent_sha256_sent is not None and echoed != parent_sha256_sent:
-        raise ReplyError(f"reply was trained from prompt {echoed[:12] or '(none)'} but the server sent "
-                         f"{parent_sha256_sent[:12] or '(none)'}")
-    return pool.add(source, prompt, metrics, parent_sha256=echoed)
+
+    def __init__(self, pool: PromptPool, model: APTViT, config: AppConfig) -> None:
+        self.pool, self.model, self.config = pool, model, config
+        self.num_classes = run_label_space(config)
+
+    def start(self, grid: Grid) -> dict[int, str]:
+        """``num-server-rounds`` rounds over the connected nodes; nodes that join later are
+        identified and trained from the next round on.
+
+        Returns every node that took part in some round, with its source. Raises
+        ``NodeSourcesError`` (before any round) when ``node-sources`` is set but unreadable.
+        """
+        bindings = load_node_sources(self.config.node_sources) if self.config.node_sources else None
+        if bindings is None:
+            log(INFO, "node-sources is not set: each node's claimed source is trusted (simulation, or a "
+                "deployment whose nodes are all trusted)")
+        sources: dict[int, str] = {}
+        participants: dict[int, str] = {}
+        for server_round in range(1, self.config.num_server_rounds + 1):
+            sources = _connected_sources(grid, sources, server_round, self.config.reply_timeout, bindings)
+            if not sources:
+                log(WARNING, "round %d: no node identified itself; nothing to train", server_round)
+                continue
+            participants.update(sources)
+            self.train_round(grid, sources, server_round)
+        return participants
+
+    def train_round(self, grid: Grid, sources: Mapping[int, str], server_round: int) -> RoundReport:
+        """One round over the identified nodes (node id -> source); failed nodes are logged and skipped."""
+        train = self.configure_train(server_round, sources)
+        replies = send_and_collect(grid, train.messages, self.config.reply_timeout)
+        return self.aggregate_train(train, replies)
+
+    def configure_train(self, server_round: int, sources: Mapping[int, str]) -> TrainRound:
+        """One train message per node, carrying its source's latest usable prompt (or none)."""
+        parents = {source: _latest(self.pool, source, self.model) for source in set(sources.values())}
+        messages = {nid: _train_message(nid, parents[source], server_round, self.config)
+                    for nid, source in sources.items()}
+        return TrainRound(server_round, dict(sources), parents, messages)
+
+    def aggregate_train(self, train: TrainRound, replies: Mapping[int, Message]) -> RoundReport:
+        """Store every valid reply of ``train`` (node id -> reply); the report says what was rejected, why."""
+        report = RoundReport(train.server_round)
+        for nid, source in train.sources.items():
+            if nid not in replies:
+                report.rejected[nid] = f"no reply within reply-timeout ({self.config.reply_timeout:g} s)"
+                continue
+            try:
+                report.stored[source] = self.accept_reply(replies[nid], source,
+                                                          parent_sha256_sent=train.parents[source].sha256)
+            except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
+                report.rejected[nid] = _reason(err)
+        _log_report(report, train)
+        return report
+
+    def accept_reply(self, reply: Message, source: str, *, parent_sha256_sent: str | None = None) -> int:
+        """Validate a train reply of node ``source`` and store its prompt; returns the new version.
+
+        ``parent_sha256_sent`` is the SHA-256 of the prompt the server sent with the train
+        message ("" for none); the reply must echo it. The prompt is stored only if the echoed
+        prompt is still the source's latest (``PromptPool.add``'s ``parent_sha256`` guard).
+
+        Raises ``ReplyError``, a ``PromptError`` or a ``PoolError`` (e.g. ``StaleParentError``)
+        when the reply must not be stored; the round loop also survives anything else.
+        """
+        if reply.has_error():
+            raise ReplyError(f"client error {reply.error.code}: {str(reply.error.reason)[:MAX_REASON_CHARS]}")
+        prompt, metrics = admit_prompt(reply.content, self.model, self.config, self.num_classes)
+        if prompt.source != source:
+            raise ReplyError(f"prompt claims source {prompt.source[:140]!r} but node is source {source!r}")
+        echoed = parent_sha256(reply.content)
+        if parent_sha256_sent is not None and echoed != parent_sha256_sent:
+            raise ReplyError(f"reply was trained from prompt {echoed[:12] or '(none)'} but the server sent "
+                             f"{parent_sha256_sent[:12] or '(none)'}")
+        return self.pool.add(source, prompt, metrics, parent_sha256=echoed)
 
 
-def train_round(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig,
-                sources: dict[int, str], rnd: int, num_classes: int | None = None) -> RoundReport:
-    """One à-la-carte round over the identified nodes; failed nodes are logged and skipped.
-
-    ``num_classes`` is the run's label space (``run_label_space``); prompts of another
-    size are rejected.
-    """
-    report = RoundReport(rnd)
-    starts = {src: _latest(pool, src, model) for src in set(sources.values())}
-    messages = {nid: _train_message(nid, starts[src], rnd, config) for nid, src in sources.items()}
-    replies = send_and_collect(grid, messages, config.reply_timeout)
-    for nid, source in sources.items():
-        if nid not in replies:
-            report.rejected[nid] = f"no reply within reply-timeout ({config.reply_timeout:g} s)"
-            continue
-        try:
-            report.stored[source] = accept_reply(replies[nid], source, pool, model, config,
-                                                 parent_sha256_sent=starts[source].sha256, num_classes=num_classes)
-        except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
-            report.rejected[nid] = _reason(err)
+def _log_report(report: RoundReport, train: TrainRound) -> None:
+    """One warning per rejected node (saying which version its source keeps), one line per stored prompt."""
     for nid, reason in report.rejected.items():
-        source = sources[nid]
-        kept = f"v{starts[source].version}" if starts[source].version else "no prompt yet"
+        source = train.sources[nid]
+        parent = train.parents[source]
+        kept = f"v{parent.version}" if parent.version else "no prompt yet"
         if source in report.stored:
             kept = f"v{report.stored[source]} from another node"
         log(WARNING, "round %d: node %s (source %s) not stored: %s; source %s keeps %s",
-            rnd, nid, source, reason, source, kept)
+            report.round, nid, source, reason, source, kept)
     for source, version in report.stored.items():
-        log(INFO, "round %d: stored %s v%d", rnd, source, version)
-    return report
+        log(INFO, "round %d: stored %s v%d", report.round, source, version)
 
 
-def _connected_sources(grid: Grid, sources: dict[int, str], rnd: int, timeout: float,
+def _connected_sources(grid: Grid, sources: dict[int, str], server_round: int, timeout: float,
                        bindings: Mapping[int, str] | None) -> dict[int, str]:
     """The identified nodes still connected, plus the newly connected ones (identified now)."""
     online = set(grid.get_node_ids())
     for nid in sorted(set(sources) - online):
-        log(WARNING, "round %d: node %s (source %s) is no longer connected; skipped", rnd, nid, sources[nid])
+        log(WARNING, "round %d: node %s (source %s) is no longer connected; skipped", server_round, nid,
+            sources[nid])
     current = {nid: src for nid, src in sources.items() if nid in online}
     new = sorted(online - set(current))
     if new:
         current.update(identify_nodes(grid, new, timeout, bindings))
-    _warn_shared_sources(current, rnd)
+    _warn_shared_sources(current, server_round)
     return current
 
 
-def _warn_shared_sources(sources: dict[int, str], rnd: int) -> None:
+def _warn_shared_sources(sources: dict[int, str], server_round: int) -> None:
     """Several nodes claiming one source train from the same version: only one reply can be stored."""
     nodes_of: dict[str, list[int]] = defaultdict(list)
     for nid, source in sources.items():
@@ -276,31 +335,7 @@ def _warn_shared_sources(sources: dict[int, str], rnd: int) -> None:
     for source, nids in sorted(nodes_of.items()):
         if len(nids) > 1:
             log(WARNING, "round %d: nodes %s all claim source %s; only the first valid reply is stored "
-                "(give each SuperNode its own --node-config source)", rnd, sorted(nids), source)
-
-
-def run_alacarte(grid: Grid, config: AppConfig, model: APTViT, pool: PromptPool) -> dict[int, str]:
-    """``num-server-rounds`` rounds over the connected nodes; nodes that join later are
-    identified and trained from the next round on.
-
-    Returns every node that took part in some round, with its source. Raises
-    ``NodeSourcesError`` (before any round) when ``node-sources`` is set but unreadable.
-    """
-    bindings = load_node_sources(config.node_sources) if config.node_sources else None
-    if bindings is None:
-        log(INFO, "node-sources is not set: each node's claimed source is trusted (simulation, or a "
-            "deployment whose nodes are all trusted)")
-    num_classes = run_label_space(config)
-    sources: dict[int, str] = {}
-    participants: dict[int, str] = {}
-    for rnd in range(1, config.num_server_rounds + 1):
-        sources = _connected_sources(grid, sources, rnd, config.reply_timeout, bindings)
-        if not sources:
-            log(WARNING, "round %d: no node identified itself; nothing to train", rnd)
-            continue
-        participants.update(sources)
-        train_round(grid, pool, model, config, sources, rnd, num_classes)
-    return participants
+                "(give each SuperNode its own --node-config source)", server_round, sorted(nids), source)
 
 
 def run_label_space(config: AppConfig) -> int | None:
@@ -322,7 +357,7 @@ def run_label_space(config: AppConfig) -> int | None:
     return None
 
 
-def run_fedavg(grid: Grid, config: AppConfig, model: APTViT, pool: PromptPool, num_classes: int) -> int:
+def run_fedavg(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig, num_classes: int) -> int:
     """The baseline: one shared prompt averaged with Flower's FedAvg; stored as source ``fedavg``.
 
     Resumes from the pool's latest shared prompt when it fits (same backbone and classes).

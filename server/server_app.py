@@ -23,7 +23,7 @@ from common.model import APTViT
 from common.prompt import Prompt
 from common.records import prompts_records
 from common.train import evaluate
-from server.federation import FEDAVG_SOURCE, run_alacarte, run_fedavg, send_and_collect
+from server.federation import FEDAVG_SOURCE, AlaCarteFederation, run_fedavg, send_and_collect
 from server.pool import PromptPool
 
 app = ServerApp()
@@ -41,10 +41,10 @@ def main(grid: Grid, context: Context) -> None:
     if config.mode == "fedavg":
         num_classes = len(test.classes) if test is not None else len(load_split(
             config.dataset, config.data_path(), "train").classes)
-        run_fedavg(grid, config, model, pool, num_classes)
+        run_fedavg(grid, pool, model, config, num_classes)
         nodes, sources = {}, [FEDAVG_SOURCE]
     else:
-        nodes = run_alacarte(grid, config, model, pool)
+        nodes = AlaCarteFederation(pool, model, config).start(grid)
         sources = sorted(set(nodes.values()))
     stored = set(pool.sources())
     prompts = {s: pool.get(s, model=model) for s in sources if s in stored}

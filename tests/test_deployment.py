@@ -41,7 +41,7 @@ from common.config import AppConfig, build_model
 from common.model import APTViT
 from common.prompt import Prompt
 from common.records import prompt_from_records, prompt_records
-from server.federation import accept_reply, run_alacarte, train_round
+from server.federation import AlaCarteFederation
 from server.pool import PromptPool, StaleParentError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,11 +216,11 @@ def test_round_survives_dead_and_unreachable_nodes(run_config, node_dirs, config
     pool = PromptPool(tmp_path / "pool")
     nodes = nodes_of(run_config, node_dirs, model)
     grid = FakeGrid(nodes)
-    first = train_round(grid, pool, model, config, dict(zip(nodes, SOURCES)), rnd=1)
+    first = AlaCarteFederation(pool, model, config).train_round(grid, dict(zip(nodes, SOURCES)), server_round=1)
     assert first.stored == {"src-a": 1, "src-b": 1, "src-c": 1} and not first.rejected
 
     grid.nodes = {10: nodes[10], 11: silent_in_training(nodes[11])}  # node 12 gone: the SuperLink answers
-    second = train_round(grid, pool, model, config, dict(zip(nodes, SOURCES)), rnd=2)
+    second = AlaCarteFederation(pool, model, config).train_round(grid, dict(zip(nodes, SOURCES)), server_round=2)
     assert second.stored == {"src-a": 2}
     assert "no reply within reply-timeout" in second.rejected[11]
     assert "node unavailable" in second.rejected[12]  # matched to node 12 although the SuperLink sent it
@@ -241,7 +241,7 @@ def test_late_joiner_is_trained_next_round_and_leaver_skipped(run_config, node_d
     grid.nodes[11] = join_while_training
     config = AppConfig.from_run_config(run_config | {"num-server-rounds": 2})
     pool = PromptPool(tmp_path / "pool")
-    participants = run_alacarte(grid, config, model, pool)
+    participants = AlaCarteFederation(pool, model, config).start(grid)
     assert participants == {10: "src-a", 11: "src-b", 12: "src-c"}
     assert {s: pool.info(s).version for s in pool.sources()} == {"src-a": 2, "src-b": 1, "src-c": 1}
     assert "node 11 (source src-b) is no longer connected" in flwr_log.text()
@@ -250,11 +250,11 @@ def test_late_joiner_is_trained_next_round_and_leaver_skipped(run_config, node_d
 def test_restarted_server_continues_from_the_pool(run_config, node_dirs, model, tmp_path):
     config = AppConfig.from_run_config(run_config)
     pool = PromptPool(tmp_path / "pool")
-    run_alacarte(FakeGrid(nodes_of(run_config, node_dirs, model)), config, model, pool)
+    AlaCarteFederation(pool, model, config).start(FakeGrid(nodes_of(run_config, node_dirs, model)))
     stored = pool.get("src-a", model=model)
 
     restarted = FakeGrid(nodes_of(run_config, node_dirs, model))  # a new ServerApp process, same pool
-    run_alacarte(restarted, config, model, pool)
+    AlaCarteFederation(pool, model, config).start(restarted)
     assert {s: pool.info(s).version for s in pool.sources()} == {"src-a": 2, "src-b": 2, "src-c": 2}
     sent = next(m for m in restarted.sent
                 if m.metadata.message_type == MessageType.TRAIN and m.metadata.dst_node_id == 10)
@@ -267,18 +267,19 @@ def test_stale_and_duplicate_replies_never_overwrite(run_config, node_dirs, conf
     pool = PromptPool(tmp_path / "pool")
     same = client(run_config, "src-a", node_dirs["src-a"], model)
     grid = FakeGrid({10: same, 11: same})  # two nodes claim one source: both train from version 0
-    report = train_round(grid, pool, model, config, {10: "src-a", 11: "src-a"}, rnd=1)
+    federation = AlaCarteFederation(pool, model, config)
+    report = federation.train_round(grid, {10: "src-a", 11: "src-a"}, server_round=1)
     assert report.stored == {"src-a": 1} and "StaleParentError" in next(iter(report.rejected.values()))
 
     old_reply = next(iter(FakeGrid({10: same}).send_and_receive(  # a reply trained from version 0
         [Message(RecordDict({"config": ConfigRecord({"parent-version": 0})}), dst_node_id=10,
                  message_type=MessageType.TRAIN)])))
     late = FakeGrid({10: lambda msg: old_reply})  # arrives in round 2, answering a round-1 message
-    assert train_round(late, pool, model, config, {10: "src-a"}, rnd=2).rejected[10].startswith("no reply")
+    assert federation.train_round(late, {10: "src-a"}, server_round=2).rejected[10].startswith("no reply")
     with pytest.raises(StaleParentError):
-        accept_reply(old_reply, "src-a", pool, model, config)
+        federation.accept_reply(old_reply, "src-a")
     with pytest.raises(ValueError, match="server sent"):
-        accept_reply(old_reply, "src-a", pool, model, config, parent_sha256_sent=pool.info("src-a").sha256)
+        federation.accept_reply(old_reply, "src-a", parent_sha256_sent=pool.info("src-a").sha256)
     assert [e.version for e in pool.history("src-a")] == [1]
 
 
@@ -287,7 +288,8 @@ def test_unusable_stored_prompt_is_retrained_as_next_version(run_config, node_di
     pool = PromptPool(tmp_path / "pool")
     pool.add("src-a", Prompt.init(other, 10, source="src-a"), parent_version=0)
     real_node = client(run_config, "src-a", node_dirs["src-a"])  # the real train handler
-    report = train_round(FakeGrid({10: real_node}), pool, model, config, {10: "src-a"}, rnd=1)
+    report = AlaCarteFederation(pool, model, config).train_round(FakeGrid({10: real_node}), {10: "src-a"},
+                                                                 server_round=1)
     assert report.stored == {"src-a": 2}
     assert pool.get("src-a", model=model).fingerprint == model.fingerprint
 

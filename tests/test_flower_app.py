@@ -16,7 +16,7 @@ from common.config import AppConfig, ConfigError, build_model
 from common.kv_cache import KVCache
 from common.prompt import TENSOR_NAMES, BackboneMismatchError, PromptShapeError, PromptValueError
 from common.records import TRAIN_METRICS, ReplyError, check_train_reply, prompt_from_records, prompts_records
-from server.federation import accept_reply
+from server.federation import AlaCarteFederation
 from server.pool import PromptPool, StaleVersionError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,23 +174,25 @@ def test_server_rejects_malformed_replies_and_keeps_the_pool(train_reply, model,
     other = build_model(AppConfig.from_run_config({"backbone": "vit_tiny_patch16_224", "pretrained": False,
                                                    "img-size": 48}), device="cpu")
     pool = PromptPool(tmp_path / "pool")
+    federation = AlaCarteFederation(pool, model, config)
     for name, (reply, error) in _bad_replies(train_reply, other).items():
         with pytest.raises(error):
-            accept_reply(reply, "source-0", pool, model, config)
+            federation.accept_reply(reply, "source-0")
         assert pool.sources() == [], name
     tiny = AppConfig.from_run_config({"max-prompt-bytes": 1000})
     with pytest.raises(ReplyError, match="over the 1000-byte limit"):
-        accept_reply(train_reply, "source-0", pool, model, tiny)
+        AlaCarteFederation(pool, model, tiny).accept_reply(train_reply, "source-0")
     with pytest.raises(ReplyError, match="claims source"):
-        accept_reply(train_reply, "source-1", pool, model, config)
+        federation.accept_reply(train_reply, "source-1")
     assert pool.sources() == [] and not list((tmp_path / "pool").rglob("*.safetensors"))
 
 
 def test_server_stores_valid_reply_and_refuses_stale_duplicate(train_reply, model, config, tmp_path):
     pool = PromptPool(tmp_path / "pool")
-    assert accept_reply(train_reply, "source-0", pool, model, config) == 1
+    federation = AlaCarteFederation(pool, model, config)
+    assert federation.accept_reply(train_reply, "source-0") == 1
     with pytest.raises(StaleVersionError):
-        accept_reply(train_reply, "source-0", pool, model, config)  # same parent-version 0: duplicate
+        federation.accept_reply(train_reply, "source-0")  # same parent-version 0: duplicate
     assert [e.version for e in pool.history("source-0")] == [1]
     stored = pool.get("source-0", model=model)
     sent = prompt_from_records(train_reply.content, model)

@@ -32,7 +32,7 @@ from server.admission import (
     compose_scores_bytes,
 )
 from server.bindings import NodeSourcesError, load_node_sources
-from server.federation import CheckedFedAvg, accept_reply, run_alacarte, run_fedavg
+from server.federation import AlaCarteFederation, CheckedFedAvg, run_fedavg
 from server.pool import PromptPool, StaleParentError
 from server.server_app import federated_evaluate
 
@@ -221,7 +221,7 @@ def test_malformed_reply_is_rejected_alone(case, config, model, tmp_path, flwr_l
     grid = FakeGrid({10: node(model, "src-a"), 11: node(model, "src-b", corrupt), 12: node(model, "src-c")})
     two_rounds = AppConfig.from_run_config(RUN_CONFIG | {"num-server-rounds": 2})
 
-    assert run_alacarte(grid, two_rounds, model, pool) == SOURCES  # the run finished both rounds
+    assert AlaCarteFederation(pool, model, two_rounds).start(grid) == SOURCES  # the run finished both rounds
     assert {s: pool.info(s).version for s in ("src-a", "src-c")} == {"src-a": 2, "src-c": 2}
     assert (source_files(pool, "src-b"), pool.history("src-b")) == before  # byte-identical
     rejected = [line for line in flwr_log.records if "node 11 (source src-b) not stored" in line]
@@ -238,7 +238,7 @@ def test_nodes_are_trained_only_as_their_bound_source(config, model, tmp_path, f
     bound = AppConfig.from_run_config(RUN_CONFIG | {"node-sources": str(bindings)})
     pool = PromptPool(tmp_path / "pool")
 
-    assert run_alacarte(grid, bound, model, pool) == {10: "src-a"}
+    assert AlaCarteFederation(pool, model, bound).start(grid) == {10: "src-a"}
     assert pool.sources() == ["src-a"] and pool.info("src-a").version == 1
     log = flwr_log.text()
     assert "node 11 claims source 'src-a' but is bound to 'src-b'" in log
@@ -289,7 +289,7 @@ def test_reply_trained_from_a_forgotten_prompt_never_returns(config, model, tmp_
     pool.remove("src-a")  # ... which is forgotten; the source is re-added, again at v1
     pool.add("src-a", Prompt.init(model, NUM_CLASSES, seed=2, source="src-a"))
     with pytest.raises(StaleParentError, match="forgotten"):
-        accept_reply(late, "src-a", pool, model, config)
+        AlaCarteFederation(pool, model, config).accept_reply(late, "src-a")
     assert [e.version for e in pool.history("src-a")] == [1]
 
 
@@ -313,7 +313,7 @@ def test_fedavg_rejects_a_nan_reply_per_node(config, model, tmp_path, flwr_log):
     grid = FakeGrid({10: fedavg_node(False), 11: fedavg_node(True), 12: fedavg_node(False)})
     fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 2})
     pool = PromptPool(tmp_path / "pool")
-    assert run_fedavg(grid, fedavg, model, pool, NUM_CLASSES) == 1
+    assert run_fedavg(grid, pool, model, fedavg, NUM_CLASSES) == 1
     shared = pool.get("fedavg", model=model)
     initial = Prompt.init(model, NUM_CLASSES, source="fedavg")
     np.testing.assert_allclose(shared.arrays()["tokens"], initial.arrays()["tokens"] + 2.0, atol=1e-5)
