@@ -2,7 +2,8 @@
 
 ``AppConfig`` is ``[tool.flwr.app.config]`` of ``pyproject.toml`` (``context.run_config``)
 as a typed, validated dataclass; client and server build the same backbone, transform
-and data from it.
+and data from it. :func:`coerce_value` is its conversion of a TOML or command-line value to a
+field's type, shared with the experiment scripts' ``--set KEY=VALUE``.
 """
 
 from __future__ import annotations
@@ -10,20 +11,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
+from common.data import Partitioner
 from common.model import APTViT, load_backbone
 from common.train import TrainConfig
 
-__all__ = ["AppConfig", "ConfigError", "build_model"]
+__all__ = ["AppConfig", "ConfigError", "Mode", "build_model", "coerce_value"]
 
 DEFAULT_BACKBONE = "vit_small_patch14_dinov2"
-MODES = ("alacarte", "fedavg")
+T = TypeVar("T")
+_BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 
 
 class ConfigError(ValueError):
     """A run-config value is missing, of the wrong type or out of range."""
+
+
+class Mode(StrEnum):
+    """What the federation trains: a pool of prompts, or the FedAvg baseline's one prompt."""
+
+    ALACARTE = "alacarte"
+    FEDAVG = "fedavg"
 
 
 def _key(default: Any, help_text: str) -> Any:
@@ -42,14 +53,14 @@ class AppConfig:
     selection_margin: float = _key(1.0, "keep a tuned epoch only if its validation loss beats the untuned prompt's "
                                         "by more than this many standard errors")
     share_density: bool = _key(True, "send the source's feature density with its prompt (density weighting)")
-    mode: str = _key("alacarte", f"one of {MODES}: a pool of prompts, or one FedAvg-averaged prompt")
+    mode: Mode = _key(Mode.ALACARTE, f"one of {', '.join(Mode)}: a pool of prompts, or one FedAvg-averaged prompt")
     backbone: str = _key(DEFAULT_BACKBONE, "timm ViT name of the frozen backbone")
     checkpoint: str = _key("", "backbone weights file (.safetensors/.pth/.bin/.npz); empty = the prepared one")
     pretrained: bool = _key(True, "pretrained weights (hub or checkpoint); false = seeded random init (tests)")
     img_size: int = _key(112, "input resolution in pixels")
     dataset: str = _key("fashion_mnist", "dataset name (see common.data)")
     data_dir: str = _key("", "dataset folder; empty = the prepared one (deployment: the node's own data-dir)")
-    partitioner: str = _key("dirichlet", "simulation partitioner: iid, dirichlet or classes")
+    partitioner: Partitioner = _key(Partitioner.DIRICHLET, f"simulation partitioner, one of {', '.join(Partitioner)}")
     dirichlet_alpha: float = _key(1.0, "Dirichlet concentration of the label skew")
     partition_seed: int = _key(0, "seed of partitions, caps, validation splits and shuffling")
     examples_per_source: int = _key(400, "cap on a source's images (0 = all)")
@@ -69,31 +80,29 @@ class AppConfig:
     node_sources: str = _key("", "JSON file {node id: source} binding nodes to sources (deploy/keys.sh --register)")
 
     def __post_init__(self) -> None:
+        """Coerce every field to its default's type (see :func:`coerce_value`), then validate."""
+        for f in dataclasses.fields(self):
+            value = coerce_value(f"run-config {_kebab(f.name)}", getattr(self, f.name), type(f.default))
+            object.__setattr__(self, f.name, value)
         self.validate()
 
     @classmethod
     def help(cls) -> dict[str, str]:
         """Each run-config key (kebab-case) with its meaning and default."""
-        return {f.name.replace("_", "-"): f"{f.metadata['help']} (default {f.default!r})"
+        return {_kebab(f.name): f"{f.metadata['help']} (default {_plain(f.default)!r})"
                 for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
         """Parse ``context.run_config`` (kebab-case keys); unknown keys are an error."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name not in fields:
-                known = ", ".join(sorted(f.replace("_", "-") for f in fields))
-                raise ConfigError(f"unknown run-config key {key!r}; known keys: {known}")
-            values[name] = _coerce(key, value, type(fields[name].default))
-        return cls(**values)
+        names = {_kebab(f.name): f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(run_config) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown run-config key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
+        return cls(**{names[key]: value for key, value in run_config.items()})
 
     def validate(self) -> None:
         """Raise ``ConfigError`` on out-of-range values."""
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         for name in ("num_server_rounds", "local_epochs", "img_size", "batch_size", "n_prompt"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -154,17 +163,48 @@ def build_model(config: AppConfig, device: str | None = None) -> APTViT:
     return APTViT(backbone)
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """Convert a TOML / ``--run-config`` value to the field's type, or raise ConfigError."""
+def coerce_value(name: str, value: Any, kind: type[T]) -> T:
+    """``value`` (a TOML value or a command-line string) converted to ``kind``.
+
+    ``kind`` is ``bool`` (``true``/``false``/``1``/``0``, any case), ``int`` (a float only if
+    it is whole), ``float``, ``str`` or an ``Enum`` (one of its values). A boolean is never
+    taken for a number, a string or an enum value.
+
+    Raises:
+        ConfigError: ``"<name> must be <what>, got <value>"``, with an enum's allowed values.
+    """
     try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1")
-            return bool(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return kind(value)
+        return _convert(value, kind)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"run-config {key!r} must be a {kind.__name__}, got {value!r}") from err
+        raise ConfigError(f"{name} must be {_expected(kind)}, got {value!r}") from err
+
+
+def _convert(value: Any, kind: type[T]) -> T:
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+            return _BOOLEANS[value.strip().lower()]
+        if isinstance(value, (bool, int)) and value in (0, 1):
+            return bool(value)
+        raise ValueError(value)
+    if isinstance(value, bool):
+        raise TypeError(f"a boolean is not a {kind.__name__}")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return kind(value)
+
+
+def _expected(kind: type) -> str:
+    if issubclass(kind, Enum):
+        return "one of " + ", ".join(repr(_plain(member)) for member in kind)
+    if kind is bool:
+        return "a bool (true, false, 1 or 0)"
+    return f"a {kind.__name__}"
+
+
+def _plain(value: Any) -> Any:
+    """An enum member as its value (for help texts and messages), anything else unchanged."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")

@@ -21,6 +21,7 @@ import operator
 import pickle
 import struct
 from abc import ABC, abstractmethod
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +37,7 @@ __all__ = [
     "FileImageDataset",
     "HFImageDataset",
     "SUPPORTED_DATASETS",
-    "PARTITIONERS",
+    "Partitioner",
     "load_split",
     "image_transform",
     "backbone_data_config",
@@ -51,7 +52,15 @@ __all__ = [
 
 SPLITS = ("train", "test")
 SUPPORTED_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "hf-disk")
-PARTITIONERS = ("iid", "dirichlet", "classes")
+
+
+class Partitioner(StrEnum):
+    """How a train split is divided among simulated sources (see :func:`partition_indices`)."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    CLASSES = "classes"
+
 
 #: Fraction of each class held out as the "test" split when a source has no split of its own
 #: (a flat ImageFolder tree, a single saved HF ``Dataset``); the split is fixed by
@@ -496,7 +505,7 @@ def backbone_transform(backbone: torch.nn.Module) -> Callable[[Image.Image], tor
 def partition_indices(
     labels: np.ndarray,
     num_partitions: int,
-    partitioner: str = "iid",
+    partitioner: Partitioner | str = Partitioner.IID,
     *,
     alpha: float = 0.5,
     seed: int = 0,
@@ -507,10 +516,11 @@ def partition_indices(
     Args:
         labels: the label of every example (1-D integers).
         num_partitions: number of shards (clients).
-        partitioner: ``"iid"`` (uniform at random, equal sizes), ``"dirichlet"`` (per-class
-            proportions drawn from Dirichlet(alpha), flwr-datasets' ``DirichletPartitioner``)
-            or ``"classes"`` (shard k gets every example of the k-th contiguous group of the
-            sorted classes; groups are as even as possible; ``seed`` plays no role).
+        partitioner: a :class:`Partitioner` or its value: ``"iid"`` (uniform at random, equal
+            sizes), ``"dirichlet"`` (per-class proportions drawn from Dirichlet(alpha),
+            flwr-datasets' ``DirichletPartitioner``) or ``"classes"`` (shard k gets every example
+            of the k-th contiguous group of the sorted classes; groups are as even as possible;
+            ``seed`` plays no role).
         alpha: Dirichlet concentration (smaller is more skewed); only for "dirichlet".
         seed: makes "iid" and "dirichlet" deterministic.
         min_size: minimum number of examples in every shard.
@@ -522,8 +532,9 @@ def partition_indices(
     Raises:
         ValueError: bad arguments, or a partition that cannot reach ``min_size``.
     """
+    partitioner = _partitioner(partitioner)
     labels = _check_partition_args(labels, num_partitions, partitioner, alpha, min_size)
-    if partitioner == "classes":
+    if partitioner is Partitioner.CLASSES:
         shards = _class_group_shards(labels, num_partitions)
     else:
         shards = _flwr_shards(labels, num_partitions, partitioner, alpha, seed, min_size)
@@ -536,14 +547,19 @@ def partition_indices(
     return [np.sort(s).astype(np.int64) for s in shards]
 
 
+def _partitioner(name: Partitioner | str) -> Partitioner:
+    try:
+        return Partitioner(name)
+    except ValueError:
+        raise ValueError(f"unknown partitioner {name!r}; use one of {', '.join(Partitioner)}") from None
+
+
 def _check_partition_args(
-    labels: np.ndarray, num_partitions: int, partitioner: str, alpha: float, min_size: int
+    labels: np.ndarray, num_partitions: int, partitioner: Partitioner, alpha: float, min_size: int
 ) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer)):
         raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
-    if partitioner not in PARTITIONERS:
-        raise ValueError(f"unknown partitioner {partitioner!r}; use one of {PARTITIONERS}")
     if not isinstance(num_partitions, (int, np.integer)) or num_partitions < 1:
         raise ValueError(f"num_partitions must be a positive integer, got {num_partitions!r}")
     if min_size < 0:
@@ -553,10 +569,10 @@ def _check_partition_args(
             f"{len(labels)} examples cannot fill {num_partitions} partitions of at least "
             f"{max(min_size, 1)}; use fewer partitions or a smaller min_size"
         )
-    if partitioner == "dirichlet" and not alpha > 0:
+    if partitioner is Partitioner.DIRICHLET and not alpha > 0:
         raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
     num_classes = len(np.unique(labels))
-    if partitioner == "classes" and num_partitions > num_classes:
+    if partitioner is Partitioner.CLASSES and num_partitions > num_classes:
         raise ValueError(
             f"partitioner 'classes' gives every partition its own classes, but there are "
             f"{num_partitions} partitions and only {num_classes} classes; use at most "
@@ -571,14 +587,14 @@ def _class_group_shards(labels: np.ndarray, num_partitions: int) -> list[np.ndar
 
 
 def _flwr_shards(
-    labels: np.ndarray, num_partitions: int, partitioner: str, alpha: float, seed: int, min_size: int
+    labels: np.ndarray, num_partitions: int, partitioner: Partitioner, alpha: float, seed: int, min_size: int
 ) -> list[np.ndarray]:
     """Run a flwr-datasets partitioner on an in-memory label table carrying global indices."""
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     table = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(len(labels))})
-    if partitioner == "iid":  # IidPartitioner takes contiguous shards: shuffle first
+    if partitioner is Partitioner.IID:  # IidPartitioner takes contiguous shards: shuffle first
         part = IidPartitioner(num_partitions)
         table = table.shuffle(seed=seed)
     else:
@@ -660,7 +676,7 @@ def load_client_shard(
     data_dir: str | Path | None,
     partition_id: int,
     num_partitions: int,
-    partitioner: str = "iid",
+    partitioner: Partitioner | str = Partitioner.IID,
     *,
     alpha: float = 0.5,
     seed: int = 0,
@@ -684,7 +700,7 @@ def load_client_shard(
 
 @functools.lru_cache(maxsize=8)
 def _cached_partitions(
-    raw: RawDataset, num_partitions: int, partitioner: str, alpha: float, seed: int
+    raw: RawDataset, num_partitions: int, partitioner: Partitioner | str, alpha: float, seed: int
 ) -> tuple[np.ndarray, ...]:
     shards = partition_indices(raw.labels, num_partitions, partitioner, alpha=alpha, seed=seed)
     for shard in shards:

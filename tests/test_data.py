@@ -19,6 +19,7 @@ from common import data
 from common.data import (
     DatasetNotFoundError,
     FileImageDataset,
+    Partitioner,
     Shard,
     backbone_data_config,
     backbone_transform,
@@ -362,6 +363,12 @@ def test_iid_sizes_are_balanced():
     assert sorted(len(p) for p in partition_indices(LABELS, 7, "iid")) == [42] * 1 + [43] * 6
 
 
+def test_partitioner_enum_and_its_value_give_the_same_shards():
+    by_enum = partition_indices(LABELS, 3, Partitioner.DIRICHLET, alpha=0.5, seed=1)
+    by_value = partition_indices(LABELS, 3, "dirichlet", alpha=0.5, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(by_enum, by_value))
+
+
 def test_classes_partitioner_gives_disjoint_class_groups():
     parts = partition_indices(LABELS, 3, "classes")
     label_sets = [sorted(set(LABELS[p].tolist())) for p in parts]
@@ -373,7 +380,7 @@ def test_classes_partitioner_gives_disjoint_class_groups():
     ("args", "kwargs", "match"),
     [
         ((LABELS, 11, "classes"), {}, "only 10 classes"),
-        ((LABELS, 2, "shards"), {}, "unknown partitioner"),
+        ((LABELS, 2, "shards"), {}, "unknown partitioner 'shards'; use one of iid, dirichlet, classes"),
         ((LABELS, 0, "iid"), {}, "positive integer"),
         ((LABELS, 2, "dirichlet"), {"alpha": 0.0}, "alpha"),
         ((LABELS.reshape(30, 10), 2, "iid"), {}, "1-D integer"),

@@ -1,0 +1,65 @@
+"""``common.config``: run-config values are coerced to their field's type (enums included),
+bad values are rejected with a message naming what is allowed, and ``alacarte config``
+documents every key with its default."""
+
+from __future__ import annotations
+
+import pytest
+
+from common import config as config_module
+from common.config import AppConfig, ConfigError, Mode, coerce_value
+from common.data import Partitioner
+
+
+def test_modes_and_partitioners_are_coerced_to_their_enums():
+    config = AppConfig.from_run_config({"mode": "fedavg", "partitioner": "classes"})
+    assert config.mode is Mode.FEDAVG and config.partitioner is Partitioner.CLASSES
+    assert config.mode == "fedavg" and f"{config.partitioner}" == "classes"  # still plain strings to callers
+    assert AppConfig(mode="fedavg").mode is Mode.FEDAVG  # direct construction too
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), [
+    ("mode", "average", "'alacarte', 'fedavg'"),
+    ("partitioner", "shards", "'iid', 'dirichlet', 'classes'"),
+])
+def test_unknown_choice_is_rejected_with_the_allowed_values(key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        AppConfig.from_run_config({key: value})
+    assert str(err.value) == f"run-config {key} must be one of {allowed}, got {value!r}"
+
+
+@pytest.mark.parametrize(("kind", "value", "expected"), [
+    (bool, "true", True), (bool, "FALSE", False), (bool, "1", True), (bool, 0, False), (bool, True, True),
+    (int, "3", 3), (int, 4.0, 4), (float, "1e-3", 1e-3), (float, 2, 2.0), (str, "x", "x"),
+    (Mode, "fedavg", Mode.FEDAVG), (Partitioner, Partitioner.IID, Partitioner.IID),
+])
+def test_good_values_are_coerced(kind, value, expected):
+    result = coerce_value("key", value, kind)
+    assert result == expected and type(result) is kind
+
+
+@pytest.mark.parametrize(("kind", "value", "expected"), [
+    (bool, "maybe", "a bool (true, false, 1 or 0)"), (bool, "yes!", "a bool"), (bool, 2, "a bool"),
+    (int, "many", "a int"), (int, 2.5, "a int"), (int, True, "a int"), (float, "fast", "a float"),
+    (Mode, "average", "one of 'alacarte', 'fedavg'"),
+])
+def test_bad_values_are_rejected_with_what_was_expected(kind, value, expected):
+    with pytest.raises(ConfigError, match="^key must be " + expected.replace("(", r"\(").replace(")", r"\)")):
+        coerce_value("key", value, kind)
+
+
+def test_bad_boolean_in_the_run_config_is_not_taken_for_false():
+    with pytest.raises(ConfigError, match="run-config probe-init must be a bool"):
+        AppConfig.from_run_config({"probe-init": "maybe"})
+    assert AppConfig.from_run_config({"probe-init": "false", "kv-cache": "0"}).probe_init is False
+
+
+def test_help_shows_enum_defaults_and_choices_as_plain_values(capsys):
+    texts = AppConfig.help()
+    assert texts["mode"].endswith("(default 'alacarte')") and "alacarte, fedavg" in texts["mode"]
+    assert texts["partitioner"].endswith("(default 'dirichlet')") and "iid, dirichlet, classes" in texts["partitioner"]
+    assert config_module.run(None) == 0
+    printed = capsys.readouterr().out
+    assert "Mode." not in printed and "Partitioner." not in printed
+    assert all(key in printed for key in texts)
+
