@@ -15,7 +15,7 @@ from typing import Sequence
 COMMANDS: dict[str, str] = {
     "setup": "common.assets",
     "serve": "server.service",
-    "query": "server.query",
+    "query": "server.query_cli",
     "pool": "server.pool_cli",
     "config": "common.config",
 }
@@ -24,7 +24,7 @@ HELPS: dict[str, str] = {
     "setup": "prepare the default backbone and dataset in ALACARTE_HOME (idempotent)",
     "serve": "serve composition queries over gRPC from a prompt pool",
     "query": "ask a composition server for predictions on image files",
-    "pool": "inspect or edit a prompt pool on disk (ls, show, rm)",
+    "pool": "inspect or edit a prompt pool on disk (ls, show, rm, repair)",
     "config": "list the Flower app's run-config keys (--run-config \"key=value ...\"), their meaning and defaults",
 }
 

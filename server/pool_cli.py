@@ -9,15 +9,13 @@ only the index, never the tensors; ``rm`` and ``repair`` write.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 from server.pool import POOL_ENV, PoolError, PromptPool, default_pool_dir
+from server.table import format_labels, format_metrics, format_table, format_time
 
-__all__ = ["HELP", "add_arguments", "format_labels", "format_metrics", "format_time", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "inspect or edit a prompt pool on disk (ls, show, rm, repair)"
 READERS = ("ls", "show")
@@ -58,9 +56,9 @@ def _ls(pool: PromptPool, _args: argparse.Namespace) -> None:
     if not entries:
         print(f"pool {pool.root} is empty")
         return
-    _print_table(("SOURCE", "VERSION", "LABELS", "EXAMPLES", "CREATED"),
-                 ((e.source, e.version, format_labels(e.labels, e.num_classes), e.num_examples,
-                   format_time(e.created_at)) for e in entries))
+    print(format_table(("SOURCE", "VERSION", "LABELS", "EXAMPLES", "CREATED"),
+                       ((e.source, e.version, format_labels(e.labels, e.num_classes), e.num_examples,
+                         format_time(e.created_at)) for e in entries)))
 
 
 def _show(pool: PromptPool, args: argparse.Namespace) -> None:
@@ -84,9 +82,9 @@ def _show(pool: PromptPool, args: argparse.Namespace) -> None:
     for name, value in fields.items():
         print(f"{name + ':':<{width + 2}}{value}")
     print("\nhistory:")
-    _print_table(("VERSION", "ROUND", "EXAMPLES", "CREATED", "METRICS"),
-                 ((e.version, "-" if e.round is None else e.round, e.num_examples, format_time(e.created_at),
-                   format_metrics(e.metrics)) for e in history))
+    print(format_table(("VERSION", "ROUND", "EXAMPLES", "CREATED", "METRICS"),
+                       ((e.version, "-" if e.round is None else e.round, e.num_examples, format_time(e.created_at),
+                         format_metrics(e.metrics)) for e in history)))
 
 
 def _rm(pool: PromptPool, args: argparse.Namespace) -> None:
@@ -98,40 +96,3 @@ def _repair(pool: PromptPool, _args: argparse.Namespace) -> None:
     report = pool.repair()
     print(f"repaired {pool.root}: deleted {len(report.orphans)} orphan file(s), dropped "
           f"{len(report.dangling)} row(s) whose file was missing {list(report.dangling) or ''}".rstrip())
-
-
-def format_labels(labels: Sequence[int], num_classes: int) -> str:
-    """Class ids as ranges, e.g. ``0-4,7 (6/10)``."""
-    runs: list[list[int]] = []
-    for c in labels:
-        if runs and c == runs[-1][-1] + 1:
-            runs[-1].append(c)
-        else:
-            runs.append([c])
-    parts = [str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs]
-    return f"{','.join(parts)} ({len(labels)}/{num_classes})"
-
-
-def format_time(timestamp: float) -> str:
-    """A POSIX time as ISO 8601 UTC, to the second; ``invalid (<value>)`` when it is no representable time."""
-    try:
-        if not math.isfinite(timestamp):
-            raise ValueError(timestamp)
-        return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (ValueError, OverflowError, OSError, TypeError):
-        return f"invalid ({timestamp!r})"
-
-
-def format_metrics(metrics: dict[str, float | int | str]) -> str:
-    """Metrics as compact ``name=value`` pairs (``-`` when there are none)."""
-    if not metrics:
-        return "-"
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
-
-
-def _print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-

@@ -9,6 +9,7 @@ validation split, and prints the tables.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from logging import INFO, WARNING
 
 import numpy as np
@@ -25,6 +26,7 @@ from common.records import prompts_records
 from common.train import evaluate
 from server.federation import FEDAVG_SOURCE, AlaCarteFederation, run_fedavg, send_and_collect
 from server.pool import PromptPool
+from server.table import format_table
 
 app = ServerApp()
 
@@ -52,8 +54,8 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "no prompt was stored; nothing to evaluate")
         return
     if test is not None:
-        print(format_table(f"Server test split ({len(test)} images)", prompts,
-                           evaluate(model, list(prompts.values()), DataLoader(test, batch_size=config.batch_size))))
+        print(accuracy_table(f"Server test split ({len(test)} images)", prompts,
+                             evaluate(model, list(prompts.values()), DataLoader(test, batch_size=config.batch_size))))
     if config.federated_eval and nodes:
         federated_evaluate(grid, config, prompts, nodes)
 
@@ -86,9 +88,9 @@ def federated_evaluate(grid: Grid, config: AppConfig, prompts: dict[str, Prompt]
         except (KeyError, TypeError, ValueError) as err:
             log(WARNING, "node %s (source %s) sent an unusable evaluation reply (%s); left out", nid, nodes[nid],
                 str(err)[:200])
-    lines = [f"{'source':<20}  {'val images':>10}  {'composed acc':>12}"]
-    lines += [f"{name:<20}  {n:>10}  {acc:>12.3f}" for name, n, acc in sorted(rows)]
-    print("\nFederated evaluation of the composed model (each source's validation split)\n" + "\n".join(lines))
+    table = format_table(("source", "val images", "composed acc"),
+                         [(name, n, f"{acc:.3f}") for name, n, acc in sorted(rows)], right={1, 2})
+    print(f"\nFederated evaluation of the composed model (each source's validation split)\n{table}")
 
 
 def _evaluation_metrics(content: RecordDict) -> tuple[int, float]:
@@ -102,16 +104,20 @@ def _evaluation_metrics(content: RecordDict) -> tuple[int, float]:
     return int(n), float(acc)
 
 
-def format_table(title: str, prompts: dict[str, Prompt], result: dict) -> str:
+def accuracy_table(title: str, prompts: dict[str, Prompt], result: dict) -> str:
     """Per-source accuracy, then one ``composed <weighting> (k)`` row per weighting: uniform, and
     density when every prompt carries its source's density."""
-    lines = [f"\n{title}", f"{'source':<16} {'labels':<22} {'train n':>8} {'acc (all)':>10} {'acc (own classes)':>18}"]
-    for (source, prompt), acc, own in zip(prompts.items(), result["prompt_accuracy"], result["prompt_accuracy_own"]):
-        labels = list(prompt.labels)
-        shown = ",".join(map(str, labels)) if len(labels) <= 6 else f"{len(labels)} classes"
-        lines.append(f"{source:<16} {shown:<22} {prompt.num_examples:>8} {acc:>10.3f} {own:>18.3f}")
+    rows: list[tuple[object, ...]] = [
+        (source, _shown_labels(prompt.labels), prompt.num_examples, f"{acc:.3f}", f"{own:.3f}")
+        for (source, prompt), acc, own in zip(prompts.items(), result["prompt_accuracy"],
+                                              result["prompt_accuracy_own"])]
     total = sum(p.num_examples for p in prompts.values())
-    for weighting, acc in result["composed"].items():
-        name = f"composed {weighting} ({len(prompts)})"
-        lines.append(f"{name:<26} {'all':<12} {total:>8} {acc:>10.3f} {'':>18}")
-    return "\n".join(lines)
+    rows += [(f"composed {weighting} ({len(prompts)})", "all", total, f"{acc:.3f}", "")
+             for weighting, acc in result["composed"].items()]
+    table = format_table(("source", "labels", "train n", "acc (all)", "acc (own classes)"), rows, right={2, 3, 4})
+    return f"\n{title}\n{table}"
+
+
+def _shown_labels(labels: Sequence[int]) -> str:
+    """A prompt's classes, listed when there are few (``0,3,4``), else counted (``9 classes``)."""
+    return ",".join(map(str, labels)) if len(labels) <= 6 else f"{len(labels)} classes"
