@@ -14,7 +14,7 @@ from typing import Sequence
 
 COMMANDS: dict[str, str] = {
     "setup": "common.assets",
-    "serve": "server.service",
+    "serve": "server.service_cli",
     "query": "server.query_cli",
     "pool": "server.pool_cli",
     "config": "common.config",

@@ -1,19 +1,20 @@
 """The composition service: gRPC ``alacarte.v1.CompositionService`` over a prompt pool.
 
-``alacarte serve`` loads the frozen backbone once, watches the prompt pool and answers
-``Predict`` (classify images with the à-la-carte composition of chosen sources) and
-``ListSources``. It also serves ``grpc.health.v1.Health`` and server reflection.
+A ``CompositionServer`` holds the frozen backbone once, watches the prompt pool through a
+``server.catalog.Catalog`` and answers ``Predict`` (classify images with the à-la-carte
+composition of chosen sources) and ``ListSources``. It also serves ``grpc.health.v1.Health``
+and server reflection. Its command line, ``alacarte serve``, is ``server.service_cli``.
 
 Request path (every byte of a request is untrusted; the cheap checks come first):
 
 1. a server interceptor checks the bearer token (``server.auth``) from the call's metadata
    before the request message is even parsed: a missing or wrong token costs nothing;
 2. the handler thread resolves the selected sources against the current pool snapshot and
-   the caller's rights, checks counts and options, then *reserves a queue slot*
-   (``RESOURCE_EXHAUSTED`` when busy) before it decodes anything; it reads every image's
-   header, refuses more than ``max_request_pixels`` in all (or ``max_image_pixels`` in one
-   image), and only then decodes and transforms them -- so a bad request fails alone,
-   before batching;
+   the caller's rights (``server.catalog.select_prompts``), checks counts and options, then
+   *reserves a queue slot* (``RESOURCE_EXHAUSTED`` when busy) before it decodes anything;
+   it reads every image's header, refuses more than ``max_request_pixels`` in all (or
+   ``max_image_pixels`` in one image), and only then decodes and transforms them -- so a
+   bad request fails alone, before batching;
 3. the job takes its reserved slot in the bounded queue (``server.batcher``); one worker
    thread merges queued jobs, whatever their source selections, into a single backbone
    pass (``APTViT.backbone_forward``: keys/values and the pooled features density
@@ -26,29 +27,20 @@ Weighting: ``WEIGHTING_DEFAULT`` (unset) is density weighting when every selecte
 carries its source's density, else uniform; ``UNIFORM``, ``CONFIDENCE`` and ``DENSITY``
 force one (``DENSITY`` needs every selected prompt's density: ``FAILED_PRECONDITION``).
 
-Only prompts this server admits are served (``server.admission``: n_prompt/n_memory within
-the limits and, when the server has class names, a head over exactly that label space);
-others are listed as unservable with the reason. Error messages never carry server paths.
-
-The pool is re-read when ``PromptPool.generation()`` changes (checked on every request, one
-small SQLite query); only prompts whose file hash changed are loaded again, so new
-versions and forgotten sources take effect without a restart.
+A refused request is a ``server.errors.RequestError`` (gRPC status and message); error
+messages never carry server paths.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import io
 import ipaddress
 import logging
-import signal
 import sqlite3
-import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -63,32 +55,25 @@ from common import alacarte_pb2 as pb
 from common import alacarte_pb2_grpc as pb_grpc
 from common.compose import Weighting, compose_probs, composition_weights, default_weighting
 from common.model import APTViT
-from common.prompt import Prompt, PromptError
-from server.admission import check_prompt
-from server.auth import AuthenticationError, Principal, TokenFileError, TokenStore, add_user, remove_user
+from common.prompt import Prompt
+from server.auth import AuthenticationError, Principal, TokenStore
 from server.batcher import BatcherClosedError, DeadlineExceededError, DynamicBatcher, QueueFullError, Reservation
-from server.pool import MAX_SOURCE_LEN, PoolCorruptError, PoolEntry, PoolError, PromptPool, UnknownSourceError
+from server.catalog import Catalog, ServedPrompt, Snapshot, select_prompts
+from server.errors import RequestError
+from server.pool import PoolEntry, PoolError, PromptPool
 
 __all__ = [
-    "HELP",
     "SERVICE_NAME",
-    "Catalog",
     "CompositionServer",
     "CompositionServicer",
-    "RequestError",
-    "ServedPrompt",
     "ServiceConfig",
-    "Snapshot",
     "TokenInterceptor",
-    "add_arguments",
     "decode_images",
-    "load_class_names",
-    "run",
+    "is_loopback",
 ]
 
 logger = logging.getLogger(__name__)
 
-HELP = "serve composition queries over gRPC from a prompt pool"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CompositionService"].full_name
 ANONYMOUS = Principal("anonymous", None)
 WEIGHTINGS = {pb.WEIGHTING_DEFAULT: None, pb.WEIGHTING_UNIFORM: Weighting.UNIFORM,
@@ -97,14 +82,6 @@ ACCEPTED_FORMATS = ("PNG", "JPEG")
 DEFAULT_TOP_K = 3
 MiB = 1 << 20
 MAX_DEADLINE_S = 86400.0  # a longer (or no) client deadline means "none": grpc reports ~2**63 ns then
-
-
-class RequestError(Exception):
-    """A request is refused with a gRPC status ``code`` and a message for the caller."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -139,115 +116,6 @@ class ServiceConfig:
     def rpc_threads(self) -> int:
         """Handler threads: enough for a full queue plus the requests being decoded or run."""
         return self.max_queue + 8
-
-
-# --------------------------------------------------------------------------- pool snapshot
-
-
-@dataclass(frozen=True)
-class ServedPrompt:
-    """A prompt ready to run, with the pool entry it was loaded from."""
-
-    entry: PoolEntry
-    prompt: Prompt
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The servable state of the pool at one ``generation``."""
-
-    generation: int
-    prompts: Mapping[str, ServedPrompt] = field(default_factory=dict)
-    unservable: Mapping[str, str] = field(default_factory=dict)  # source -> why it cannot be composed
-
-
-class Catalog:
-    """The pool's latest admissible prompts, loaded on the model's device and refreshed on change.
-
-    ``num_classes`` (the label space of the server's class names) makes prompts of another
-    label space unservable; prompts over the shape limits always are.
-    """
-
-    def __init__(self, pool: PromptPool, model: APTViT, num_classes: int | None = None) -> None:
-        self.pool, self.model, self.num_classes = pool, model, num_classes
-        self._lock = threading.Lock()
-        self._snapshot = Snapshot(generation=-1)
-        self.current()
-
-    def current(self) -> Snapshot:
-        """The snapshot of the pool's current generation (reloading what changed)."""
-        generation = self.pool.generation()
-        if generation <= self._snapshot.generation:
-            return self._snapshot
-        with self._lock:
-            if generation > self._snapshot.generation:
-                self._snapshot = self._load(generation, self._snapshot)
-            return self._snapshot
-
-    def _load(self, generation: int, previous: Snapshot) -> Snapshot:
-        prompts: dict[str, ServedPrompt] = {}
-        unservable: dict[str, str] = {}
-        for entry in self.pool.entries():
-            old = previous.prompts.get(entry.source)
-            if old is not None and old.entry.sha256 == entry.sha256:
-                prompts[entry.source] = old
-                continue
-            try:
-                prompt = self.pool.get(entry.source, entry.version, model=self.model).requires_grad_(False)
-                check_prompt(prompt, self.num_classes)
-            except UnknownSourceError:  # forgotten meanwhile
-                continue
-            except (PromptError, PoolCorruptError) as err:
-                unservable[entry.source] = self._public_reason(err)
-                logger.warning("source %r cannot be served: %s", entry.source, err)
-                continue
-            prompts[entry.source] = ServedPrompt(entry, prompt)
-        logger.info("prompt pool generation %d: %d source(s) servable", generation, len(prompts))
-        return Snapshot(generation, prompts, unservable)
-
-    def _public_reason(self, err: Exception) -> str:
-        """Why a source cannot be served, for callers: no server path in it."""
-        if isinstance(err, PoolCorruptError):
-            return "its stored prompt file is damaged or missing on the server; the operator must forget and re-add it"
-        return str(err).replace(str(self.pool.root), "<pool>")
-
-
-def select_prompts(snapshot: Snapshot, principal: Principal, requested: Sequence[str]) -> list[ServedPrompt]:
-    """The prompts a request composes, sorted by source; raises ``RequestError``.
-
-    An empty ``requested`` means every servable source the caller may use. A source outside
-    the caller's rights is PERMISSION_DENIED whether or not it exists (nothing leaks).
-    """
-    if not requested:
-        chosen = [s for s in snapshot.prompts if principal.may_use(s)]
-        if not chosen:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"no prompt that user {principal.user!r} may use is in the pool yet")
-    else:
-        chosen = list(dict.fromkeys(requested))
-        for source in chosen:
-            _check_source(snapshot, principal, source)
-    served = [snapshot.prompts[s] for s in sorted(chosen)]
-    sizes = {p.prompt.num_classes for p in served}
-    if len(sizes) > 1:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"the selected sources (by default: all you may use) disagree on the label space "
-                           f"size {sorted(sizes)}; select sources trained on the same label space")
-    return served
-
-
-def _check_source(snapshot: Snapshot, principal: Principal, source: str) -> None:
-    if not principal.may_use(source):
-        raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
-                           f"user {principal.user!r} may not compose source {source[:MAX_SOURCE_LEN]!r}; "
-                           "ask the operator to extend your token's sources, or see ListSources")
-    if source in snapshot.unservable:
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"source {source!r} cannot be served: {snapshot.unservable[source]}")
-    if source not in snapshot.prompts:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"unknown source {source[:MAX_SOURCE_LEN]!r} (never added, or forgotten); ListSources shows "
-                           "the sources you may compose")
 
 
 # --------------------------------------------------------------------------- images
@@ -606,146 +474,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def load_class_names(spec: str) -> tuple[str, ...]:
-    """Class names from a built-in dataset name (``fashion_mnist``, ``mnist``) or a file.
-
-    A file holds one name per line, or a JSON list of names.
-    """
-    from common import data
-
-    builtin = {"fashion_mnist": data.FASHION_MNIST_CLASSES, "mnist": data.MNIST_CLASSES}
-    if spec in builtin:
-        return tuple(builtin[spec])
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ValueError(f"--classes {spec!r} is neither {' nor '.join(builtin)} nor an existing file")
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        import json
-
-        return tuple(map(str, json.loads(text)))
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``alacarte serve``."""
-    from common.config import AppConfig
-
-    defaults, limits = AppConfig(), ServiceConfig()
-    model = parser.add_argument_group("model and pool")
-    model.add_argument("--pool", type=Path, default=None,
-                       help="prompt pool directory (default: $ALACARTE_POOL, else $ALACARTE_HOME/pool)")
-    model.add_argument("--backbone", default=defaults.backbone, help="timm ViT name (default: %(default)s)")
-    model.add_argument("--checkpoint", default="",
-                       help="backbone weights file (default: the one `alacarte setup` prepared)")
-    model.add_argument("--img-size", type=int, default=defaults.img_size,
-                       help="input resolution (default: %(default)s)")
-    init = model.add_mutually_exclusive_group()
-    init.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
-                      help="pretrained backbone weights (default)")
-    init.add_argument("--random-init", dest="pretrained", action="store_false",
-                      help="seeded random backbone (tests; prompts must have been made on it)")
-    model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--classes", default=None,
-                       help="class names: fashion_mnist, mnist, or a file (one per line or a JSON list)")
-    net = parser.add_argument_group("network and security")
-    net.add_argument("--host", default=limits.host, help="address to bind (default: %(default)s)")
-    net.add_argument("--port", type=int, default=limits.port, help="port, 0 = any free one (default: %(default)s)")
-    net.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (enables TLS)")
-    net.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
-    net.add_argument("--tokens", type=Path, default=None,
-                     help="tokens file (JSON of salted hashes); without it only loopback is served, unauthenticated")
-    net.add_argument("--add-token", metavar="USER", default=None,
-                     help="create or replace USER's token in --tokens, print it once and exit")
-    net.add_argument("--sources", default=None, help="with --add-token: comma-separated sources, or '*' for all")
-    net.add_argument("--revoke-token", metavar="USER", default=None, help="remove USER from --tokens and exit")
-    perf = parser.add_argument_group("batching and limits")
-    perf.add_argument("--max-batch", type=int, default=limits.max_batch,
-                      help="images per backbone pass (default: %(default)s)")
-    perf.add_argument("--max-queue", type=int, default=limits.max_queue,
-                      help="requests waiting before RESOURCE_EXHAUSTED (default: %(default)s)")
-    perf.add_argument("--max-wait-ms", type=float, default=limits.max_wait * 1000,
-                      help="wait to fill a batch, in ms (default: %(default)s)")
-    perf.add_argument("--max-images", type=int, default=limits.max_images,
-                      help="images per request (default: %(default)s)")
-    perf.add_argument("--max-request-pixels", type=int, default=limits.max_request_pixels,
-                      help="decoded pixels of all images of one request (default: %(default)s)")
-    perf.add_argument("--max-message-mb", type=int, default=limits.max_message_bytes // MiB,
-                      help="largest request or response, MiB (default: %(default)s)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``alacarte serve`` until SIGINT/SIGTERM (or a token command): 0 ok, 2 bad setup."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.add_token or args.revoke_token:
-        return _edit_tokens(args)
-    try:
-        config = _service_config(args)
-        model, pool, transform = _load(args)
-        server = CompositionServer(model, pool, config, transform)
-    except (ValueError, OSError, PoolError, TokenFileError, RuntimeError) as err:
-        print(f"alacarte serve: {err}", file=sys.stderr)
-        return 2
-    if config.tokens is None:
-        logger.warning("no --tokens: serving WITHOUT authentication (loopback only)")
-    elif config.tls_cert is None and not is_loopback(config.host):
-        logger.warning("tokens travel in cleartext: pass --tls-cert/--tls-key when serving %s", config.host)
-    print(f"alacarte serve: listening on {server.address} ({'TLS' if config.tls_cert else 'plaintext'}, "
-          f"{'tokens ' + str(config.tokens) if config.tokens else 'no auth'}, backbone {model.backbone_name})",
-          flush=True)
-    _wait_for_signal()
-    server.stop()
-    return 0
-
-
-def _edit_tokens(args: argparse.Namespace) -> int:
-    if args.tokens is None:
-        print("alacarte serve: --add-token/--revoke-token need --tokens FILE", file=sys.stderr)
-        return 2
-    try:
-        if args.revoke_token:
-            remove_user(args.tokens, args.revoke_token)
-            print(f"revoked the token of {args.revoke_token!r} in {args.tokens}")
-            return 0
-        if not args.sources:
-            raise ValueError("--add-token needs --sources a,b (or '*' for every source)")
-        sources = "*" if args.sources.strip() == "*" else [s.strip() for s in args.sources.split(",") if s.strip()]
-        token = add_user(args.tokens, args.add_token, sources)
-    except (ValueError, KeyError, TokenFileError, OSError) as err:
-        print(f"alacarte serve: {err}", file=sys.stderr)
-        return 2
-    print(f"token for {args.add_token!r} (shown once; only its hash is stored in {args.tokens}):\n{token}")
-    return 0
-
-
-def _service_config(args: argparse.Namespace) -> ServiceConfig:
-    return ServiceConfig(
-        host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, tokens=args.tokens,
-        class_names=load_class_names(args.classes) if args.classes else (), max_batch=args.max_batch,
-        max_queue=args.max_queue, max_wait=args.max_wait_ms / 1000, max_images=args.max_images,
-        max_request_pixels=args.max_request_pixels, max_message_bytes=args.max_message_mb * MiB)
-
-
-def _load(args: argparse.Namespace) -> tuple[APTViT, PromptPool, Callable[[Image.Image], Tensor]]:
-    """The backbone (as configured by ``AppConfig``), the existing pool (read-only) and the transform."""
-    from common.config import AppConfig, build_model
-    from common.data import backbone_transform
-
-    config = AppConfig(backbone=args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                       img_size=args.img_size, pool_dir=str(args.pool or ""))
-    pool = PromptPool(config.pool_path(), read_only=True)
-    model = build_model(config, device=args.device)
-    return model, pool, backbone_transform(model.backbone)
-
-
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
