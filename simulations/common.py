@@ -1,7 +1,9 @@
 """Shared machinery of the experiment scripts.
 
 * command line: one argument set for every experiment (``--tiny``/``--quick``/full profiles,
-  ``--set key=value`` overrides, ``--out``, ``--data-dir``, ``--work-dir``);
+  ``--set key=value`` overrides converted as the product converts run-config values,
+  ``--out`` (default ``./results/<experiment>`` under the working directory), ``--data-dir``,
+  ``--work-dir``);
 * backbones: the random tiny ViT of the tests, or the pretrained DINOv2 ViT-S/14 at 112 px;
 * data: fixed subsets of a dataset, written as IDX files so the Flower clients partition
   exactly the images the other methods use;
@@ -49,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from common.assets import default_checkpoint, write_idx_gz  # noqa: E402
 from common.compose import compose_probs  # noqa: E402
+from common.config import AppConfig, ConfigError, build_model, coerce_value  # noqa: E402
 from common.data import RawDataset, Shard, backbone_transform, limit_per_partition, load_split  # noqa: E402
 from common.density import SourceDensity  # noqa: E402
 from common.kv_cache import KVCache  # noqa: E402
@@ -57,7 +60,7 @@ from common.probe import LinearProbe, fit_probe  # noqa: E402
 from common.prompt import Prompt  # noqa: E402
 from common.train import TrainConfig, train_prompt  # noqa: E402
 
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+RESULTS_ROOT = Path("results")  # relative: under the working directory, never the package
 WORK_ROOT = Path("/tmp/alacarte-sim")
 SIM_RECORD = "simulation"
 P = TypeVar("P")
@@ -67,7 +70,8 @@ P = TypeVar("P")
 
 
 def base_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The arguments every experiment takes; ``name`` picks the default result folder."""
+    """The arguments every experiment takes; ``name`` picks the default result folder
+    (``./results/<name>`` under the working directory)."""
     parser = argparse.ArgumentParser(prog=f"python -m simulations.{name}", description=description)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small real run (DINOv2, <= 3 min on 2 cores)")
@@ -76,7 +80,8 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the selected profile (repeatable); a full run with "
                              "overrides is reported as reduced")
-    parser.add_argument("--out", type=Path, default=RESULTS_ROOT / name, help="results folder (JSON, CSV, PNG)")
+    parser.add_argument("--out", type=Path, default=RESULTS_ROOT / name,
+                        help="results folder (JSON, CSV, PNG; default: %(default)s under the working directory)")
     parser.add_argument("--data-dir", default="", help="Fashion-MNIST IDX folder (default: the prepared one)")
     parser.add_argument("--work-dir", type=Path, default=WORK_ROOT / name,
                         help="scratch folder (data subsets, KV banks, prompt pools)")
@@ -92,30 +97,40 @@ def select_profile(args: argparse.Namespace, tiny: P, quick: P, full: P) -> tupl
     """
     label, profile = ("tiny", tiny) if args.tiny else ("quick", quick) if args.quick else ("full", full)
     if args.set:
-        profile = apply_overrides(profile, args.set)
+        try:
+            profile = apply_overrides(profile, args.set)
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
         label = "reduced" if label == "full" else label
     return profile, label
 
 
 def apply_overrides(profile: P, items: Iterable[str]) -> P:
-    """``dataclasses.replace`` with ``key=value`` strings, each converted to its field's type."""
-    fields = {f.name: f for f in dataclasses.fields(profile)}
+    """``dataclasses.replace`` with ``key=value`` strings, each converted to its field's type.
+
+    Values are converted as the product converts run-config values
+    (:func:`common.config.coerce_value`); a tuple field takes comma-separated values of its
+    elements' type.
+
+    Raises:
+        ConfigError: an item without ``=``, an unknown key, or a value not of the field's type.
+    """
+    fields = [f.name for f in dataclasses.fields(profile)]
     changes: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY among {sorted(fields)}")
-        changes[key] = _parse_like(getattr(profile, key), value)
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY among {', '.join(fields)}")
+        changes[key] = _override_value(f"--set {key}", value, getattr(profile, key))
     return dataclasses.replace(profile, **changes)
 
 
-def _parse_like(current: Any, value: str) -> Any:
-    if isinstance(current, bool):
-        return value.lower() in ("1", "true", "yes")
+def _override_value(name: str, text: str, current: Any) -> Any:
+    """``text`` as the type of the field's ``current`` value (a tuple: comma-separated items)."""
     if isinstance(current, tuple):
         kind = type(current[0]) if current else int
-        return tuple(kind(v) for v in value.split(",") if v)
-    return type(current)(value)
+        return tuple(coerce_value(name, item, kind) for item in text.split(",") if item)
+    return coerce_value(name, text, type(current))
 
 
 # --------------------------------------------------------------------------- backbone
@@ -479,7 +494,6 @@ client_app = ClientApp()
 def _delegate(handler: Callable[[Message, Context], Message], msg: Message, context: Context) -> Message:
     """Move the ``simulation`` record into the context, lend the bank, call the product handler."""
     from client import client_app as product
-    from common.config import AppConfig, build_model
 
     sim = msg.content[SIM_RECORD]
     del msg.content[SIM_RECORD]

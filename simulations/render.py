@@ -1,8 +1,10 @@
-"""Render ``simulations/RESULTS.md`` from the experiments' result files (nothing typed by hand).
+"""Render a RESULTS.md from the experiments' result files (nothing typed by hand).
 
 Reads ``<results>/<experiment>/result.json`` (``class_incremental`` has one folder per
 dataset) and links the PNGs next to them. Experiments without a result file are listed as
-not run.
+not run. ``--results`` defaults to ``./results`` (where the experiments write by default) and
+``--out`` to ``RESULTS.md`` beside that folder; the repository's record is
+``--results simulations/results``, which writes ``simulations/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 from simulations.common import RESULTS_ROOT
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 GOAL_POINTS = 3.0
 
 
@@ -323,11 +324,19 @@ epoch (the product's ClientApp does exactly that when no bank is lent, as in the
 def main(argv: list[str] | None = None) -> Path:
     """Write RESULTS.md; returns its path."""
     parser = argparse.ArgumentParser(prog="python -m simulations.render", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=RESULTS_ROOT, help="folder with the experiments' results")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown file to write")
+    parser.add_argument("--results", type=Path, default=RESULTS_ROOT,
+                        help="folder with the experiments' results (default: %(default)s under the working "
+                             "directory; the repository's record: simulations/results)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Markdown file to write (default: RESULTS.md beside the results folder)")
     args = parser.parse_args(argv)
-    args.output.write_text(render(args.results.resolve(), args.output.resolve()))
-    return args.output
+    if not args.results.is_dir():
+        parser.error(f"no results folder {args.results}: run an experiment first, or pass --results DIR "
+                     "(the repository's record: simulations/results)")
+    out = args.out or args.results.parent / "RESULTS.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(args.results.resolve(), out.resolve()))
+    return out
 
 
 if __name__ == "__main__":

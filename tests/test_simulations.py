@@ -1,6 +1,6 @@
 """The experiment scripts: each one's ``--tiny`` and ``--quick`` modes run end to end and write
-their JSON and PNG, and ``simulations.render`` turns the results into a RESULTS.md that
-mentions them.
+their JSON and PNG to ``--out`` (and nothing to the working directory), and
+``simulations.render`` turns the results into a RESULTS.md that mentions them.
 
 ``--tiny`` uses the random tiny ViT at 32 px and generated IDX data; ``--quick`` uses the real
 assets ``bash setup.sh`` prepares (pretrained DINOv2 ViT-S/14 at 112 px, Fashion-MNIST), so
@@ -11,6 +11,7 @@ takes tens of seconds (tiny) to a few minutes (quick).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ import torch
 from synthetic import make_cifar100_folder, make_idx_dataset
 
 from common.assets import default_checkpoint, default_data_dir
+from common.config import ConfigError
 from common.data import load_split
-from simulations.common import apply_overrides, backbone_spec, build_bank
+from simulations.common import apply_overrides, backbone_spec, base_parser, build_bank, select_profile
+from simulations.render import main as render_main
 from simulations.render import render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,11 +52,16 @@ def quick_work(tmp_path_factory) -> Path:
 
 
 def run_profile(name: str, profile: str, results: Path, work: Path, *extra: str) -> dict:
-    """Run ``python -m simulations.<name> --<profile> [extra...]`` and return its result.json."""
+    """Run ``python -m simulations.<name> --<profile> [extra...]`` in an empty working directory,
+    check it wrote nothing there, and return its result.json."""
     cmd = [sys.executable, "-m", f"simulations.{name}", f"--{profile}", "--out", str(results / name),
            "--work-dir", str(work / name), *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    cwd = work / f"{name}-cwd"
+    cwd.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not any(cwd.iterdir()), sorted(cwd.iterdir())
     found = sorted((results / name).glob("**/result.json"))
     assert len(found) == 1
     payload = json.loads(found[0].read_text())
@@ -89,6 +97,51 @@ def test_overrides_convert_types():
 
     changed = apply_overrides(FULL, ["epochs=2", "sources=1,2", "lr=0.01"])
     assert (changed.epochs, changed.sources, changed.lr) == (2, (1, 2), 0.01)
+
+
+def test_overrides_convert_booleans_as_the_product_does():
+    from simulations.class_incremental import FULL
+
+    assert apply_overrides(FULL, ["probe_cv=false"]).probe_cv is False
+    assert apply_overrides(FULL, ["probe_cv=0"]).probe_cv is False
+    assert apply_overrides(FULL, ["probe_cv=True"]).probe_cv is True
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("probe_cv=maybe", "--set probe_cv must be a bool (true, false, 1 or 0), got 'maybe'"),
+    ("epochs=2.5", "--set epochs must be a int, got '2.5'"),
+    ("probe_cv", "--set 'probe_cv': expected KEY=VALUE with KEY among train_per_class, "),
+    ("folds=3", "--set 'folds=3': expected KEY=VALUE"),
+])
+def test_bad_overrides_are_rejected(item, message):
+    from simulations.class_incremental import FULL
+
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(FULL, [item])
+    assert str(err.value).startswith(message)
+
+
+def test_bad_override_on_the_command_line_exits_with_the_message():
+    from simulations.class_incremental import FULL, QUICK, TINY
+
+    args = base_parser("class_incremental", "test").parse_args(["--tiny", "--set", "probe_cv=maybe"])
+    with pytest.raises(SystemExit, match="^error: --set probe_cv must be a bool"):
+        select_profile(args, TINY, QUICK, FULL)
+
+
+def test_results_default_to_the_working_directory():
+    args = base_parser("forgetting", "test").parse_args([])
+    assert args.out == Path("results") / "forgetting" and not args.out.is_absolute()
+
+
+def test_render_command_writes_beside_the_results_folder(tmp_path):
+    (tmp_path / "results").mkdir()
+    assert render_main(["--results", str(tmp_path / "results")]) == tmp_path / "RESULTS.md"
+    assert "Not run yet" in (tmp_path / "RESULTS.md").read_text()
+    out = tmp_path / "elsewhere" / "R.md"
+    assert render_main(["--results", str(tmp_path / "results"), "--out", str(out)]) == out and out.is_file()
+    with pytest.raises(SystemExit):
+        render_main(["--results", str(tmp_path / "missing")])
 
 
 def test_bank_cache_matches_the_backbone(data_dir, tmp_path):
