@@ -145,17 +145,17 @@ def _starting_prompt(content: RecordDict, model: APTViT, data: NodeData, config:
     labels = data.train.label_set()
     if "prompt" in content:
         prompt = prompt_from_records(content, model)
-        if set(labels) <= set(prompt.labels):
+        if set(labels) <= set(prompt.config.labels):
             return prompt
         log(WARNING, "source %s: its stored prompt covers %s but the data has %s; starting afresh",
-            data.source, list(prompt.labels), labels)
+            data.source, list(prompt.config.labels), labels)
     shared = config.mode == "fedavg"
     fresh = Prompt.init(model, data.num_classes, n_prompt=config.n_prompt, n_memory=config.n_memory,
                         seed=0 if shared else zlib.crc32(data.source.encode()),
                         labels=None if shared else labels, source=data.source)
     if "arrays" in content:
         arrays = {k: v.numpy() for k, v in content["arrays"].items()}
-        return Prompt.from_arrays(arrays, fresh.metadata(), model)
+        return Prompt.from_arrays(arrays, fresh.config, model)
     return fresh
 
 

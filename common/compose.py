@@ -92,7 +92,7 @@ def composition_weights(weighting: Weighting | str, logits: Tensor, prompts: Seq
         return logits.new_ones(k, B)
     if weighting is Weighting.CONFIDENCE:
         return logits.softmax(dim=-1).amax(dim=-1)
-    missing = [p.source or f"#{i}" for i, p in enumerate(prompts) if p.density is None]
+    missing = [p.config.source or f"#{i}" for i, p in enumerate(prompts) if p.density is None]
     if missing:
         raise ValueError(f"density weighting needs every prompt's source density; {missing} shipped none "
                          "(use uniform weighting, or retrain those sources with share-density = true)")

@@ -308,12 +308,12 @@ class APTViT(nn.Module):
         """Prompts grouped by (n_prompt, n_memory): ``[[(index, prompt), ...], ...]``."""
         if not prompts:
             raise ValueError("forward needs at least one prompt")
-        num_classes = {p.num_classes for p in prompts}
+        num_classes = {p.config.num_classes for p in prompts}
         if len(num_classes) != 1:
             raise ValueError(f"prompts disagree on the label space size: {sorted(num_classes)}")
         groups: dict[tuple[int, int], list] = {}
         for i, p in enumerate(prompts):
-            groups.setdefault((p.n_prompt, p.n_memory), []).append((i, p))
+            groups.setdefault((p.config.n_prompt, p.config.n_memory), []).append((i, p))
         return list(groups.values())
 
     @staticmethod

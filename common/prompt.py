@@ -20,9 +20,9 @@ plus, optionally (format version >= 2), the source's :class:`~common.density.Sou
 (arrays ``density.<field>``: per-class counts, means, top principal directions and variances
 of the source's pooled backbone features) that density-weighted composition needs; a
 version-1 artefact, or a source that keeps its density private, has none and composes
-uniformly. Metadata: the backbone it was trained on (name and weight fingerprint), the label
-set it covers (a subset of the ``C`` global classes), its source id, the number of training
-examples and a creation time. On disk it is a safetensors file with that metadata in the
+uniformly. Its :class:`PromptConfig` (shape, the label set it covers — a subset of the ``C``
+global classes —, the backbone it was trained on by name and weight fingerprint, its source
+id, the number of training examples and a creation time) travels as the artefact's metadata. On disk it is a safetensors file with that metadata in the
 header; over Flower it travels as a dict of numpy arrays plus the same metadata strings.
 Every way in (``load``, ``from_bytes``, ``from_arrays``) runs the same validation.
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Prompt",
     "PromptDensityError",
+    "PromptConfig",
     "PromptError",
     "PromptFormatError",
     "PromptShapeError",
@@ -66,7 +68,7 @@ DENSITY_PREFIX = "density."
 MAX_INT_FIELD = 2**53  # dimensions and example counts above this are not real prompts
 MAX_CLOCK_SKEW = 86400.0  # created_at may be at most a day in the future
 MAX_LABELS_CHARS = 1 << 16
-_INT_FIELDS = ("format_version", "embed_dim", "depth", "n_prompt", "n_memory", "num_classes", "num_examples")
+_INT_FIELDS = ("embed_dim", "depth", "n_prompt", "n_memory", "num_classes", "num_examples")
 
 
 class PromptError(ValueError):
@@ -97,77 +99,37 @@ class BackboneMismatchError(PromptError):
     """The prompt was trained on a different backbone (weight fingerprint differs)."""
 
 
-class Prompt(nn.Module):
-    """One source's prompt: input tokens, per-layer memory tokens and a linear head."""
+@dataclass(frozen=True)
+class PromptConfig:
+    """What a prompt is (shape and label set) and where it comes from (backbone, source, provenance).
 
-    def __init__(
-        self,
-        *,
-        embed_dim: int,
-        depth: int,
-        num_classes: int,
-        n_prompt: int = 1,
-        n_memory: int = 4,
-        labels: Iterable[int] | None = None,
-        backbone: str = "",
-        fingerprint: str = "",
-        source: str = "",
-        num_examples: int = 0,
-        created_at: float | None = None,
-    ) -> None:
-        super().__init__()
-        if min(embed_dim, depth, num_classes, n_prompt) < 1 or n_memory < 0:
+    Checked on construction (like PEFT's ``PromptTuningConfig``); travels as the artefact's
+    string metadata (``to_metadata`` / ``from_metadata``). ``labels`` (default: all
+    ``num_classes`` classes) is normalised to a sorted tuple of distinct classes.
+    """
+
+    embed_dim: int
+    depth: int
+    num_classes: int
+    n_prompt: int = 1
+    n_memory: int = 4
+    labels: tuple[int, ...] | None = None
+    backbone: str = ""
+    fingerprint: str = ""
+    source: str = ""
+    num_examples: int = 0
+    created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if min(self.embed_dim, self.depth, self.num_classes, self.n_prompt) < 1 or self.n_memory < 0:
             raise PromptShapeError(
-                f"invalid prompt dimensions embed_dim={embed_dim} depth={depth} num_classes={num_classes} "
-                f"n_prompt={n_prompt} n_memory={n_memory}: all must be >= 1 (n_memory >= 0)")
-        self.embed_dim, self.depth, self.num_classes = embed_dim, depth, num_classes
-        self.n_prompt, self.n_memory = n_prompt, n_memory
-        self.labels = _check_labels(range(num_classes) if labels is None else labels, num_classes)
-        self.backbone, self.fingerprint, self.source = backbone, fingerprint, source
-        self.num_examples = num_examples
-        self.created_at = time.time() if created_at is None else created_at
-        self.tokens = nn.Parameter(torch.zeros(n_prompt, embed_dim))  # [P, D]
-        self.memory = nn.Parameter(torch.zeros(depth, n_memory, embed_dim))  # [L, M, D]
-        self.head = nn.Linear(2 * embed_dim, num_classes)  # [C, 2D] over [prompt output ; pooled], [C]
-        self.density: SourceDensity | None = None  # the source's feature density, if it shares one
+                f"invalid prompt dimensions embed_dim={self.embed_dim} depth={self.depth} "
+                f"num_classes={self.num_classes} n_prompt={self.n_prompt} n_memory={self.n_memory}: all must be "
+                ">= 1 (n_memory >= 0)")
+        labels = range(self.num_classes) if self.labels is None else self.labels
+        object.__setattr__(self, "labels", _check_labels(labels, self.num_classes))
 
-    @classmethod
-    def init(
-        cls,
-        model: APTViT,
-        num_classes: int,
-        n_prompt: int = 1,
-        n_memory: int = 4,
-        seed: int = 0,
-        labels: Iterable[int] | None = None,
-        source: str = "",
-    ) -> Prompt:
-        """A fresh prompt for ``model``, deterministic in ``seed``.
-
-        Prompt tokens start at the backbone's class token (plus its position embedding) with a
-        little noise, memory tokens at small noise, and the head at zero (uniform predictions).
-        """
-        prompt = cls(
-            embed_dim=model.embed_dim, depth=model.depth, num_classes=num_classes, n_prompt=n_prompt,
-            n_memory=n_memory, labels=labels, backbone=model.backbone_name, fingerprint=model.fingerprint,
-            source=source,
-        )
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            prompt.tokens.copy_(_class_token(model) + 0.02 * torch.randn(n_prompt, model.embed_dim, generator=gen))
-            prompt.memory.copy_(0.02 * torch.randn(prompt.memory.shape, generator=gen))
-            prompt.head.weight.zero_()
-            prompt.head.bias.zero_()
-        return prompt.to(model.device)
-
-    @property
-    def label_mask(self) -> Tensor:
-        """``[C]`` bool: True for the classes this prompt was trained on."""
-        mask = torch.zeros(self.num_classes, dtype=torch.bool, device=self.head.weight.device)
-        mask[list(self.labels)] = True
-        return mask
-
-    def metadata(self) -> dict[str, str]:
+    def to_metadata(self) -> dict[str, str]:
         """The artefact's metadata as strings (safetensors header / Flower ConfigRecord)."""
         return {
             "format": FORMAT_NAME,
@@ -185,6 +147,59 @@ class Prompt(nn.Module):
             "created_at": repr(float(self.created_at)),
         }
 
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> PromptConfig:
+        """Parse and range-check untrusted metadata; raises a ``PromptError`` subclass naming what is wrong."""
+        return cls(**_parse_metadata(metadata))
+
+
+class Prompt(nn.Module):
+    """One source's prompt: input tokens, per-layer memory tokens and a linear head, shaped by ``config``."""
+
+    def __init__(self, config: PromptConfig) -> None:
+        super().__init__()
+        self.config = config
+        D = config.embed_dim
+        self.tokens = nn.Parameter(torch.zeros(config.n_prompt, D))  # [P, D]
+        self.memory = nn.Parameter(torch.zeros(config.depth, config.n_memory, D))  # [L, M, D]
+        self.head = nn.Linear(2 * D, config.num_classes)  # [C, 2D] over [prompt output ; pooled], [C]
+        self.density: SourceDensity | None = None  # the source's feature density, if it shares one
+
+    @classmethod
+    def init(
+        cls,
+        model: APTViT,
+        num_classes: int,
+        n_prompt: int = 1,
+        n_memory: int = 4,
+        seed: int = 0,
+        labels: Iterable[int] | None = None,
+        source: str = "",
+    ) -> Prompt:
+        """A fresh prompt for ``model``, deterministic in ``seed`` (``labels``: all classes by default).
+
+        Prompt tokens start at the backbone's class token (plus its position embedding) with a
+        little noise, memory tokens at small noise, and the head at zero (uniform predictions).
+        """
+        prompt = cls(PromptConfig(
+            embed_dim=model.embed_dim, depth=model.depth, num_classes=num_classes, n_prompt=n_prompt,
+            n_memory=n_memory, labels=None if labels is None else tuple(labels), backbone=model.backbone_name,
+            fingerprint=model.fingerprint, source=source))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            prompt.tokens.copy_(_class_token(model) + 0.02 * torch.randn(n_prompt, model.embed_dim, generator=gen))
+            prompt.memory.copy_(0.02 * torch.randn(prompt.memory.shape, generator=gen))
+            prompt.head.weight.zero_()
+            prompt.head.bias.zero_()
+        return prompt.to(model.device)
+
+    @property
+    def label_mask(self) -> Tensor:
+        """``[C]`` bool: True for the classes this prompt was trained on."""
+        mask = torch.zeros(self.config.num_classes, dtype=torch.bool, device=self.head.weight.device)
+        mask[list(self.config.labels)] = True
+        return mask
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The trainable tensors as float32 numpy arrays, plus the density's arrays when it has one
         (what Flower's ArrayRecord carries)."""
@@ -196,27 +211,29 @@ class Prompt(nn.Module):
 
     @classmethod
     def from_arrays(
-        cls, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str], model: APTViT | None = None
+        cls, arrays: Mapping[str, np.ndarray], config: PromptConfig | Mapping[str, str], model: APTViT | None = None
     ) -> Prompt:
-        """Build a prompt from arrays + metadata, validating everything.
+        """Build a prompt from arrays and its config (or the artefact's metadata), validating everything.
 
         With ``model``, the prompt must fit its backbone (fingerprint, width, depth) and is
         placed on its device. Raises a ``PromptError`` subclass naming what is wrong.
         """
-        meta = _parse_metadata(metadata)
-        version = meta.pop("format_version")
+        if isinstance(config, PromptConfig):
+            version = FORMAT_VERSION
+        else:
+            version, config = _format_version(config), PromptConfig.from_metadata(config)
         tensors = {k: v for k, v in arrays.items() if not k.startswith(DENSITY_PREFIX)}
         density = {k[len(DENSITY_PREFIX):]: v for k, v in arrays.items() if k.startswith(DENSITY_PREFIX)}
-        _check_arrays(tensors, meta, version)  # before allocating anything the metadata asks for
+        _check_arrays(tensors, config, version)  # before allocating anything the config asks for
         tensors = _upgrade_head(tensors, version)
         if density and version < 2:
             raise PromptVersionError(f"a version-{version} prompt cannot carry a density; re-export it")
-        prompt = cls(**meta)
+        prompt = cls(config)
         if model is not None:
-            _check_backbone(prompt, model)
+            _check_backbone(config, model)
         with torch.no_grad():
             prompt.load_state_dict({name: torch.from_numpy(np.array(tensors[name])) for name in TENSOR_NAMES})
-        prompt.density = _parse_density(density, prompt) if density else None
+        prompt.density = _parse_density(density, config) if density else None
         return prompt.to(model.device) if model is not None else prompt
 
     def to_bytes(self) -> bytes:
@@ -225,7 +242,7 @@ class Prompt(nn.Module):
         The bytes are a function of the prompt alone (the header's keys are sorted), so equal
         prompts have equal checksums in the pool.
         """
-        return _canonical_header(safetensors.numpy.save(self.arrays(), metadata=self.metadata()))
+        return _canonical_header(safetensors.numpy.save(self.arrays(), metadata=self.config.to_metadata()))
 
     @classmethod
     def from_bytes(cls, data: bytes, model: APTViT | None = None) -> Prompt:
@@ -247,8 +264,9 @@ class Prompt(nn.Module):
         return cls.from_bytes(Path(path).read_bytes(), model)
 
     def extra_repr(self) -> str:
-        return (f"source={self.source!r}, n_prompt={self.n_prompt}, n_memory={self.n_memory}, "
-                f"classes={len(self.labels)}/{self.num_classes}, backbone={self.backbone}:{self.fingerprint[:12]}")
+        c = self.config
+        return (f"source={c.source!r}, n_prompt={c.n_prompt}, n_memory={c.n_memory}, "
+                f"classes={len(c.labels)}/{c.num_classes}, backbone={c.backbone}:{c.fingerprint[:12]}")
 
 
 def read_metadata_bytes(data: bytes) -> dict[str, str]:
@@ -307,11 +325,10 @@ def _check_labels(labels: Iterable[int], num_classes: int) -> tuple[int, ...]:
     return out
 
 
-def _parse_metadata(metadata: Mapping[str, str]) -> dict:
-    """Typed, range-checked metadata (including ``format_version``); raises ``PromptFormatError``."""
+def _format_version(metadata: Mapping[str, str]) -> int:
+    """The artefact's format version, checked first: it decides which fields exist."""
     if metadata.get("format") != FORMAT_NAME:
         raise PromptFormatError(f"not an {FORMAT_NAME} artefact (format={str(metadata.get('format'))[:40]!r})")
-    # the version decides which fields exist, so it is checked before anything else
     if "format_version" not in metadata:
         raise PromptFormatError("prompt metadata lacks 'format_version'")
     version = _int_field(metadata, "format_version")
@@ -319,13 +336,19 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
         raise PromptVersionError(
             f"prompt format version {version} is not supported (this build reads versions "
             f"{list(READABLE_VERSIONS)}); upgrade alacarte or re-export the prompt")
+    return version
+
+
+def _parse_metadata(metadata: Mapping[str, str]) -> dict:
+    """Typed, range-checked ``PromptConfig`` fields of artefact metadata; raises ``PromptFormatError``."""
+    _format_version(metadata)
     missing = [k for k in (*_INT_FIELDS, "backbone", "fingerprint", "labels", "source", "created_at")
                if k not in metadata]
     if missing:
         raise PromptFormatError(f"prompt metadata lacks {missing}")
     ints = {k: _int_field(metadata, k) for k in _INT_FIELDS}
     return ints | {
-        "labels": _labels_field(metadata["labels"]), "created_at": _created_at_field(metadata["created_at"]),
+        "labels": tuple(_labels_field(metadata["labels"])), "created_at": _created_at_field(metadata["created_at"]),
         "backbone": str(metadata["backbone"]), "fingerprint": str(metadata["fingerprint"]),
         "source": str(metadata["source"]),
     }
@@ -366,27 +389,27 @@ def _created_at_field(text: str) -> float:
     return created_at
 
 
-def _parse_density(arrays: Mapping[str, np.ndarray], prompt: Prompt) -> SourceDensity:
+def _parse_density(arrays: Mapping[str, np.ndarray], config: PromptConfig) -> SourceDensity:
     """The prompt's source density from its ``density.*`` arrays, fitting the prompt's width and labels."""
     try:
         density = SourceDensity.from_arrays(arrays)
     except DensityError as err:
         raise PromptDensityError(f"{err}; re-train the source or send its prompt without a density") from err
-    if density.mean.shape[1] != prompt.embed_dim:
+    if density.mean.shape[1] != config.embed_dim:
         raise PromptDensityError(f"source density has dimension {density.mean.shape[1]}, the prompt's backbone "
-                                 f"{prompt.embed_dim}")
-    outside = set(density.classes.tolist()) - set(prompt.labels)
+                                 f"{config.embed_dim}")
+    outside = set(density.classes.tolist()) - set(config.labels)
     if outside:
         raise PromptDensityError(f"source density covers classes {sorted(outside)[:10]} outside the prompt's "
                                  f"label set")
     return density
 
 
-def _check_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping, version: int) -> None:
+def _check_arrays(arrays: Mapping[str, np.ndarray], config: PromptConfig, version: int) -> None:
     if set(arrays) != set(TENSOR_NAMES):
         raise PromptShapeError(f"prompt tensors must be exactly {list(TENSOR_NAMES)}, got {sorted(arrays)}")
-    D, C = meta["embed_dim"], meta["num_classes"]
-    expected = {"tokens": (meta["n_prompt"], D), "memory": (meta["depth"], meta["n_memory"], D),
+    D, C = config.embed_dim, config.num_classes
+    expected = {"tokens": (config.n_prompt, D), "memory": (config.depth, config.n_memory, D),
                 "head.weight": (C, 2 * D if version >= 3 else D), "head.bias": (C,)}
     for name in TENSOR_NAMES:
         arr = arrays[name]
@@ -408,12 +431,12 @@ def _upgrade_head(arrays: Mapping[str, np.ndarray], version: int) -> dict[str, n
     return arrays
 
 
-def _check_backbone(prompt: Prompt, model: APTViT) -> None:
-    if prompt.fingerprint != model.fingerprint:
+def _check_backbone(config: PromptConfig, model: APTViT) -> None:
+    if config.fingerprint != model.fingerprint:
         raise BackboneMismatchError(
-            f"prompt of source {prompt.source!r} was trained on backbone {prompt.backbone}:{prompt.fingerprint[:12]}, "
+            f"prompt of source {config.source!r} was trained on backbone {config.backbone}:{config.fingerprint[:12]}, "
             f"not on this {model.backbone_name}:{model.fingerprint[:12]}; load it with the backbone it was trained on")
-    if (prompt.embed_dim, prompt.depth) != (model.embed_dim, model.depth):
+    if (config.embed_dim, config.depth) != (model.embed_dim, model.depth):
         raise PromptShapeError(
-            f"prompt is for width {prompt.embed_dim} x depth {prompt.depth}, backbone is "
+            f"prompt is for width {config.embed_dim} x depth {config.depth}, backbone is "
             f"{model.embed_dim} x {model.depth}")

@@ -43,7 +43,7 @@ class ReplyError(ValueError):
 def prompt_records(prompt: Prompt, suffix: str = "") -> dict[str, ArrayRecord | ConfigRecord]:
     """``{"arrays": ArrayRecord, "prompt": ConfigRecord}`` for one prompt."""
     arrays = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in prompt.arrays().items()})
-    return {f"arrays{suffix}": arrays, f"prompt{suffix}": ConfigRecord(prompt.metadata())}
+    return {f"arrays{suffix}": arrays, f"prompt{suffix}": ConfigRecord(prompt.config.to_metadata())}
 
 
 def prompt_from_records(content: RecordDict, model: APTViT | None, suffix: str = "") -> Prompt:

@@ -32,7 +32,7 @@ import copy
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -77,13 +77,13 @@ def _batch_inputs(model: APTViT, batch: Sequence[Tensor], cache: KVCache | None)
 
 def _local_targets(prompt: Prompt, labels: Tensor) -> Tensor:
     """Map global labels to positions in the prompt's label set; error on a label it lacks."""
-    table = torch.full((prompt.num_classes,), -1, dtype=torch.long, device=labels.device)
-    table[list(prompt.labels)] = torch.arange(len(prompt.labels), device=labels.device)
-    in_range = (labels >= 0) & (labels < prompt.num_classes)
-    targets = torch.where(in_range, table[labels.clamp(0, prompt.num_classes - 1)], -1)
+    table = torch.full((prompt.config.num_classes,), -1, dtype=torch.long, device=labels.device)
+    table[list(prompt.config.labels)] = torch.arange(len(prompt.config.labels), device=labels.device)
+    in_range = (labels >= 0) & (labels < prompt.config.num_classes)
+    targets = torch.where(in_range, table[labels.clamp(0, prompt.config.num_classes - 1)], -1)
     if bool((targets < 0).any()):
         outside = sorted(set(labels[targets < 0].tolist()))
-        raise ValueError(f"labels {outside} are outside the prompt's label set {list(prompt.labels)}")
+        raise ValueError(f"labels {outside} are outside the prompt's label set {list(prompt.config.labels)}")
     return targets
 
 
@@ -103,11 +103,11 @@ def probe_init_head(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Ten
         targets.append(_local_targets(prompt, labels))
     if not features:
         raise ValueError("the training loader is empty; this source has no examples")
-    probe = fit_probe(torch.cat(features), torch.cat(targets), len(prompt.labels))
-    labels_index = list(prompt.labels)
+    probe = fit_probe(torch.cat(features), torch.cat(targets), len(prompt.config.labels))
+    labels_index = list(prompt.config.labels)
     prompt.head.weight.zero_()
     prompt.head.bias.zero_()
-    prompt.head.weight[labels_index, prompt.embed_dim:] = probe.weight.to(prompt.head.weight)
+    prompt.head.weight[labels_index, prompt.config.embed_dim:] = probe.weight.to(prompt.head.weight)
     prompt.head.bias[labels_index] = probe.bias.to(prompt.head.bias)
     return probe.l2
 
@@ -134,9 +134,10 @@ def _validation_losses(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[
     mask = prompt.label_mask
     for batch in loader:
         kv, pooled, labels = _batch_inputs(model, batch, cache)
-        keep = mask[labels.clamp(0, prompt.num_classes - 1)] & (labels >= 0) & (labels < prompt.num_classes)
+        C = prompt.config.num_classes
+        keep = mask[labels.clamp(0, C - 1)] & (labels >= 0) & (labels < C)
         if bool(keep.any()):
-            logits = model.forward_kv(kv, pooled, [prompt])[0][keep][:, list(prompt.labels)]
+            logits = model.forward_kv(kv, pooled, [prompt])[0][keep][:, list(prompt.config.labels)]
             losses.append(F.cross_entropy(logits, _local_targets(prompt, labels[keep]), reduction="none").cpu())
     return torch.cat(losses) if losses else torch.zeros(0)
 
@@ -159,7 +160,7 @@ def train_prompt(
     Returns ``loss`` and ``accuracy`` of the last epoch, ``num_examples`` seen per epoch,
     ``steps``, ``epochs`` run, ``selected_epoch`` (0 = before tuning), ``val_loss`` of the kept
     prompt (NaN without validation data), ``probe_l2`` (NaN without probe initialisation)
-    and wall-clock ``seconds``. ``prompt.num_examples`` is updated.
+    and wall-clock ``seconds``. ``prompt.config.num_examples`` is updated.
     """
     config = config or TrainConfig()
     if config.epochs < 1 or config.min_steps < 0:
@@ -178,13 +179,13 @@ def train_prompt(
     prompt.train()
     for epoch in range(epochs):
         last = _train_epoch(model, prompt, loader, optimizer, schedule, config, cache,
-                            f"prompt {prompt.source or ''} epoch {epoch + 1}/{epochs}")
+                            f"prompt {prompt.config.source or ''} epoch {epoch + 1}/{epochs}")
         if best is not None:
             best.offer(validate(), epoch + 1, prompt)
     prompt.eval()
     if best is not None and best.active:
         prompt.load_state_dict(best.state)
-    prompt.num_examples = last["num_examples"]
+    prompt.config = replace(prompt.config, num_examples=last["num_examples"])
     return last | {"steps": epochs * batches, "epochs": epochs,
                    "selected_epoch": best.epoch if best and best.active else epochs,
                    "val_loss": best.loss if best and best.active else math.nan, "probe_l2": probe_l2,
@@ -219,7 +220,7 @@ class _Selection:
 def _train_epoch(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor]], optimizer, schedule,
                  config: TrainConfig, cache: KVCache | None, desc: str) -> dict[str, float]:
     """One pass over ``loader``; returns its mean ``loss``, ``accuracy`` and ``num_examples``."""
-    labels_index = list(prompt.labels)
+    labels_index = list(prompt.config.labels)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, disable=not config.progress, leave=False)
     for batch in bar:

@@ -166,11 +166,12 @@ def check_metrics(metrics: MetricRecord) -> dict[str, int | float]:
 
 def check_prompt(prompt: Prompt, num_classes: int | None) -> Prompt:
     """``prompt`` if it is within the shape limits and, when known, the run's label space."""
-    if prompt.n_prompt > MAX_N_PROMPT or prompt.n_memory > MAX_N_MEMORY:
-        raise PromptLimitError(f"prompt has n_prompt={prompt.n_prompt}, n_memory={prompt.n_memory}; this server "
+    shape = prompt.config
+    if shape.n_prompt > MAX_N_PROMPT or shape.n_memory > MAX_N_MEMORY:
+        raise PromptLimitError(f"prompt has n_prompt={shape.n_prompt}, n_memory={shape.n_memory}; this server "
                                f"admits at most {MAX_N_PROMPT} and {MAX_N_MEMORY}")
-    if num_classes is not None and prompt.num_classes != num_classes:
-        raise PromptLimitError(f"prompt has a head over {prompt.num_classes} classes, the run's label space has "
+    if num_classes is not None and prompt.config.num_classes != num_classes:
+        raise PromptLimitError(f"prompt has a head over {prompt.config.num_classes} classes, the run's label space has "
                                f"{num_classes}; train on the run's dataset classes")
     return prompt
 

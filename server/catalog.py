@@ -116,7 +116,7 @@ def select_prompts(snapshot: Snapshot, principal: Principal, requested: Sequence
         for source in chosen:
             _check_source(snapshot, principal, source)
     served = [snapshot.prompts[s] for s in sorted(chosen)]
-    sizes = {p.prompt.num_classes for p in served}
+    sizes = {p.prompt.config.num_classes for p in served}
     if len(sizes) > 1:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"the selected sources (by default: all you may use) disagree on the label space "

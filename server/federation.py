@@ -289,8 +289,8 @@ class AlaCarteFederation:
         if reply.has_error():
             raise ReplyError(f"client error {reply.error.code}: {str(reply.error.reason)[:MAX_REASON_CHARS]}")
         prompt, metrics = admit_prompt(reply.content, self.model, self.config, self.num_classes)
-        if prompt.source != source:
-            raise ReplyError(f"prompt claims source {prompt.source[:140]!r} but node is source {source!r}")
+        if prompt.config.source != source:
+            raise ReplyError(f"prompt claims source {prompt.config.source[:140]!r} but node is source {source!r}")
         echoed = parent_sha256(reply.content)
         if parent_sha256_sent is not None and echoed != parent_sha256_sent:
             raise ReplyError(f"reply was trained from prompt {echoed[:12] or '(none)'} but the server sent "
@@ -380,7 +380,7 @@ def run_fedavg(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig, n
     result = strategy.start(grid=grid, initial_arrays=prompt_records(init)["arrays"],
                             num_rounds=config.num_server_rounds, timeout=config.reply_timeout)
     arrays = {k: v.numpy() for k, v in result.arrays.items()}
-    shared = Prompt.from_arrays(arrays, init.metadata(), model)
+    shared = Prompt.from_arrays(arrays, init.config, model)
     return pool.add(FEDAVG_SOURCE, shared, {"rounds": config.num_server_rounds}, parent_sha256=start.sha256)
 
 
@@ -420,6 +420,6 @@ class CheckedFedAvg(FedAvg):
     def check_reply(self, content: RecordDict) -> None:
         """Raise unless ``content`` is an admissible update of the shared prompt."""
         prompt, metrics = admit_prompt(content, self.model, self.config)
-        Prompt.from_arrays(prompt.arrays(), self.template.metadata(), self.model)  # the shared prompt's shapes
+        Prompt.from_arrays(prompt.arrays(), self.template.config, self.model)  # the shared prompt's shapes
         if not 1 <= metrics.get("num-examples", 0):
             raise ReplyError("a FedAvg reply needs num-examples >= 1 (its weight in the average)")

@@ -58,7 +58,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -292,7 +292,7 @@ class PromptPool:
     ) -> int:
         """Store ``prompt`` as the next version of ``source`` and return that version (1, 2, ...).
 
-        The stored artefact carries ``source`` as its source id: ``prompt.source`` must be
+        The stored artefact carries ``source`` as its source id: ``prompt.config.source`` must be
         empty or equal to it (else ``SourceMismatchError``); ``prompt`` itself is not modified.
         ``metrics`` (names to numbers or strings) and the federated ``round`` are kept in the
         index.
@@ -314,12 +314,13 @@ class PromptPool:
         """
         self._check_writable()
         validate_source(source)
-        if prompt.source not in ("", source):
+        if prompt.config.source not in ("", source):
             raise SourceMismatchError(
-                f"prompt belongs to source {prompt.source!r}, not {source!r}; add it under its own source id")
-        data = safetensors.numpy.save(prompt.arrays(), metadata=prompt.metadata() | {"source": source})
+                f"prompt belongs to source {prompt.config.source!r}, not {source!r}; add it under its own source id")
+        data = safetensors.numpy.save(prompt.arrays(), metadata=replace(prompt.config, source=source).to_metadata())
         stored = Prompt.from_bytes(data)  # what readers will get: validate before storing
         _check_storable(stored)
+        meta = stored.config
         metrics_json = _metrics_json(metrics)
         with self._write() as conn:
             latest = _latest_version(conn, source)
@@ -332,9 +333,9 @@ class PromptPool:
             _durable_write(self.root / rel, data)
             conn.execute(
                 f"INSERT INTO prompts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (source, version, rel, hashlib.sha256(data).hexdigest(), json.dumps(list(stored.labels)),
-                 stored.num_classes, stored.num_examples, stored.created_at, time.time(), stored.backbone,
-                 stored.fingerprint, round, metrics_json))
+                (source, version, rel, hashlib.sha256(data).hexdigest(), json.dumps(list(meta.labels)),
+                 meta.num_classes, meta.num_examples, meta.created_at, time.time(), meta.backbone,
+                 meta.fingerprint, round, metrics_json))
             _bump_generation(conn)
         return version
 
@@ -581,14 +582,14 @@ class PromptPool:
 
 def _check_storable(prompt: Prompt) -> None:
     """Refuse metadata the index could not store or list (SQLite integers, printable times)."""
-    created_at = prompt.created_at
+    created_at = prompt.config.created_at
     if not (isinstance(created_at, float | int) and 0.0 <= created_at <= time.time() + MAX_CLOCK_SKEW_S):
         raise InvalidPromptMetadataError(
             f"prompt created_at = {created_at!r} is not a time between 1970 and a day from now; check the "
             "sender's clock")
-    if not 0 <= prompt.num_examples <= MAX_NUM_EXAMPLES:
+    if not 0 <= prompt.config.num_examples <= MAX_NUM_EXAMPLES:
         raise InvalidPromptMetadataError(
-            f"prompt num_examples = {prompt.num_examples} is outside 0..{MAX_NUM_EXAMPLES}")
+            f"prompt num_examples = {prompt.config.num_examples} is outside 0..{MAX_NUM_EXAMPLES}")
 
 
 def _check_parent(conn: sqlite3.Connection, pool: PromptPool, source: str, parent_sha256: str) -> None:

@@ -108,10 +108,10 @@ def accuracy_table(title: str, prompts: dict[str, Prompt], result: dict) -> str:
     """Per-source accuracy, then one ``composed <weighting> (k)`` row per weighting: uniform, and
     density when every prompt carries its source's density."""
     rows: list[tuple[object, ...]] = [
-        (source, _shown_labels(prompt.labels), prompt.num_examples, f"{acc:.3f}", f"{own:.3f}")
+        (source, _shown_labels(prompt.config.labels), prompt.config.num_examples, f"{acc:.3f}", f"{own:.3f}")
         for (source, prompt), acc, own in zip(prompts.items(), result["prompt_accuracy"],
                                               result["prompt_accuracy_own"])]
-    total = sum(p.num_examples for p in prompts.values())
+    total = sum(p.config.num_examples for p in prompts.values())
     rows += [(f"composed {weighting} ({len(prompts)})", "all", total, f"{acc:.3f}", "")
              for weighting, acc in result["composed"].items()]
     table = format_table(("source", "labels", "train n", "acc (all)", "acc (own classes)"), rows, right={2, 3, 4})

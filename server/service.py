@@ -236,7 +236,7 @@ class CompositionServicer(pb_grpc.CompositionServiceServicer):
         try:
             principal = self._authenticate(context)
             served = select_prompts(self._snapshot(), principal, request.sources)
-            num_classes = served[0].prompt.num_classes
+            num_classes = served[0].prompt.config.num_classes
             top_k = self._check_request(request, num_classes)
             prompts = tuple(s.prompt for s in served)
             weighting = _weighting(request.weighting, served)

@@ -145,11 +145,11 @@ def source_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_di
         after = {rule: composed_probs(model, test, forgotten, rule) for rule in ("uniform", "density")}
         identical = {rule: torch.equal(after[rule], composed_probs(model, test, retrained, rule)) for rule in after}
         after_test = after["density"]
-        own_test = np.flatnonzero(np.isin(test.labels, list(full[source].labels)))
+        own_test = np.flatnonzero(np.isin(test.labels, list(full[source].config.labels)))
         own_train, own_val = shards[k]
         batches = math.ceil(len(own_train) / s.batch_size)
         rows.append({
-            "source": source, "labels": " ".join(map(str, full[source].labels)),
+            "source": source, "labels": " ".join(map(str, full[source].config.labels)),
             "train_images": len(own_train), "val_images": len(own_val),
             "steps": batches * planned_epochs(batches, recipe(s.epochs, s.lr, s.min_steps)),
             "test_images_of_its_classes": len(own_test),

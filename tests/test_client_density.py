@@ -42,8 +42,8 @@ def test_reply_carries_the_density_of_the_training_images(run_config):
     images = torch.stack([shard[i][0] for i in range(len(shard))])
     with torch.no_grad():
         pooled = model.pooled(model.backbone_forward(images)[0])
-    assert prompt.density.num_images == len(shard) == prompt.num_examples
-    assert prompt.density.classes.tolist() == list(prompt.labels) == shard.label_set()
+    assert prompt.density.num_images == len(shard) == prompt.config.num_examples
+    assert prompt.density.classes.tolist() == list(prompt.config.labels) == shard.label_set()
     first = torch.as_tensor(shard.labels) == int(prompt.density.classes[0])
     torch.testing.assert_close(prompt.density.mean[0].double(), pooled[first].double().mean(0), rtol=1e-4, atol=1e-4)
 

@@ -291,7 +291,7 @@ def test_unusable_stored_prompt_is_retrained_as_next_version(run_config, node_di
     report = AlaCarteFederation(pool, model, config).train_round(FakeGrid({10: real_node}), {10: "src-a"},
                                                                  server_round=1)
     assert report.stored == {"src-a": 2}
-    assert pool.get("src-a", model=model).fingerprint == model.fingerprint
+    assert pool.get("src-a", model=model).config.fingerprint == model.fingerprint
 
 
 # ------------------------------------------------------------------ fast: deploy scripts
@@ -559,8 +559,8 @@ def check_pool(pool_dir: Path, versions: dict[str, int]) -> None:
     pool = PromptPool(pool_dir, create=False)
     for source in versions:
         prompt = pool.get(source, model=model)
-        assert list(prompt.labels) == list(SOURCES[source]), source  # trained on its own data-dir only
-        assert 0 < prompt.num_examples < PER_CLASS * len(SOURCES[source]), source  # its train split
+        assert list(prompt.config.labels) == list(SOURCES[source]), source  # trained on its own data-dir only
+        assert 0 < prompt.config.num_examples < PER_CLASS * len(SOURCES[source]), source  # its train split
 
 
 @pytest.fixture(scope="module")

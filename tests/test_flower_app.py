@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -100,14 +101,14 @@ def test_train_reply_carries_only_the_prompt(train_reply, model, config):
     tensors = {k for k in content["arrays"].keys() if not k.startswith("density.")}  # + the source density
     assert tensors == set(TENSOR_NAMES)
     prompt = prompt_from_records(content, model)
-    assert prompt.source == "source-0" and list(prompt.labels) == [0, 1, 2, 3]
+    assert prompt.config.source == "source-0" and list(prompt.config.labels) == [0, 1, 2, 3]
     # the upload is exactly the prompt's tensors: no images, features, per-example values or gradients
     expected = sum(a.nbytes for a in prompt.arrays().values())
     assert sum(len(a.numpy().tobytes()) for a in content["arrays"].values()) == expected
     metrics = content["metrics"]
     assert set(metrics.keys()) <= TRAIN_METRICS
     assert all(not isinstance(v, list) for v in metrics.values())
-    assert metrics["num-examples"] == prompt.num_examples > 0
+    assert metrics["num-examples"] == prompt.config.num_examples > 0
     check_train_reply(content, config.max_prompt_bytes)
 
 
@@ -119,7 +120,7 @@ def test_train_starts_from_the_sent_prompt(run_config, train_reply, model):
     reply = train(message(content), context(run_config | {"val-fraction": 0.0}))
     trained = prompt_from_records(reply.content, model)
     assert reply.content["metrics"]["parent-version"] == 1
-    assert trained.labels == sent.labels
+    assert trained.config.labels == sent.config.labels
     assert not np.array_equal(trained.arrays()["tokens"], sent.arrays()["tokens"])
     # it continued from the sent head: a fresh prompt's zero head would have been probe-initialised
     assert np.abs(trained.arrays()["head.weight"] - sent.arrays()["head.weight"]).max() < 0.5
@@ -154,7 +155,7 @@ def _bad_replies(train_reply: Message, other_model) -> dict[str, tuple[Message, 
     nan = tokens.copy()
     nan[0, 0] = np.nan
     foreign = prompt_from_records(train_reply.content, None)
-    foreign.fingerprint = other_model.fingerprint
+    foreign.config = replace(foreign.config, fingerprint=other_model.fingerprint)
     features = ArrayRecord({"x": Array(np.zeros((40, 192), np.float32))})
     extra = RecordDict({**dict(train_reply.content), "features": features})
     per_example = RecordDict({**dict(train_reply.content),
@@ -163,7 +164,8 @@ def _bad_replies(train_reply: Message, other_model) -> dict[str, tuple[Message, 
     return {
         "shape": (_reply_with(train_reply, tokens=np.zeros((2, tokens.shape[1]), np.float32)), PromptShapeError),
         "nan": (_reply_with(train_reply, tokens=nan), PromptValueError),
-        "fingerprint": (Message(RecordDict({**dict(train_reply.content), "prompt": ConfigRecord(foreign.metadata())}),
+        "fingerprint": (Message(RecordDict({**dict(train_reply.content),
+                                            "prompt": ConfigRecord(foreign.config.to_metadata())}),
                                 reply_to=reply), BackboneMismatchError),
         "extra record": (Message(extra, reply_to=reply), ReplyError),
         "per-example metrics": (Message(per_example, reply_to=reply), ReplyError),

@@ -145,7 +145,7 @@ def _density(change: Callable[[dict], None]) -> Corrupt:
     def corrupt(msg: Message, model: APTViT, source: str) -> Message:
         reply = good_reply(msg, model, source)
         prompt = prompt_from_records(reply.content, model)
-        labels = torch.tensor(prompt.labels).repeat(5)
+        labels = torch.tensor(prompt.config.labels).repeat(5)
         features = torch.randn(len(labels), model.embed_dim, generator=torch.Generator().manual_seed(0))
         prompt.density = SourceDensity.fit(features + labels[:, None], labels, rank=3)
         arrays = prompt.arrays()
@@ -302,7 +302,7 @@ def test_fedavg_rejects_a_nan_reply_per_node(config, model, tmp_path, flwr_log):
             arrays = {k: v.numpy() + 1.0 for k, v in msg.content["arrays"].items()}  # one "training" step
             if corrupt:
                 arrays["tokens"][0, 0] = math.nan
-            metadata = ConfigRecord(Prompt.init(model, NUM_CLASSES, source="fedavg").metadata())
+            metadata = ConfigRecord(Prompt.init(model, NUM_CLASSES, source="fedavg").config.to_metadata())
             metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1,
                                     "parent-version": 0})
             return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),

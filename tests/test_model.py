@@ -42,8 +42,8 @@ def reference_logits(model: APTViT, images: torch.Tensor, prompts) -> tuple[torc
     x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
     B, N, _ = x.shape
     seq = torch.cat([x] + [p.tokens.expand(B, -1, -1) for p in prompts], dim=1)
-    owner_q = [-1] * N + [i for i, p in enumerate(prompts) for _ in range(p.n_prompt)]
-    owner_k = owner_q + [i for i, p in enumerate(prompts) for _ in range(p.n_memory)]
+    owner_q = [-1] * N + [i for i, p in enumerate(prompts) for _ in range(p.config.n_prompt)]
+    owner_k = owner_q + [i for i, p in enumerate(prompts) for _ in range(p.config.n_memory)]
     oq, ok = torch.tensor(owner_q), torch.tensor(owner_k)
     allowed = (ok[None, :] == -1) | (ok[None, :] == oq[:, None])  # [Q, K]
     for layer, blk in enumerate(bb.blocks):
@@ -62,8 +62,8 @@ def reference_logits(model: APTViT, images: torch.Tensor, prompts) -> tuple[torc
     pooled = bb.forward_head(seq[:, :N], pre_logits=True)  # the backbone's own pooled feature
     out, start = [], N
     for p in prompts:
-        feats = seq[:, start:start + p.n_prompt].mean(1)
-        start += p.n_prompt
+        feats = seq[:, start:start + p.config.n_prompt].mean(1)
+        start += p.config.n_prompt
         out.append(p.head(torch.cat([feats, pooled], -1)).masked_fill(~p.label_mask, float("-inf")))
     return torch.stack(out), seq[:, :N]
 

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 import server.pool
 from common.cli import main as cli_main
 from common.model import APTViT, load_backbone
-from common.prompt import BackboneMismatchError, Prompt, PromptError
+from common.prompt import BackboneMismatchError, Prompt, PromptConfig, PromptError
 from server.pool import (
     InvalidMetricsError,
     InvalidPromptMetadataError,
@@ -51,7 +52,7 @@ def bank(model: APTViT) -> dict[str, list[Prompt]]:
         out[source] = []
         for i in range(3):
             prompt = Prompt.init(model, NUM_CLASSES, seed=10 * s + i, labels=range(3 * s, 3 * s + 3))
-            prompt.num_examples = 100 * s + i
+            prompt.config = replace(prompt.config, num_examples=100 * s + i)
             out[source].append(prompt)
     return out
 
@@ -67,7 +68,7 @@ def assert_same(got: Prompt, want: Prompt, source: str) -> None:
     assert got_state.keys() == want_state.keys()
     for name in want_state:
         assert torch.equal(got_state[name].cpu(), want_state[name].cpu()), name
-    assert got.metadata() == want.metadata() | {"source": source}
+    assert got.config.to_metadata() == want.config.to_metadata() | {"source": source}
 
 
 def pool_files(root: Path) -> set[Path]:
@@ -86,8 +87,8 @@ def test_add_get_round_trip_is_bitwise(pool: PromptPool, bank, model: APTViT) ->
     assert pool.add("a", want) == 1
     assert_same(pool.get("a"), want, "a")
     assert_same(pool.get("a", 1, model=model), want, "a")
-    assert want.source == "", "add must not modify the caller's prompt"
-    assert pool.get("a").source == "a"
+    assert want.config.source == "", "add must not modify the caller's prompt"
+    assert pool.get("a").config.source == "a"
 
 
 def test_versions_history_info_and_latest(pool: PromptPool, bank) -> None:
@@ -100,7 +101,7 @@ def test_versions_history_info_and_latest(pool: PromptPool, bank) -> None:
     assert [e.version for e in history] == [1, 2, 3]
     assert [e.round for e in history] == [1, 2, 3]
     assert history[1].metrics == {"acc": 0.6, "loss": 1.5, "n": 7, "tag": "x"}
-    assert [e.num_examples for e in history] == [p.num_examples for p in bank["a"]]
+    assert [e.num_examples for e in history] == [p.config.num_examples for p in bank["a"]]
     assert all(e.labels == (0, 1, 2) and e.num_classes == NUM_CLASSES for e in history)
     assert all(e.path == pool.root / "prompts" / "a" / f"v{e.version}.safetensors" and e.path.is_file()
                for e in history)
@@ -161,7 +162,7 @@ def test_invalid_source_ids(pool: PromptPool, bank, source) -> None:
 @pytest.mark.parametrize("source", ["client-3", "A_b.c", "0", "x" * 128])
 def test_valid_source_ids(pool: PromptPool, bank, source: str) -> None:
     assert pool.add(source, bank["a"][0]) == 1
-    assert pool.get(source).source == source
+    assert pool.get(source).config.source == source
 
 
 def test_prompt_source_must_match(pool: PromptPool, model: APTViT) -> None:
@@ -179,8 +180,8 @@ def test_invalid_metrics_are_rejected(pool: PromptPool, bank) -> None:
 
 
 def test_backbone_is_checked_on_get(pool: PromptPool, model: APTViT) -> None:
-    foreign = Prompt(embed_dim=model.embed_dim, depth=model.depth, num_classes=NUM_CLASSES,
-                     backbone="other", fingerprint="0" * 64)
+    foreign = Prompt(PromptConfig(embed_dim=model.embed_dim, depth=model.depth, num_classes=NUM_CLASSES,
+                                  backbone="other", fingerprint="0" * 64))
     pool.add("a", foreign)
     pool.get("a")  # without a model only the file itself is validated
     with pytest.raises(BackboneMismatchError):
@@ -346,7 +347,7 @@ def test_staleness_is_decided_by_the_parent_hash(pool: PromptPool, bank) -> None
 def test_implausible_created_at_is_never_stored(pool: PromptPool, bank, created_at: float) -> None:
     prompt = bank["a"][0]
     odd = Prompt.from_bytes(prompt.to_bytes())
-    odd.created_at = created_at
+    odd.config = replace(odd.config, created_at=created_at)
     with pytest.raises((InvalidPromptMetadataError, PromptError), match="created_at"):
         pool.add("a", odd)
     assert pool.sources() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from common.prompt import (
     FORMAT_VERSION,
     BackboneMismatchError,
     Prompt,
+    PromptConfig,
     PromptDensityError,
     PromptError,
     PromptFormatError,
@@ -36,27 +38,24 @@ TENSORS = ("tokens", "memory", "head.weight", "head.bias")
 @pytest.fixture
 def prompt(model) -> Prompt:
     p = random_prompt(model, seed=4, n_prompt=2, n_memory=3, labels=[1, 3, 5, 7], source="hospital-7")
-    p.num_examples = 123
+    p.config = replace(p.config, num_examples=123)
     return p
 
 
 def assert_same_prompt(a: Prompt, b: Prompt) -> None:
-    assert a.metadata() == b.metadata()
+    assert a.config.to_metadata() == b.config.to_metadata()
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() == set(TENSORS)
     for name in TENSORS:
         assert sa[name].dtype == sb[name].dtype == torch.float32
         assert torch.equal(sa[name], sb[name]), name
-    assert (a.labels, a.source, a.num_examples, a.created_at) == (b.labels, b.source, b.num_examples, b.created_at)
-    assert (a.n_prompt, a.n_memory, a.embed_dim, a.depth, a.num_classes) == (
-        b.n_prompt, b.n_memory, b.embed_dim, b.depth, b.num_classes)
-    assert (a.backbone, a.fingerprint) == (b.backbone, b.fingerprint)
+    assert a.config == b.config
 
 
 def bad_bytes(prompt: Prompt, arrays=None, **meta_changes) -> bytes:
     """A safetensors file like ``prompt.to_bytes()`` with some arrays/metadata replaced."""
     arrs = prompt.arrays() if arrays is None else arrays
-    meta = prompt.metadata()
+    meta = prompt.config.to_metadata()
     for k, v in meta_changes.items():
         if v is None:
             meta.pop(k)
@@ -75,8 +74,8 @@ def test_init_shapes_and_binding(model):
     assert p.tokens.shape == (2, model.embed_dim)
     assert p.memory.shape == (model.depth, 3, model.embed_dim)
     assert p.head.weight.shape == (NUM_CLASSES, 2 * model.embed_dim) and p.head.bias.shape == (NUM_CLASSES,)
-    assert p.fingerprint == model.fingerprint and p.backbone == model.backbone_name
-    assert p.labels == tuple(range(NUM_CLASSES))
+    assert p.config.fingerprint == model.fingerprint and p.config.backbone == model.backbone_name
+    assert p.config.labels == tuple(range(NUM_CLASSES))
     assert {n for n, _ in p.named_parameters()} == set(TENSORS)
 
 
@@ -99,7 +98,7 @@ def test_init_starts_at_class_token_with_uniform_predictions(model, images):
 
 def test_label_mask_and_labels_normalised(model):
     p = Prompt.init(model, NUM_CLASSES, labels=[7, 2, 2, 5])
-    assert p.labels == (2, 5, 7)
+    assert p.config.labels == (2, 5, 7)
     assert p.label_mask.tolist() == [i in (2, 5, 7) for i in range(NUM_CLASSES)]
 
 
@@ -114,7 +113,7 @@ def test_bad_label_set_rejected_at_construction(model, labels):
 def test_bad_dimensions_rejected(dims):
     kwargs = dict(embed_dim=8, depth=2, num_classes=3, n_prompt=1, n_memory=2) | dims
     with pytest.raises(PromptShapeError):
-        Prompt(**kwargs)
+        PromptConfig(**kwargs)
 
 
 def test_exception_hierarchy():
@@ -134,7 +133,7 @@ def test_save_load_roundtrip_bitwise(prompt, model, tmp_path):
     assert [f.name for f in path.parent.iterdir()] == ["p.safetensors"]  # no temporary left behind
     for loaded in (Prompt.load(path), Prompt.load(path, model=model)):
         assert_same_prompt(loaded, prompt)
-    assert read_metadata(path) == prompt.metadata()
+    assert read_metadata(path) == prompt.config.to_metadata()
     # loaded prompts behave identically
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -154,7 +153,7 @@ def test_bytes_roundtrip(prompt, model):
     assert isinstance(data, bytes)
     assert_same_prompt(Prompt.from_bytes(data), prompt)
     assert_same_prompt(Prompt.from_bytes(data, model), prompt)
-    assert read_metadata_bytes(data) == prompt.metadata()
+    assert read_metadata_bytes(data) == prompt.config.to_metadata()
     assert_same_prompt(Prompt.from_bytes(Prompt.from_bytes(data).to_bytes()), prompt)
 
 
@@ -165,7 +164,7 @@ def test_bytes_are_deterministic(prompt):
 
 
 def test_arrays_roundtrip(prompt, model):
-    arrays, meta = prompt.arrays(), prompt.metadata()
+    arrays, meta = prompt.arrays(), prompt.config.to_metadata()
     assert set(arrays) == set(TENSORS)
     assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays.values())
     assert all(isinstance(v, str) for v in meta.values())
@@ -191,7 +190,7 @@ def test_wrong_shape(prompt, name):
     arrays = prompt.arrays()
     arrays[name] = np.concatenate([arrays[name], arrays[name]], axis=0)
     with pytest.raises(PromptShapeError, match=name):
-        Prompt.from_arrays(arrays, prompt.metadata())
+        Prompt.from_arrays(arrays, prompt.config.to_metadata())
     with pytest.raises(PromptShapeError):
         Prompt.from_bytes(bad_bytes(prompt, arrays))
 
@@ -209,7 +208,7 @@ def test_wrong_dtype(prompt, dtype, name):
     arrays = prompt.arrays()
     arrays[name] = arrays[name].astype(dtype)
     with pytest.raises(PromptShapeError, match="float32"):
-        Prompt.from_arrays(arrays, prompt.metadata())
+        Prompt.from_arrays(arrays, prompt.config.to_metadata())
     with pytest.raises(PromptShapeError, match="float32"):
         Prompt.from_bytes(bad_bytes(prompt, arrays))
 
@@ -218,7 +217,7 @@ def test_non_array_rejected(prompt):
     arrays = prompt.arrays()
     arrays["tokens"] = torch.from_numpy(arrays["tokens"])
     with pytest.raises(PromptShapeError):
-        Prompt.from_arrays(arrays, prompt.metadata())
+        Prompt.from_arrays(arrays, prompt.config.to_metadata())
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -227,7 +226,7 @@ def test_non_finite_values(prompt, name, value):
     arrays = prompt.arrays()
     arrays[name].reshape(-1)[-1] = value
     with pytest.raises(PromptValueError, match=name):
-        Prompt.from_arrays(arrays, prompt.metadata())
+        Prompt.from_arrays(arrays, prompt.config.to_metadata())
     with pytest.raises(PromptValueError):
         Prompt.from_bytes(bad_bytes(prompt, arrays))
 
@@ -242,7 +241,7 @@ def test_tensor_keys(prompt, change):
     else:
         arrays["head.w"] = arrays.pop("head.weight")
     with pytest.raises(PromptShapeError):
-        Prompt.from_arrays(arrays, prompt.metadata())
+        Prompt.from_arrays(arrays, prompt.config.to_metadata())
     with pytest.raises(PromptShapeError):
         Prompt.from_bytes(bad_bytes(prompt, arrays))
 
@@ -317,7 +316,7 @@ def test_future_version_with_different_fields_reports_version(prompt):
 def test_bad_metadata(prompt, changes):
     with pytest.raises(PromptFormatError):
         Prompt.from_bytes(bad_bytes(prompt, **changes))
-    meta = prompt.metadata()
+    meta = prompt.config.to_metadata()
     for k, v in changes.items():
         meta.pop(k) if v is None else meta.__setitem__(k, v)
     with pytest.raises(PromptFormatError):
@@ -340,7 +339,7 @@ def test_backbone_mismatch(prompt, model, vit_tiny):
     with pytest.raises(BackboneMismatchError):
         Prompt.from_bytes(data, other_size)
     with pytest.raises(BackboneMismatchError):
-        Prompt.from_arrays(prompt.arrays(), prompt.metadata(), APTViT(vit_tiny))
+        Prompt.from_arrays(prompt.arrays(), prompt.config.to_metadata(), APTViT(vit_tiny))
     # without a model the file itself is fine
     assert_same_prompt(Prompt.from_bytes(data), prompt)
 
@@ -379,8 +378,8 @@ def test_prompt_without_memory_roundtrip(model):
 def with_density(prompt: Prompt, seed: int = 0) -> Prompt:
     """``prompt`` carrying a density fitted on random features of its own classes."""
     gen = torch.Generator().manual_seed(seed)
-    labels = torch.tensor(prompt.labels).repeat(6)
-    features = torch.randn(len(labels), prompt.embed_dim, generator=gen) + labels[:, None].float()
+    labels = torch.tensor(prompt.config.labels).repeat(6)
+    features = torch.randn(len(labels), prompt.config.embed_dim, generator=gen) + labels[:, None].float()
     prompt.density = SourceDensity.fit(features, labels, rank=3)
     return prompt
 
@@ -394,13 +393,13 @@ def test_round_trip_with_and_without_density(prompt, model):
     assert again.density is not None and prompt.to_bytes() == again.to_bytes()
     for name, value in prompt.density.to_arrays().items():
         assert np.array_equal(again.density.to_arrays()[name], value), name
-    assert again.metadata()["format_version"] == str(FORMAT_VERSION) == "3"
+    assert again.config.to_metadata()["format_version"] == str(FORMAT_VERSION) == "3"
 
 
 def old_bytes(prompt: Prompt, version: str) -> bytes:
     """``prompt`` as a version-1/2 artefact: its head reads the prompt output only (``[C, D]``)."""
     arrays = prompt.arrays()
-    arrays["head.weight"] = arrays["head.weight"][:, :prompt.embed_dim].copy()
+    arrays["head.weight"] = arrays["head.weight"][:, :prompt.config.embed_dim].copy()
     return bad_bytes(prompt, arrays, format_version=version)
 
 
@@ -439,14 +438,14 @@ def test_corrupt_density_is_rejected(prompt, model, change, match):
     arrays = with_density(prompt).arrays()
     change(arrays)
     with pytest.raises(PromptDensityError, match=match):
-        Prompt.from_arrays(arrays, prompt.metadata(), model)
+        Prompt.from_arrays(arrays, prompt.config.to_metadata(), model)
 
 
 def test_oversized_density_is_rejected(prompt, model, monkeypatch):
     arrays = with_density(prompt).arrays()
     monkeypatch.setattr(density_mod, "MAX_DENSITY_BYTES", 1000)
     with pytest.raises(PromptDensityError, match="byte limit"):
-        Prompt.from_arrays(arrays, prompt.metadata(), model)
+        Prompt.from_arrays(arrays, prompt.config.to_metadata(), model)
 
 
 @pytest.mark.parametrize("changes", [

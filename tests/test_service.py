@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -342,7 +343,7 @@ def test_unservable_prompt_is_reported(start, model, tmp_path) -> None:
     pool = PromptPool(tmp_path / "pool")
     pool.add("a", random_prompt(model, seed=0))
     foreign = random_prompt(model, seed=1)
-    foreign.fingerprint = "0" * 64  # trained on another backbone
+    foreign.config = replace(foreign.config, fingerprint="0" * 64)  # trained on another backbone
     pool.add("alien", foreign)
     server = start(pool)
     with client_for(server) as client:

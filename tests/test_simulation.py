@@ -79,7 +79,7 @@ def test_flwr_run_simulation_fills_the_pool(tmp_path):
     for source in pool.sources():
         assert [e.version for e in pool.history(source)] == [1, 2]
         prompt = pool.get(source, model=model)  # validates shapes, values and backbone fingerprint
-        assert prompt.source == source and prompt.num_examples > 0
-        assert not labels & set(prompt.labels)  # class-group partition: disjoint label sets
-        labels |= set(prompt.labels)
+        assert prompt.config.source == source and prompt.config.num_examples > 0
+        assert not labels & set(prompt.config.labels)  # class-group partition: disjoint label sets
+        labels |= set(prompt.config.labels)
     assert labels == set(range(10))

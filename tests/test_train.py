@@ -47,8 +47,8 @@ def mean_loss(model, prompt, batches) -> float:
     with torch.no_grad():
         total = 0.0
         for images, labels, _ in batches:
-            logits = model(images, [prompt])[0][:, list(prompt.labels)]
-            targets = torch.tensor([prompt.labels.index(int(c)) for c in labels])
+            logits = model(images, [prompt])[0][:, list(prompt.config.labels)]
+            targets = torch.tensor([prompt.config.labels.index(int(c)) for c in labels])
             total += F.cross_entropy(logits, targets, reduction="sum").item()
     return total / sum(len(b[1]) for b in batches)
 
@@ -67,7 +67,7 @@ def test_training_learns_a_separable_problem(model):
     after = mean_loss(model, prompt, batches)
     assert after < 0.5 * before
     assert metrics["loss"] < before and metrics["accuracy"] >= 0.9
-    assert metrics["num_examples"] == 32 and prompt.num_examples == 32
+    assert metrics["num_examples"] == 32 and prompt.config.num_examples == 32
     assert metrics["steps"] == 8 * len(batches) and metrics["seconds"] > 0
     assert not prompt.training
     held_out = toy_batches(seed=1)
@@ -296,7 +296,7 @@ def test_cache_on_another_backbone_is_separate(images):
 def pooled_features(model, prompt, batches) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         feats = torch.cat([model.pooled(model.backbone_forward(x)[0]) for x, _, _ in batches])
-    targets = torch.cat([torch.tensor([prompt.labels.index(int(c)) for c in y]) for _, y, _ in batches])
+    targets = torch.cat([torch.tensor([prompt.config.labels.index(int(c)) for c in y]) for _, y, _ in batches])
     return feats, targets
 
 
