@@ -14,7 +14,8 @@ on a shared machine disturb much less than wall-clock rates.
     python benchmarks/bench_service.py --quick    # 2 s
     python benchmarks/bench_service.py --checkpoint ~/.alacarte/...  # DINOv2 ViT-S/14 at 112 px
 
-The table is written to ``benchmarks/results_service.md``.
+The table is written to ``--out`` (default ``./results/bench_service.md`` under the working
+directory; the repository's record is ``benchmarks/results_service.md``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("results_service.md")
+RESULTS = Path("results") / "bench_service.md"  # relative: under the working directory
 NUM_CLASSES = 10
 
 

@@ -198,7 +198,7 @@ def _expected(kind: type) -> str:
         return "one of " + ", ".join(repr(_plain(member)) for member in kind)
     if kind is bool:
         return "a bool (true, false, 1 or 0)"
-    return f"a {kind.__name__}"
+    return {int: "an integer", float: "a number", str: "a string"}.get(kind, f"a {kind.__name__}")
 
 
 def _plain(value: Any) -> Any:

@@ -22,8 +22,9 @@ of the source's pooled backbone features) that density-weighted composition need
 version-1 artefact, or a source that keeps its density private, has none and composes
 uniformly. Its :class:`PromptConfig` (shape, the label set it covers — a subset of the ``C``
 global classes —, the backbone it was trained on by name and weight fingerprint, its source
-id, the number of training examples and a creation time) travels as the artefact's metadata. On disk it is a safetensors file with that metadata in the
-header; over Flower it travels as a dict of numpy arrays plus the same metadata strings.
+id, the number of training examples and a creation time) is the artefact's metadata. On
+disk it is a safetensors file with that metadata in the header; over Flower it travels as a
+dict of numpy arrays plus the same metadata strings.
 Every way in (``load``, ``from_bytes``, ``from_arrays``) runs the same validation.
 """
 

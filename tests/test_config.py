@@ -40,7 +40,7 @@ def test_good_values_are_coerced(kind, value, expected):
 
 @pytest.mark.parametrize(("kind", "value", "expected"), [
     (bool, "maybe", "a bool (true, false, 1 or 0)"), (bool, "yes!", "a bool"), (bool, 2, "a bool"),
-    (int, "many", "a int"), (int, 2.5, "a int"), (int, True, "a int"), (float, "fast", "a float"),
+    (int, "many", "an integer"), (int, 2.5, "an integer"), (int, True, "an integer"), (float, "fast", "a number"),
     (Mode, "average", "one of 'alacarte', 'fedavg'"),
 ])
 def test_bad_values_are_rejected_with_what_was_expected(kind, value, expected):

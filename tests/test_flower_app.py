@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from synthetic import make_idx_dataset
@@ -72,7 +72,7 @@ def test_defaults_match_pyproject():
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown run-config key"):
         AppConfig.from_run_config({"num-rounds": 3})
-    with pytest.raises(ConfigError, match="must be a int"):
+    with pytest.raises(ConfigError, match="must be an integer"):
         AppConfig.from_run_config({"local-epochs": "many"})
     with pytest.raises(ConfigError, match="mode must be one of"):
         AppConfig.from_run_config({"mode": "average"})

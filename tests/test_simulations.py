@@ -109,7 +109,7 @@ def test_overrides_convert_booleans_as_the_product_does():
 
 @pytest.mark.parametrize(("item", "message"), [
     ("probe_cv=maybe", "--set probe_cv must be a bool (true, false, 1 or 0), got 'maybe'"),
-    ("epochs=2.5", "--set epochs must be a int, got '2.5'"),
+    ("epochs=2.5", "--set epochs must be an integer, got '2.5'"),
     ("probe_cv", "--set 'probe_cv': expected KEY=VALUE with KEY among train_per_class, "),
     ("folds=3", "--set 'folds=3': expected KEY=VALUE"),
 ])
