@@ -75,13 +75,15 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
     if "sweep" in payload:
         body += [
             "### Choosing the recipe's defaults (validation images, never the test images)",
-            "Every (learning rate, epochs) pair trains the five prompts (at least the default minimum of steps); "
-            "each is scored on images of the training split outside every source's shard. The product's defaults "
-            "are the row with the best mean per-source validation accuracy.",
-            table(["lr", "epochs", "per-source val. accuracy (mean)", "composed uniform (val.)",
-                   "composed density (val.)", "kept epochs", "steps"],
-                  [[r["lr"], r["epochs"], pct(r["val_alone_mean"]), pct(r["val_composed_uniform"]),
-                    pct(r["val_composed_density"]), r["kept_epochs"], r["steps"]] for r in payload["sweep"]]),
+            "Every (learning rate, epochs, selection margin) of the grid trains the five prompts (at least the "
+            "profile's minimum of steps); each is scored on images of the training split outside every source's "
+            "shard. The product's defaults are chosen from these rows by mean per-source validation accuracy "
+            "(rows within noise of each other keep the existing default).",
+            table(["lr", "epochs", "selection margin (SE)", "per-source val. accuracy (mean)",
+                   "composed uniform (val.)", "composed density (val.)", "kept epochs", "steps"],
+                  [[r["lr"], r["epochs"], r.get("selection_margin", 1.0), pct(r["val_alone_mean"]),
+                    pct(r["val_composed_uniform"]), pct(r["val_composed_density"]), r["kept_epochs"], r["steps"]]
+                   for r in payload["sweep"]]),
         ]
     return "\n\n".join(body)
 

@@ -361,6 +361,20 @@ def test_recipe_ignores_a_gain_within_validation_noise(model, monkeypatch):
         assert torch.equal(value, states[0][name]), name
 
 
+@pytest.mark.parametrize(("margin", "kept"), [(0.0, 1), (1.0, 1), (2.0, 0)])
+def test_selection_margin_is_in_standard_errors(model, monkeypatch, margin, kept):
+    """A tuned epoch whose paired gain is 1.5 standard errors is kept under margins 0 and 1, not 2."""
+    base = torch.full((8,), 0.9)
+    gain = torch.tensor([0.3, -0.1] * 4)
+    gain = gain - gain.mean() + 1.5 * float(gain.std() / math.sqrt(len(gain)))  # mean gain: exactly 1.5 SE
+    scripted_validation(monkeypatch, [base, base - gain])
+    prompt = fresh_prompt(model)
+    metrics = train_prompt(model, prompt, toy_batches(16),
+                           TrainConfig(epochs=1, min_steps=0, selection_margin=margin, progress=False),
+                           val_loader=toy_batches(8, seed=3))
+    assert metrics["selected_epoch"] == kept
+
+
 def test_recipe_keeps_the_probe_when_tuning_hurts_validation(model):
     """A learning rate far too large wrecks the prompt during tuning: validation loss says so,
     and the probe-initialised prompt (epoch 0) is kept, bit for bit."""
