@@ -48,7 +48,7 @@ class AppConfig:
 
     num_server_rounds: int = _key(1, "rounds; each round every source continues from its latest prompt")
     local_epochs: int = _key(5, "prompt-tuning epochs per round (see min-steps)")
-    min_steps: int = _key(100, "at least this many optimiser steps per round, however small the shard")
+    min_steps: int = _key(50, "at least this many optimiser steps per round, however small the shard")
     probe_init: bool = _key(True, "start a fresh prompt as a linear probe on the backbone's pooled features (LP-FT)")
     selection_margin: float = _key(1.0, "keep a tuned epoch only if its validation loss beats the untuned prompt's "
                                         "by more than this many standard errors")

@@ -54,7 +54,7 @@ class TrainConfig:
     """The recipe of one prompt (see the module doc); the defaults are the product's."""
 
     epochs: int = 5
-    min_steps: int = 100
+    min_steps: int = 50
     lr: float = 1e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0

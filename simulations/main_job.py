@@ -158,7 +158,8 @@ def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], con
         logits = bank_logits(model, bank, prompts, val)
         alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(prompts))]
         both = composed(logits, [p.density for p in prompts], bank, val)
-        rows.append({"lr": lr, "epochs": epochs, "selection_margin": margin, "val_alone_mean": float(np.mean(alone)),
+        rows.append({"lr": lr, "epochs": epochs, "selection_margin": margin, "min_steps": config.min_steps,
+                     "val_alone_mean": float(np.mean(alone)),
                      "val_composed_uniform": both["uniform"], "val_composed_density": both["density"],
                      "kept_epochs": " ".join(str(m["selected_epoch"]) for m in metrics),
                      "steps": " ".join(str(m["steps"]) for m in metrics)})

@@ -79,11 +79,12 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
             "profile's minimum of steps); each is scored on images of the training split outside every source's "
             "shard. The product's defaults are chosen from these rows by mean per-source validation accuracy "
             "(rows within noise of each other keep the existing default).",
-            table(["lr", "epochs", "selection margin (SE)", "per-source val. accuracy (mean)",
+            table(["lr", "epochs", "min. steps", "selection margin (SE)", "per-source val. accuracy (mean)",
                    "composed uniform (val.)", "composed density (val.)", "kept epochs", "steps"],
-                  [[r["lr"], r["epochs"], r.get("selection_margin", 1.0), pct(r["val_alone_mean"]),
+                  [[r["lr"], r["epochs"], r["min_steps"], r["selection_margin"], pct(r["val_alone_mean"]),
                     pct(r["val_composed_uniform"]), pct(r["val_composed_density"]), r["kept_epochs"], r["steps"]]
                    for r in payload["sweep"]]),
+            payload.get("sweep_note", ""),
         ]
     return "\n\n".join(body)
 
