@@ -135,8 +135,6 @@ def tune_density_section(folder: Path, payload: dict, output: Path) -> str:
 def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
     s = payload["setup"]
     st = s["settings"]
-    if "min_steps" not in st:
-        return legacy_alacarte_section(folder, payload, output)
     rows = payload["comparison"]
     met = sum(r["gap_points"] <= GOAL_POINTS for r in rows)
     body = [
@@ -178,23 +176,6 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         figures(folder, payload, output),
     ]
     return "\n\n".join(body)
-
-
-def legacy_alacarte_section(folder: Path, payload: dict, output: Path) -> str:
-    """A result written before the probe-initialised recipe: stale, shown as such."""
-    s = payload["setup"]
-    rows = payload["comparison"]
-    return "\n\n".join([
-        "## 1. Composed pool vs paragon vs FedAvg (stale: earlier recipe)",
-        "> **Stale.** This result was produced by the previous training recipe (zero-initialised head, fixed "
-        "epochs, no validation selection, density defaults chosen on test images) and is kept only until "
-        "`python -m simulations.alacarte_vs_paragon` is re-run with the current one.",
-        setup_line(s, f"{s['train_images']} training images split over N sources"),
-        table(["partition", "N", "composed", "density", "paragon", "FedAvg"],
-              [[r["partition"], r["sources"], pct(r["composed"]), pct(r["composed_density"]), pct(r["paragon"]),
-                pct(r["fedavg"])] for r in rows]),
-        figures(folder, payload, output),
-    ])
 
 
 def class_incremental_section(folder: Path, payload: dict, output: Path) -> str:
