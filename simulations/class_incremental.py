@@ -15,6 +15,11 @@ and the average forgetting (best earlier accuracy minus current accuracy, over t
   its task given the image's pooled backbone features (``common.compose.density_weights``
   with the product's temperature; each task's ``SourceDensity`` is fitted on that prompt's
   own training split, as the ClientApp does; no old data used);
+* **APT, task known** (``apt_task_oracle``): the same prompts, each image given only to the
+  prompt of the task that owns its label. Not a method: it reads the test label, and bounds
+  what any weighting of these prompts can reach; with ``task_inference`` (the share of test
+  images whose largest density weight is on their own task) it shows how much of the gap to
+  the joint probe is task inference;
 * **linear probes, density-weighted**: one linear probe per task (``BankProbe``) composed
   with the same density weights: what the prompts add over their probe initialisation;
 * **sequential prompt**: one prompt over all classes fine-tuned on task 1, then 2, ... with
@@ -84,8 +89,10 @@ from simulations.common import (
 )
 
 NAME = "class_incremental"
-METHODS = ("apt_composed", "apt_density", "probe_density", "sequential_prompt", "probe_sequential", "probe_joint")
+METHODS = ("apt_composed", "apt_density", "apt_task_oracle", "probe_density", "sequential_prompt", "probe_sequential",
+           "probe_joint")
 LABELS = {"apt_composed": "APT (composed prompts)", "apt_density": "APT, density-weighted composition",
+          "apt_task_oracle": "APT, task known (upper bound, reads the test label)",
           "probe_density": "per-task linear probes, density-weighted",
           "sequential_prompt": "sequential prompt (forgets)",
           "probe_sequential": "linear probe, sequential (forgets)",
@@ -170,12 +177,14 @@ def _train_row(method: str, task: int, metrics: dict) -> dict:
 
 
 def run_apt(model: APTViT, train: Bank, test: Bank, tasks: list[Task], s: Settings, num_classes: int,
-            seed: int, log: list[dict]) -> dict[str, list[Scorer]]:
+            seed: int, log: list[dict]) -> tuple[dict[str, list[Scorer]], list[float]]:
     """One prompt (and one probe) per task; after task t, the composition of 1..t: prompts
-    uniform (``apt_composed``) and density-weighted (``apt_density``), probes density-weighted
-    (``probe_density``)."""
-    prompts, probes, densities = [], [], []
-    out: dict[str, list[Scorer]] = {"apt_composed": [], "apt_density": [], "probe_density": []}
+    uniform (``apt_composed``), density-weighted (``apt_density``) and given the true task
+    (``apt_task_oracle``), probes density-weighted (``probe_density``). Also returns the
+    density's task-inference accuracy after each task."""
+    prompts, probes, densities, task_inference = [], [], [], []
+    out: dict[str, list[Scorer]] = {"apt_composed": [], "apt_density": [], "apt_task_oracle": [],
+                                    "probe_density": []}
     test_features = torch.as_tensor(test.features)
     for t, task in enumerate(tasks):
         prompt = fresh_prompt(model, num_classes, seed=seed + t, labels=task.classes, source=f"task-{t}")
@@ -186,11 +195,36 @@ def run_apt(model: APTViT, train: Bank, test: Bank, tasks: list[Task], s: Settin
         probes.append(fit_bank_probe(train, task.all_train, s.probe_cv).logits(test, num_classes))
         densities.append(train.density_of(task.train))
         weights = density_weights(densities, test_features)
+        owner = task_owner(tasks[:t + 1], test.labels)
+        task_inference.append(density_task_accuracy(weights, owner))
         logits = bank_logits(model, test, list(prompts))
         out["apt_composed"].append(_frozen_scores(compose_probs(logits), test))
         out["apt_density"].append(_frozen_scores(compose_probs(logits, weights), test))
+        out["apt_task_oracle"].append(_frozen_scores(compose_probs(logits, oracle_weights(owner, t + 1)), test))
         out["probe_density"].append(_frozen_scores(compose_probs(torch.stack(probes), weights), test))
-    return out
+    return out, task_inference
+
+
+def task_owner(tasks: Sequence[Task], labels: np.ndarray) -> np.ndarray:
+    """Index of the task among ``tasks`` that owns each label ``[B]``; -1 for a task not among them."""
+    owner = np.full(len(labels), -1, dtype=np.int64)
+    for i, task in enumerate(tasks):
+        owner[np.isin(labels, task.classes)] = i
+    return owner
+
+
+def oracle_weights(owner: np.ndarray, k: int) -> torch.Tensor:
+    """Weights ``[k, B]``: 1 on each image's own task (uniform for images of tasks not seen yet,
+    which are never scored)."""
+    weights = torch.as_tensor(owner[None, :] == np.arange(k)[:, None], dtype=torch.float64)
+    weights[:, owner < 0] = 1.0
+    return weights
+
+
+def density_task_accuracy(weights: torch.Tensor, owner: np.ndarray) -> float:
+    """Share of images of the seen tasks whose largest density weight ``[k, B]`` is on their own task."""
+    seen = owner >= 0
+    return float((weights.argmax(0).numpy()[seen] == owner[seen]).mean())
 
 
 def run_sequential_prompt(model: APTViT, train: Bank, test: Bank, tasks: list[Task], s: Settings,
@@ -365,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     tasks = make_tasks(train, test, num_classes, per_task, s, args.seed)
     log: list[dict] = []
-    scorers = {**run_apt(model, train, test, tasks, s, num_classes, args.seed, log),
+    apt, task_inference = run_apt(model, train, test, tasks, s, num_classes, args.seed, log)
+    scorers = {**apt,
                "sequential_prompt": run_sequential_prompt(model, train, test, tasks, s, num_classes, args.seed, log),
                **run_probes(train, test, tasks, num_classes, args.seed, s.probe_cv, log)}
     matrices = accuracy_matrices(scorers, tasks, test)
@@ -382,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
                               density_rank=DEFAULT_RANK, density_floor=VARIANCE_FLOOR,
                               temperature_per_dim=TEMPERATURE_PER_DIM,
                               torch_threads=torch.get_num_threads(), seconds=clock.seconds()),
-        "summary": rows, "matrices": matrices, "training": log,
+        "summary": rows, "matrices": matrices, "training": log, "task_inference": task_inference,
         "final": {r["method"]: {"average_accuracy": r["average_accuracy"], "forgetting": r["forgetting"]}
                   for r in rows if r["after_task"] == len(tasks)},
         "plots": [plot(rows, out / "class_incremental.png", title).name],

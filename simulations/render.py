@@ -198,9 +198,23 @@ def class_incremental_section(folder: Path, payload: dict, output: Path) -> str:
               [[m, pct(v["average_accuracy"]), f"{100 * v['forgetting']:.1f}"] for m, v in final.items()]),
         "Average accuracy / forgetting (points) after each task:",
         table(["method"] + [f"after task {t}" for t in steps], per_step),
+        task_inference_line(payload),
         figures(folder, payload, output),
     ]
     return "\n\n".join(body)
+
+
+def task_inference_line(payload: dict) -> str:
+    """How far the density-weighted prompts are from the prompts given the true task, and why."""
+    final, shares = payload["final"], payload.get("task_inference")
+    if not shares or "apt_task_oracle" not in final:
+        return "_(This result predates the task-inference diagnostic.)_"
+    return (f"Task inference is the gap: after the last task the density puts its largest weight on an image's own "
+            f"task for {pct(shares[-1])}% of the test images (after each task: "
+            f"{', '.join(pct(x) for x in shares)}). Given the true task, the same prompts reach "
+            f"{pct(final['apt_task_oracle']['average_accuracy'])} (`apt_task_oracle`, an upper bound that reads the "
+            f"test label) against {pct(final['apt_density']['average_accuracy'])} density-weighted and "
+            f"{pct(final['probe_joint']['average_accuracy'])} for the joint probe.")
 
 
 def forgetting_section(folder: Path, payload: dict, output: Path) -> str:

@@ -194,9 +194,26 @@ def test_tune_density_tiny(data_dir, results, tmp_path):
 def test_class_incremental_tiny(data_dir, results, tmp_path):
     payload = run_tiny("class_incremental", data_dir, results, tmp_path)
     assert payload["setup"]["tasks"] == 5
-    assert set(payload["final"]) == {"apt_composed", "apt_density", "sequential_prompt", "probe_sequential",
-                                     "probe_joint", "probe_density"}
+    assert set(payload["final"]) == {"apt_composed", "apt_density", "apt_task_oracle", "sequential_prompt",
+                                     "probe_sequential", "probe_joint", "probe_density"}
     assert all(len(m) == 5 for m in payload["matrices"].values())
+    shares = payload["task_inference"]
+    assert len(shares) == 5 and shares[0] == 1.0 and all(0.0 <= x <= 1.0 for x in shares)  # one task: always right
+    first = {m: payload["matrices"][m][0] for m in ("apt_composed", "apt_density", "apt_task_oracle")}
+    assert first["apt_composed"] == first["apt_density"] == first["apt_task_oracle"]  # one prompt is that prompt
+
+
+def test_class_incremental_task_oracle_weights():
+    from simulations.class_incremental import Task, density_task_accuracy, oracle_weights, task_owner
+
+    empty = np.array([], dtype=np.int64)
+    tasks = [Task([0, 1], empty, empty, empty), Task([2, 3], empty, empty, empty)]
+    owner = task_owner(tasks, np.array([0, 3, 2, 5]))
+    assert owner.tolist() == [0, 1, 1, -1]  # label 5 belongs to no task seen yet
+    weights = oracle_weights(owner, 2)
+    assert weights.tolist() == [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]]
+    density = torch.tensor([[0.9, 0.6, 0.2, 0.0], [0.1, 0.4, 0.8, 1.0]])
+    assert density_task_accuracy(density, owner) == pytest.approx(2 / 3)  # the unseen-task image is not counted
 
 
 def test_class_incremental_split_cifar100_tiny(tmp_path):
@@ -241,6 +258,7 @@ def test_class_incremental_quick(results, quick_work):
     final = payload["final"]
     assert final["probe_joint"]["average_accuracy"] > final["probe_sequential"]["average_accuracy"]
     assert final["apt_density"]["average_accuracy"] > final["apt_composed"]["average_accuracy"]
+    assert final["apt_task_oracle"]["average_accuracy"] >= final["apt_density"]["average_accuracy"]
 
 
 @pytest.mark.slow
