@@ -72,6 +72,7 @@ from simulations.common import (
     BankProbe,
     Stopwatch,
     accuracy,
+    add_threads_option,
     backbone_spec,
     bank_logits,
     base_parser,
@@ -384,9 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--cifar100", default="", metavar="DIR",
                         help="run Split CIFAR-100 (10 x 10) from this cifar-100-python folder")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the probe fits' many small LBFGS ops ran 2-4x faster on one "
-                             "thread than on two on the shared 2-core machine)")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     configure_logging()
     s, label = select_profile(args, TINY, QUICK, FULL)

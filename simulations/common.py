@@ -89,6 +89,14 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch threads of an experiment whose time goes into many small probe fits."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (and the Ray worker's, where simulated clients run; default 1: the "
+                             "probe fits' many small LBFGS ops ran 2-4x faster on one thread than on two on the "
+                             "shared 2-core machine)")
+
+
 def select_profile(args: argparse.Namespace, tiny: P, quick: P, full: P) -> tuple[P, str]:
     """The profile picked by ``--tiny``/``--quick`` (else full) with ``--set`` overrides applied.
 

@@ -45,6 +45,7 @@ from simulations.common import (
     Federation,
     Stopwatch,
     accuracy,
+    add_threads_option,
     backbone_spec,
     bank_logits,
     base_parser,
@@ -187,9 +188,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment; returns the JSON payload it wrote."""
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads here and in the Ray worker (default 1: the probe fits' many small "
-                             "LBFGS ops ran 2-4x faster on one thread than on two on the shared 2-core machine)")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     configure_logging()
     s, label = select_profile(args, TINY, QUICK, FULL)
