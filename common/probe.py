@@ -1,11 +1,13 @@
 """Linear probe: L2-regularised multinomial logistic regression on frozen features.
 
 The reference every trained prompt is measured against, and the head a prompt starts from
-(LP-FT: the prompt's head is initialised with a probe fitted on the prompt's own initial
-output features, so tuning starts at the probe's accuracy). Full-batch LBFGS in float64 on
-standardised features (the standardisation is folded back into the weights); the L2
-strength is chosen by k-fold cross-validated negative log-likelihood on the training
-features themselves, so no validation or test image is involved.
+(LP-FT: the pooled-feature columns of a prompt's head start as a probe on the backbone's
+pooled features of its training images, so tuning starts at the probe's accuracy). Full-batch
+LBFGS in float64 on standardised features (the standardisation is folded back into the
+weights); the L2 strength is chosen by k-fold cross-validated negative log-likelihood on the
+training features themselves, so no validation or test image is involved. The folds depend on
+the set of examples, not on their order, so the same images give the same probe wherever they
+are fitted (the reference in an experiment and the prompt's head in a client).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def fit_probe(features: Tensor, targets: Tensor, num_classes: int, l2: float | N
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     z = (x - mean) / std
     if l2 is None:
-        l2 = _cross_validated_l2(z, y, num_classes, grid, folds, seed)
+        l2 = _cross_validated_l2(features, z, y, num_classes, grid, folds, seed)
     weight, bias = _fit(z, y, num_classes, l2)
     weight = weight / std  # fold the standardisation back: w·(x - μ)/σ = (w/σ)·x - (w/σ)·μ
     bias = bias - weight @ mean
@@ -92,17 +94,27 @@ def _fit_many(z: Tensor, y: Tensor, num_classes: int, masks: Tensor, l2s: Sequen
     return params.detach()
 
 
-def _cross_validated_l2(z: Tensor, y: Tensor, num_classes: int, grid: Sequence[float], folds: int,
+def _folds(x: Tensor, folds: int, seed: int) -> Tensor:
+    """Fold of each example of ``x [n, D]``: examples ranked by a ``seed``-drawn random projection
+    of their fp16-rounded features and dealt round-robin. Order-invariant (identical rows are
+    interchangeable), and an fp16 copy of the features gets the same folds."""
+    direction = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    key = x.detach().to("cpu", torch.float16).to(torch.float64) @ direction  # [n]
+    fold_of = torch.empty(len(x), dtype=torch.long)
+    fold_of[torch.argsort(key, stable=True)] = torch.arange(len(x)) % folds
+    return fold_of
+
+
+def _cross_validated_l2(x: Tensor, z: Tensor, y: Tensor, num_classes: int, grid: Sequence[float], folds: int,
                         seed: int) -> float:
-    """The strength in ``grid`` with the lowest held-out NLL over ``folds`` random folds (all
-    ``len(grid) · folds`` probes fitted in one batched run)."""
+    """The strength in ``grid`` with the lowest held-out NLL over ``folds`` folds of the features
+    ``x`` (:func:`_folds`), fitted on their standardised ``z`` (all ``len(grid) · folds``
+    probes in one batched run)."""
     n = len(y)
     folds = min(folds, n)
     if folds < 2 or len(grid) == 1:
         return float(grid[len(grid) // 2])
-    fold_of = torch.empty(n, dtype=torch.long)
-    fold_of[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = torch.arange(n) % folds
-    fold_of = fold_of.to(z.device)
+    fold_of = _folds(x, folds, seed).to(z.device)
     held = fold_of[None, :] == torch.arange(folds, device=z.device)[:, None]  # [F, n]
     masks = (~held).repeat(len(grid), 1)  # [G·F, n], problem g·F + f leaves fold f out
     params = _fit_many(z, y, num_classes, masks, [l2 for l2 in grid for _ in range(folds)])

@@ -70,3 +70,18 @@ def test_cross_validation_prefers_strong_l2_for_noise_and_weak_l2_for_clean_clas
 def test_bad_input_is_refused(x, y, k, match):
     with pytest.raises(ValueError, match=match):
         fit_probe(x, y, k)
+
+
+def test_same_images_in_any_order_or_as_an_fp16_copy_give_the_same_probe():
+    gen = torch.Generator().manual_seed(5)
+    x, y = gaussian_classes(40, 12, 4, spread=1.5, seed=6)
+    folds = probe_mod._folds(x, 5, seed=0)
+    assert sorted(torch.bincount(folds).tolist()) == [32, 32, 32, 32, 32]  # dealt round-robin
+    order = torch.randperm(len(y), generator=gen)
+    torch.testing.assert_close(probe_mod._folds(x[order], 5, seed=0), folds[order])
+    torch.testing.assert_close(probe_mod._folds(x.half().float(), 5, seed=0), folds)
+    assert not torch.equal(probe_mod._folds(x, 5, seed=1), folds)  # the seed draws the folds
+    noisy_x = x + 0.8 * torch.randn(x.shape, generator=gen)  # overlapping classes: the CV choice matters
+    first, shuffled = fit_probe(noisy_x, y, 4), fit_probe(noisy_x[order], y[order], 4)
+    assert first.l2 == shuffled.l2
+    torch.testing.assert_close(first.weight, shuffled.weight, rtol=1e-4, atol=1e-5)
