@@ -43,7 +43,7 @@ def setup_line(setup: dict, images: str) -> str:
         text += (f"\n\n> **Not the full configuration**: this is a `{setup['profile']}` run ({changes}); "
                  "the numbers are smaller-scale than the full mode of the script.")
     if "earlier_recipe" in setup:
-        text += f"\n\n> **Run with an earlier recipe**: {setup['earlier_recipe']}"
+        text += f"\n\n> **Run with earlier code**: {setup['earlier_recipe']}"
     return text
 
 
