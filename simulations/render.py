@@ -42,8 +42,8 @@ def setup_line(setup: dict, images: str) -> str:
         changes = ", ".join(setup["overrides"]) or "the built-in small settings"
         text += (f"\n\n> **Not the full configuration**: this is a `{setup['profile']}` run ({changes}); "
                  "the numbers are smaller-scale than the full mode of the script.")
-    if "earlier_recipe" in setup:
-        text += f"\n\n> **Run with earlier code**: {setup['earlier_recipe']}"
+    if "earlier_code" in setup:
+        text += f"\n\n> **Run with earlier code**: {setup['earlier_code']}"
     return text
 
 
@@ -206,9 +206,7 @@ def class_incremental_section(folder: Path, payload: dict, output: Path) -> str:
 
 def task_inference_line(payload: dict) -> str:
     """How far the density-weighted prompts are from the prompts given the true task, and why."""
-    final, shares = payload["final"], payload.get("task_inference")
-    if not shares or "apt_task_oracle" not in final:
-        return "_(This result predates the task-inference diagnostic.)_"
+    final, shares = payload["final"], payload["task_inference"]
     return (f"Task inference is the gap: after the last task the density puts its largest weight on an image's own "
             f"task for {pct(shares[-1])}% of the test images (after each task: "
             f"{', '.join(pct(x) for x in shares)}). Given the true task, the same prompts reach "
