@@ -6,32 +6,37 @@ prediction from a confident guess on foreign data (class-incremental learning, l
 sources). A :class:`SourceDensity` is a small generative model of one source's pooled frozen
 backbone features — per class, a probabilistic PCA (mean, ``rank`` principal directions and
 their variances, one isotropic residual variance; Tipping & Bishop 1999) — fitted on that
-source's data only. :func:`common.compose.density_weights` turns the densities of the
-selected sources into per-image composition weights. A density travels inside its prompt's
-artefact (``Prompt.density``), so removing a source still removes all its information.
+source's data only. A density travels inside its prompt's artefact (``Prompt.density``), so
+removing a source still removes all its information.
 
-The log-density sums over D strongly correlated feature dimensions, so the untempered
-posterior is nearly one-hot and over-trusts densities fitted on a few images; the posterior
-temperature (``common.compose.TEMPERATURE_PER_DIM``) and the variance floor below are chosen
-on validation images (``simulations/tune_density.py``).
+At composition time, :func:`pooled_log_densities` scores an image under every class of the
+selected sources with one shared covariance, pooled from all their class covariances (linear
+discriminant analysis over the selection, built from the densities alone): a class's own PPCA
+from a few dozen images in D dimensions mostly measures its sampling noise, the pooled one is
+estimated from every image of the selection. :func:`common.compose.density_weights` turns
+those scores into per-image composition weights. The log-density sums over D strongly
+correlated feature dimensions, so the untempered posterior is nearly one-hot; the posterior
+temperature (``common.compose.TEMPERATURE_PER_DIM``), the shrinkage, the variance floor and
+the rank below are chosen on validation images (``simulations/tune_density.py``).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import Tensor
 
-DEFAULT_RANK = 16  # chosen on validation images with the floor below (simulations/tune_density.py)
-VARIANCE_FLOOR = 0.1  # residual variances are at least this fraction of the source's mean variance
+DEFAULT_RANK = 32  # chosen on validation images with the floor below (simulations/tune_density.py)
+VARIANCE_FLOOR = 0.03  # residual variances are at least this fraction of the source's mean variance
+SHRINKAGE = 0.0  # of the pooled covariance towards the identity, chosen with the above
 MAX_RANK = 32  # principal directions per class a density may carry
-MAX_DENSITY_BYTES = 4 << 20  # a density's arrays in all (10 classes x rank 16 x 384 dims is 0.27 MB)
+MAX_DENSITY_BYTES = 4 << 20  # a density's arrays in all (10 classes x rank 32 x 384 dims is 0.51 MB)
 
-__all__ = ["DEFAULT_RANK", "DensityError", "MAX_DENSITY_BYTES", "MAX_RANK", "SourceDensity", "VARIANCE_FLOOR"]
+__all__ = ["DEFAULT_RANK", "MAX_DENSITY_BYTES", "MAX_RANK", "SHRINKAGE", "VARIANCE_FLOOR", "DensityError",
+           "SourceDensity", "pooled_log_densities"]
 
 
 class DensityError(ValueError):
@@ -74,19 +79,14 @@ class SourceDensity:
         """Images the density was fitted on."""
         return int(self.counts.sum())
 
-    def log_density(self, features: Tensor) -> Tensor:
-        """``log p(x | source)`` of features ``[B, D]`` -> ``[B]`` (a mixture over the source's classes)."""
-        x = features.detach().to(torch.float64)
-        centred = x[:, None, :] - self.mean.to(x)  # [B, K, D]
-        proj = torch.einsum("bkd,krd->bkr", centred, self.basis.to(x))  # [B, K, r]
-        residual, variances = self.residual.to(x), self.variances.to(x)
-        dim, rank = x.shape[1], self.basis.shape[1]
-        outside = (centred.pow(2).sum(-1) - proj.pow(2).sum(-1)) / residual  # [B, K]
-        inside = (proj.pow(2) / variances).sum(-1)  # [B, K]
-        log_det = variances.log().sum(-1) + (dim - rank) * residual.log()  # [K]
-        log_gauss = -0.5 * (outside + inside + log_det + dim * math.log(2 * math.pi))
-        log_prior = (self.counts / self.counts.sum()).log().to(x)
-        return torch.logsumexp(log_gauss + log_prior, dim=-1)
+    def scatter(self) -> Tensor:
+        """``Σ_k n_k C_k`` ``[D, D]`` (float64): the class covariances ``C_k`` its PPCA stands for,
+        ``V diag(λ) Vᵀ + σ² (I − V Vᵀ)``, weighted by the class counts ``n_k``."""
+        counts, residual = self.counts.to(torch.float64), self.residual.to(torch.float64)
+        basis = self.basis.to(torch.float64)  # [K, r, D]
+        extra = (self.variances.to(torch.float64) - residual[:, None]) * counts[:, None]  # [K, r]
+        eye = torch.eye(basis.shape[-1], dtype=torch.float64)
+        return torch.einsum("krd,kr,kre->de", basis, extra, basis) + (counts * residual).sum() * eye
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The density as numpy arrays (``classes`` int64, the rest float32); ``from_arrays`` inverts it."""
@@ -102,7 +102,7 @@ class SourceDensity:
         ``1..MAX_RANK`` below the feature dimension, at most ``max_bytes`` (default
         ``MAX_DENSITY_BYTES``) in all, strictly
         increasing non-negative classes, positive finite counts and variances, finite means
-        and directions.
+        and directions, orthonormal (or zero) directions with variances at least the residual.
         """
         names = [f.name for f in fields(cls)]
         if set(arrays) != set(names):
@@ -114,7 +114,39 @@ class SourceDensity:
                                    f"got {getattr(arrays[name], 'dtype', type(arrays[name]).__name__)}")
         _check_density_shapes(arrays, MAX_DENSITY_BYTES if max_bytes is None else max_bytes)
         _check_density_values(arrays)
+        _check_density_geometry(arrays)
         return cls(**{n: torch.from_numpy(np.array(arrays[n])) for n in names})
+
+
+def pooled_log_densities(densities: Sequence[SourceDensity], features: Tensor,
+                         shrinkage: float = SHRINKAGE) -> Tensor:
+    """``log(n_i · p(x | source i))`` ``[k, B]`` of features ``[B, D]``, up to one shared constant.
+
+    Every class of every given source is a Gaussian around its mean with one covariance: the
+    count-weighted mean of all their class covariances (linear discriminant analysis over the
+    union of the selected sources, from their densities alone), shrunk towards a multiple of
+    the identity by ``shrinkage``. A class's own PPCA, fitted on a few dozen images in D
+    dimensions, mostly measures its sampling noise; the pooled covariance is estimated from
+    every image of the selection and tells sources apart better (``simulations/tune_density.py``).
+    Raises ``DensityError`` when the densities make no usable covariance.
+    """
+    if not 0 <= shrinkage <= 1:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    dim = features.shape[-1]
+    pooled = sum(d.scatter() for d in densities) / sum(float(d.counts.to(torch.float64).sum()) for d in densities)
+    pooled = (1 - shrinkage) * pooled + shrinkage * (torch.trace(pooled) / dim) * torch.eye(dim, dtype=torch.float64)
+    chol, info = torch.linalg.cholesky_ex(pooled)
+    if int(info) != 0 or not bool(torch.isfinite(chol).all()):
+        raise DensityError("the source densities' pooled covariance is not positive definite; "
+                           "refit the densities (their variances are degenerate)")
+    x = _whiten(chol, features)  # [B, D]
+    return torch.stack([torch.logsumexp(d.counts.to(x).log() - 0.5 * torch.cdist(x, _whiten(chol, d.mean)).pow(2), -1)
+                        for d in densities])
+
+
+def _whiten(chol: Tensor, rows: Tensor) -> Tensor:
+    """``L⁻¹ x`` for each row ``x`` of ``rows [n, D]``, with ``chol`` the lower Cholesky factor ``L``."""
+    return torch.linalg.solve_triangular(chol, rows.detach().to(chol).T, upper=False).T
 
 
 def _fit_class(x: Tensor, rank: int, floor: float) -> tuple[Tensor, ...]:
@@ -161,3 +193,16 @@ def _check_density_values(arrays: Mapping[str, np.ndarray]) -> None:
     for name in ("counts", "variances", "residual"):
         if not (arrays[name] > 0).all():
             raise DensityError(f"source density array {name!r} must be positive")
+
+
+def _check_density_geometry(arrays: Mapping[str, np.ndarray], tolerance: float = 1e-3) -> None:
+    """Each class's directions orthonormal or zero, and its variances at least its residual: else
+    the covariance the density stands for need not be positive definite."""
+    basis = arrays["basis"].astype(np.float64)  # [K, r, D]
+    gram = basis @ basis.transpose(0, 2, 1)  # [K, r, r]
+    used = np.diagonal(gram, axis1=1, axis2=2) > 0.5  # [K, r] non-zero rows
+    target = np.eye(basis.shape[1])[None] * used[:, :, None]
+    if np.abs(gram - target).max() > tolerance or np.abs(basis[~used]).max(initial=0.0) > tolerance:
+        raise DensityError("source density directions must be orthonormal (unused ones zero)")
+    if (arrays["variances"] < arrays["residual"][:, None] * (1 - 1e-5)).any():
+        raise DensityError("source density variances must be at least the class's residual variance")

@@ -1,14 +1,15 @@
-"""Choosing the density's temperature, variance floor and rank on validation images.
+"""Choosing the density's temperature, shrinkage, variance floor and rank on validation images.
 
-Density-weighted composition (``common.compose``) has three knobs: the posterior temperature
-per feature dimension (``TEMPERATURE_PER_DIM``), the variance floor (``VARIANCE_FLOOR``) and
-the PPCA rank (``DEFAULT_RANK``). They are chosen here, never on test images: 2,000
-Fashion-MNIST training-split images are split into sources by several partitioners (label
-skew of different strength and disjoint classes), each source fits a linear probe and its
-density on its own images, and every grid point is scored by the density-weighted
-composition's accuracy on 1,000 *other* training-split images (the validation set). The
-experts are linear probes rather than prompts so the grid costs seconds; the product's
-prompts start from exactly such a probe (``common.train``).
+Density-weighted composition (``common.compose``) has four knobs: the posterior temperature
+per feature dimension (``TEMPERATURE_PER_DIM``), the shrinkage of the pooled covariance
+(``SHRINKAGE``), and the variance floor and PPCA rank a source fits its density with
+(``VARIANCE_FLOOR``, ``DEFAULT_RANK``). They are chosen here, never on test images: 2,000
+Fashion-MNIST training-split images are split into sources by several partitioners (IID,
+label skew of different strength, disjoint classes; 5 to 20 sources; two seeds each), each
+source fits a linear probe and its density on its own images, and every grid point is scored
+by the density-weighted composition's accuracy on 1,000 *other* training-split images (the
+validation set). The experts are linear probes rather than prompts so the grid costs
+minutes; the product's prompts start from exactly such a probe (``common.train``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from common.compose import compose_probs, density_weights
+from common.compose import compose_probs
 from common.data import limit_per_partition, load_split
-from common.density import SourceDensity
+from common.density import SourceDensity, pooled_log_densities
 from simulations.common import (
     BankProbe,
     Stopwatch,
@@ -46,23 +48,29 @@ class Settings:
 
     train_images: int
     val_images: int
-    partitions: tuple[str, ...]  # "dirichlet-<alpha>-<sources>" or "classes-<sources>"
+    partitions: tuple[str, ...]  # "iid-<sources>", "dirichlet-<alpha>-<sources>" or "classes-<sources>"
+    seeds: tuple[int, ...]  # each partition is drawn once per seed (offsets to --seed)
     temperatures: tuple[float, ...]  # per feature dimension
+    shrinkages: tuple[float, ...]
     floors: tuple[float, ...]
     ranks: tuple[int, ...]
 
 
-TINY = Settings(64, 32, ("dirichlet-1.0-2",), (0.25,), (0.1,), (2,))
-QUICK = Settings(600, 300, ("dirichlet-0.1-5", "classes-5"), (0.0625, 0.25, 1.0), (0.03, 0.1), (8,))
-FULL = Settings(2000, 1000, ("dirichlet-0.1-5", "dirichlet-0.1-10", "dirichlet-1.0-5", "dirichlet-1.0-10",
-                             "classes-5"),
-                (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0), (0.01, 0.03, 0.1, 0.3), (4, 8, 16))
+TINY = Settings(64, 32, ("dirichlet-1.0-2",), (0,), (1 / 128,), (0.05,), (0.1,), (2,))
+QUICK = Settings(600, 300, ("dirichlet-0.1-5", "classes-5"), (0,), (1 / 512, 1 / 128, 1 / 32), (0.0, 0.05),
+                 (0.1,), (8,))
+FULL = Settings(2000, 1000, ("iid-10", "iid-20", "dirichlet-0.1-5", "dirichlet-0.1-10", "dirichlet-0.1-20",
+                             "dirichlet-1.0-10", "dirichlet-1.0-20", "classes-5"), (0, 1),
+                (1 / 2048, 1 / 1024, 1 / 512, 1 / 256, 1 / 128, 1 / 64, 1 / 32), (0.0, 0.02, 0.05, 0.1, 0.2),
+                (0.03, 0.1, 0.3), (8, 16, 32))
 
 
 def split_sources(labels: np.ndarray, indices: np.ndarray, partition: str, seed: int) -> list[np.ndarray]:
-    """Split ``indices`` into sources: Dirichlet(α) label skew, or disjoint class groups."""
+    """Split ``indices`` into sources: IID, Dirichlet(α) label skew, or disjoint class groups."""
     parts = partition.split("-")
     rng = np.random.default_rng(seed)
+    if parts[0] == "iid":
+        return [np.sort(x) for x in np.array_split(rng.permutation(indices), int(parts[1]))]
     if parts[0] == "classes":
         groups = np.array_split(np.arange(NUM_CLASSES), int(parts[1]))
         return [indices[np.isin(labels[indices], g)] for g in groups]
@@ -90,19 +98,22 @@ def main(argv: list[str] | None = None) -> dict:
     val_feats = torch.as_tensor(bank.features[bank.slots_of(val_idx)], dtype=torch.float64)
     val_labels = bank.labels_of(val_idx)
     rows = []
-    for partition in s.partitions:
-        sources = split_sources(raw.labels, train_idx, partition, args.seed)
-        logits = torch.stack([BankProbe.fit(bank, x).logits(bank, NUM_CLASSES, val_idx) for x in sources])
+    for partition, offset in tqdm(list(itertools.product(s.partitions, s.seeds)), desc="partitions"):
+        sources = split_sources(raw.labels, train_idx, partition, args.seed + offset)
+        logits = torch.stack([BankProbe.fit(bank, x).logits(bank, NUM_CLASSES, val_idx) for x in sources]).double()
         uniform = accuracy(compose_probs(logits), val_labels)
         for rank, floor in itertools.product(s.ranks, s.floors):
             densities = [SourceDensity.fit(torch.as_tensor(bank.features[bank.slots_of(x)]),
                                            torch.as_tensor(bank.labels_of(x)), rank=rank, floor=floor)
                          for x in sources]
-            for t in s.temperatures:
-                weights = density_weights(densities, val_feats, temperature=t * val_feats.shape[1])
-                rows.append({"partition": partition, "sources": len(sources), "rank": rank, "floor": floor,
-                             "temperature_per_dim": t, "uniform": uniform,
-                             "density": accuracy(compose_probs(logits.double(), weights), val_labels)})
+            for shrinkage in s.shrinkages:
+                log_post = pooled_log_densities(densities, val_feats, shrinkage)  # as density_weights, untempered
+                for t in s.temperatures:
+                    weights = (log_post / (t * val_feats.shape[1])).softmax(0)
+                    rows.append({"partition": f"{partition} (seed {args.seed + offset})", "sources": len(sources),
+                                 "rank": rank, "floor": floor, "shrinkage": shrinkage, "temperature_per_dim": t,
+                                 "uniform": uniform,
+                                 "density": accuracy(compose_probs(logits, weights), val_labels)})
     best = _best(rows)
     payload = {"experiment": NAME,
                "setup": setup_record(spec, s, label, args, train_images=s.train_images,
@@ -113,15 +124,16 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
+KNOBS = ("rank", "floor", "shrinkage", "temperature_per_dim")
+
+
 def _best(rows: list[dict]) -> dict:
-    """The (rank, floor, temperature) with the highest mean validation accuracy over partitions."""
-    keys = sorted({(r["rank"], r["floor"], r["temperature_per_dim"]) for r in rows})
-    means = {k: float(np.mean([r["density"] for r in rows if (r["rank"], r["floor"], r["temperature_per_dim"]) == k]))
-             for k in keys}
-    rank, floor, t = max(keys, key=lambda k: (means[k], -abs(np.log(k[2] / 0.25))))
-    return {"rank": rank, "floor": floor, "temperature_per_dim": t, "mean_val_accuracy": means[(rank, floor, t)],
-            "per_partition": {r["partition"]: r["density"] for r in rows
-                              if (r["rank"], r["floor"], r["temperature_per_dim"]) == (rank, floor, t)}}
+    """The knobs with the highest mean validation accuracy over partitions (ties: the first in grid order)."""
+    keys = list(dict.fromkeys(tuple(r[k] for k in KNOBS) for r in rows))
+    means = {key: float(np.mean([r["density"] for r in rows if tuple(r[k] for k in KNOBS) == key])) for key in keys}
+    best = max(keys, key=means.__getitem__)
+    return {**dict(zip(KNOBS, best, strict=True)), "mean_val_accuracy": means[best],
+            "per_partition": {r["partition"]: r["density"] for r in rows if tuple(r[k] for k in KNOBS) == best}}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Source densities (common/density.py): the PPCA log-density is a real Gaussian log-density,
-the posterior weights pick the source an image came from, and bad input is refused."""
+"""Source densities (common/density.py): the PPCA stands for a real covariance, the pooled
+log-densities are real Gaussian log-densities with the pooled covariance, the posterior weights
+pick the source an image came from, and bad input is refused."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from common.compose import compose_probs, density_weights
-from common.density import DensityError, SourceDensity
+from common.density import DensityError, SourceDensity, pooled_log_densities
 
 DIM = 12
 
@@ -27,14 +28,45 @@ def ppca_covariance(d: SourceDensity, k: int) -> torch.Tensor:
     return v.T @ torch.diag(lam) @ v + res * (torch.eye(DIM, dtype=v.dtype) - v.T @ v)
 
 
-def test_log_density_is_the_gaussian_mixture_it_stands_for():
+def test_scatter_is_the_count_weighted_sum_of_class_covariances():
     x, y = clusters([0.0, 3.0])
     d = SourceDensity.fit(x, y, rank=4)
+    expected = sum(d.counts[k] * ppca_covariance(d, k) for k in range(2))
+    torch.testing.assert_close(d.scatter(), expected)
+
+
+def pooled_reference(densities: list[SourceDensity], query: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``log(n_i p(x | i))`` ``[k, B]`` by torch.distributions: class Gaussians sharing the pooled covariance."""
+    cov = sum(ppca_covariance(d, k) * d.counts[k] for d in densities for k in range(len(d.classes)))
+    cov = cov / sum(float(d.counts.sum()) for d in densities)
+    cov = (1 - shrinkage) * cov + shrinkage * torch.trace(cov) / DIM * torch.eye(DIM, dtype=cov.dtype)
+    return torch.stack([torch.logsumexp(torch.stack([MultivariateNormal(d.mean[k], cov).log_prob(query)
+                                                     + d.counts[k].log() for k in range(len(d.classes))], -1), -1)
+                        for d in densities])
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.3, 1.0])
+def test_pooled_log_densities_are_gaussians_with_the_pooled_covariance(shrinkage):
+    a = SourceDensity.fit(*clusters([0.0, 3.0]), rank=4)
+    b = SourceDensity.fit(*clusters([1.0], n=25, seed=1), rank=2)
     query = torch.randn(7, DIM, dtype=torch.float64)
-    prior = torch.tensor([0.5, 0.5], dtype=torch.float64).log()
-    per_class = torch.stack([MultivariateNormal(d.mean[k], ppca_covariance(d, k)).log_prob(query)
-                             for k in range(2)], -1)
-    torch.testing.assert_close(d.log_density(query), torch.logsumexp(per_class + prior, -1))
+    got = pooled_log_densities([a, b], query, shrinkage)
+    expected = pooled_reference([a, b], query, shrinkage)
+    shift = got - expected  # the normaliser shared by every class is left out
+    assert got.shape == (2, 7)
+    torch.testing.assert_close(shift, torch.full_like(shift, float(shift[0, 0])))
+
+
+def test_pooled_log_densities_refuse_a_covariance_that_is_not_positive_definite():
+    d = SourceDensity.fit(*clusters([0.0]), rank=2)
+    direction = torch.zeros(DIM, dtype=torch.float64)
+    direction[0] = 1.0
+    broken = SourceDensity(d.classes, d.counts, d.mean, direction.expand(1, 2, DIM).clone(),
+                           d.residual[:, None].expand(1, 2) * 0.01, d.residual)  # one direction, counted twice
+    with pytest.raises(DensityError, match="positive definite"):
+        pooled_log_densities([broken], torch.zeros(2, DIM), shrinkage=0.0)
+    with pytest.raises(ValueError, match="shrinkage"):
+        pooled_log_densities([d], torch.zeros(2, DIM), shrinkage=1.5)
 
 
 def test_full_rank_fit_recovers_the_sample_covariance():
@@ -74,7 +106,7 @@ def test_density_weighted_composition_fixes_confident_foreign_prompts():
 def test_small_classes_get_a_floored_variance():
     x, y = clusters([0.0, 5.0], n=1)  # one image per class: no spread to estimate
     d = SourceDensity.fit(x, y)
-    assert bool((d.residual > 0).all()) and bool(torch.isfinite(d.log_density(x)).all())
+    assert bool((d.residual > 0).all()) and bool(torch.isfinite(pooled_log_densities([d], x)).all())
     assert d.num_images == 2 and d.classes.tolist() == [0, 1]
 
 
@@ -84,7 +116,8 @@ def test_arrays_round_trip_and_validation():
     assert arrays["classes"].dtype == np.int64 and arrays["mean"].dtype == np.float32
     again = SourceDensity.from_arrays(arrays)
     query = torch.randn(4, DIM, dtype=torch.float64)
-    torch.testing.assert_close(again.log_density(query), d.log_density(query), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pooled_log_densities([again], query), pooled_log_densities([d], query),
+                               rtol=1e-5, atol=1e-4)
     assert SourceDensity.from_arrays(again.to_arrays()).to_arrays().keys() == arrays.keys()
     with pytest.raises(DensityError, match="exactly"):
         SourceDensity.from_arrays({k: v for k, v in arrays.items() if k != "mean"})
@@ -109,6 +142,9 @@ def _corrupt(name: str, value) -> dict:
     (_corrupt("mean", lambda a: a.astype(np.float64)), "float32"),
     (_corrupt("classes", lambda a: a.astype(np.float32)), "int64"),
     (_corrupt("basis", lambda a: a[:, :, :1]), "rank"),
+    (_corrupt("basis", lambda a: np.repeat(a[:, :1], a.shape[1], axis=1)), "orthonormal"),
+    (_corrupt("basis", lambda a: 2 * a), "orthonormal"),
+    (_corrupt("variances", lambda a: a * 1e-3), "residual"),
 ])
 def test_from_arrays_rejects_corrupt_densities(arrays, match):
     with pytest.raises(DensityError, match=match):
