@@ -7,8 +7,8 @@ The composed prediction is the weighted mean of the selected prompts' softmax pr
 * ``Weighting.CONFIDENCE``: each prompt weighted per image by its maximum probability (APT-W);
 * ``Weighting.DENSITY``: each prompt weighted per image by the tempered posterior of its
   source, ``p(source | x) ∝ (n_source · p(x | source))^(1/T)``, from the
-  :class:`~common.density.SourceDensity` each selected source shipped with its prompt (their
-  class Gaussians share the covariance pooled over the selection). A prompt is
+  :class:`~common.density.SourceDensity` each selected source shipped with its prompt (each
+  class's covariance blended with the one pooled over the selection). A prompt is
   confident on any image, also on classes its source never saw; the density says which
   sources' data an image resembles, which fixes label-skewed and class-incremental pools.
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from common.density import SHRINKAGE, SourceDensity, pooled_log_densities
+from common.density import OWN_COVARIANCE, SourceDensity, pooled_log_densities
 
 if TYPE_CHECKING:
     from common.prompt import Prompt
@@ -41,7 +41,7 @@ __all__ = [
 
 # Posterior temperature per feature dimension (T = TEMPERATURE_PER_DIM · D). Chosen on
 # validation images (simulations/tune_density.py), never on test images.
-TEMPERATURE_PER_DIM = 1 / 64
+TEMPERATURE_PER_DIM = 1 / 128
 
 
 class Weighting(str, Enum):
@@ -102,11 +102,11 @@ def composition_weights(weighting: Weighting | str, logits: Tensor, prompts: Seq
 
 
 def density_weights(densities: Sequence[SourceDensity], features: Tensor,
-                    temperature: float | None = None, shrinkage: float = SHRINKAGE) -> Tensor:
+                    temperature: float | None = None, own_covariance: float = OWN_COVARIANCE) -> Tensor:
     """Composition weights ``[k, B]``: the posterior ``p(source i | x) ∝ (n_i · p(x | source i))^(1/T)``
-    of each of the ``k`` sources for each image's pooled backbone features ``[B, D]``, with the
-    class Gaussians of all ``k`` sources sharing their pooled covariance
-    (:func:`~common.density.pooled_log_densities`; ``shrinkage`` as there). ``T`` defaults to
+    of each of the ``k`` sources for each image's pooled backbone features ``[B, D]``, with each
+    class's covariance blended with the one pooled over all ``k`` sources
+    (:func:`~common.density.pooled_log_densities`; ``own_covariance`` as there). ``T`` defaults to
     ``TEMPERATURE_PER_DIM · D``; ``T = 1`` is the untempered posterior."""
     if not densities:
         raise ValueError("density_weights needs at least one source density")
@@ -117,5 +117,5 @@ def density_weights(densities: Sequence[SourceDensity], features: Tensor,
     temperature = TEMPERATURE_PER_DIM * features.shape[-1] if temperature is None else temperature
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    log_post = pooled_log_densities(densities, features, shrinkage)  # [k, B]
+    log_post = pooled_log_densities(densities, features, own_covariance)  # [k, B]
     return (log_post / temperature).softmax(dim=0).to(features.dtype)

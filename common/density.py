@@ -10,18 +10,20 @@ source's data only. A density travels inside its prompt's artefact (``Prompt.den
 removing a source still removes all its information.
 
 At composition time, :func:`pooled_log_densities` scores an image under every class of the
-selected sources with one shared covariance, pooled from all their class covariances (linear
-discriminant analysis over the selection, built from the densities alone): a class's own PPCA
-from a few dozen images in D dimensions mostly measures its sampling noise, the pooled one is
-estimated from every image of the selection. :func:`common.compose.density_weights` turns
-those scores into per-image composition weights. The log-density sums over D strongly
-correlated feature dimensions, so the untempered posterior is nearly one-hot; the posterior
-temperature (``common.compose.TEMPERATURE_PER_DIM``), the shrinkage, the variance floor and
-the rank below are chosen on validation images (``simulations/tune_density.py``).
+selected sources with a covariance that blends the class's own with the one pooled from all
+their classes (regularised discriminant analysis over the selection, built from the densities
+alone): a class's own PPCA from a few dozen images in D dimensions mostly measures its
+sampling noise, the pooled one is estimated from every image of the selection.
+:func:`common.compose.density_weights` turns those scores into per-image composition
+weights. The log-density sums over D strongly correlated feature dimensions, so the
+untempered posterior is nearly one-hot; the posterior temperature
+(``common.compose.TEMPERATURE_PER_DIM``), the blend, the variance floor and the rank below
+are chosen on validation images (``simulations/tune_density.py``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -30,12 +32,12 @@ import torch
 from torch import Tensor
 
 DEFAULT_RANK = 32  # chosen on validation images with the floor below (simulations/tune_density.py)
-VARIANCE_FLOOR = 0.03  # residual variances are at least this fraction of the source's mean variance
-SHRINKAGE = 0.0  # of the pooled covariance towards the identity, chosen with the above
+VARIANCE_FLOOR = 0.1  # residual variances are at least this fraction of the source's mean variance
+OWN_COVARIANCE = 0.05  # weight of a class's own covariance against the pooled one, chosen with the above
 MAX_RANK = 32  # principal directions per class a density may carry
 MAX_DENSITY_BYTES = 4 << 20  # a density's arrays in all (10 classes x rank 32 x 384 dims is 0.51 MB)
 
-__all__ = ["DEFAULT_RANK", "MAX_DENSITY_BYTES", "MAX_RANK", "SHRINKAGE", "VARIANCE_FLOOR", "DensityError",
+__all__ = ["DEFAULT_RANK", "MAX_DENSITY_BYTES", "MAX_RANK", "OWN_COVARIANCE", "VARIANCE_FLOOR", "DensityError",
            "SourceDensity", "pooled_log_densities"]
 
 
@@ -83,10 +85,10 @@ class SourceDensity:
         """``Σ_k n_k C_k`` ``[D, D]`` (float64): the class covariances ``C_k`` its PPCA stands for,
         ``V diag(λ) Vᵀ + σ² (I − V Vᵀ)``, weighted by the class counts ``n_k``."""
         counts, residual = self.counts.to(torch.float64), self.residual.to(torch.float64)
-        basis = self.basis.to(torch.float64)  # [K, r, D]
+        rows = self.basis.to(torch.float64).flatten(0, 1)  # [K r, D]
         extra = (self.variances.to(torch.float64) - residual[:, None]) * counts[:, None]  # [K, r]
-        eye = torch.eye(basis.shape[-1], dtype=torch.float64)
-        return torch.einsum("krd,kr,kre->de", basis, extra, basis) + (counts * residual).sum() * eye
+        eye = torch.eye(rows.shape[-1], dtype=torch.float64)
+        return (rows.T * extra.flatten()) @ rows + (counts * residual).sum() * eye
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The density as numpy arrays (``classes`` int64, the rest float32); ``from_arrays`` inverts it."""
@@ -119,34 +121,55 @@ class SourceDensity:
 
 
 def pooled_log_densities(densities: Sequence[SourceDensity], features: Tensor,
-                         shrinkage: float = SHRINKAGE) -> Tensor:
-    """``log(n_i · p(x | source i))`` ``[k, B]`` of features ``[B, D]``, up to one shared constant.
+                         own_covariance: float = OWN_COVARIANCE) -> Tensor:
+    """``log(n_i · p(x | source i))`` ``[k, B]`` of features ``[B, D]``.
 
-    Every class of every given source is a Gaussian around its mean with one covariance: the
-    count-weighted mean of all their class covariances (linear discriminant analysis over the
-    union of the selected sources, from their densities alone), shrunk towards a multiple of
-    the identity by ``shrinkage``. A class's own PPCA, fitted on a few dozen images in D
-    dimensions, mostly measures its sampling noise; the pooled covariance is estimated from
-    every image of the selection and tells sources apart better (``simulations/tune_density.py``).
+    Each class of each given source is a Gaussian around its mean whose covariance blends the
+    class's own (its PPCA) with weight ``own_covariance`` and the covariance pooled over every
+    class of the given sources (their count-weighted mean) with the rest: regularised
+    discriminant analysis over the union of the selected sources, from their densities alone
+    (Friedman 1989; ``own_covariance = 0`` is linear discriminant analysis). A class's own
+    PPCA, fitted on a few dozen images in D dimensions, mostly measures its sampling noise;
+    the pooled covariance is estimated from every image of the selection and tells sources
+    apart better (``simulations/tune_density.py``). One eigendecomposition of the pooled
+    covariance serves every class: a class adds only its rank-r directions (Woodbury).
     Raises ``DensityError`` when the densities make no usable covariance.
     """
-    if not 0 <= shrinkage <= 1:
-        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
-    dim = features.shape[-1]
+    if not 0 <= own_covariance <= 1:
+        raise ValueError(f"own_covariance must be in [0, 1], got {own_covariance}")
     pooled = sum(d.scatter() for d in densities) / sum(float(d.counts.to(torch.float64).sum()) for d in densities)
-    pooled = (1 - shrinkage) * pooled + shrinkage * (torch.trace(pooled) / dim) * torch.eye(dim, dtype=torch.float64)
-    chol, info = torch.linalg.cholesky_ex(pooled)
-    if int(info) != 0 or not bool(torch.isfinite(chol).all()):
+    eigvals, eigvecs = torch.linalg.eigh(pooled)  # pooled = U diag(s) Uᵀ
+    if not bool(torch.isfinite(eigvals).all()) or float(eigvals.min()) <= 1e-12 * max(float(eigvals.max()), 1e-300):
         raise DensityError("the source densities' pooled covariance is not positive definite; "
                            "refit the densities (their variances are degenerate)")
-    x = _whiten(chol, features)  # [B, D]
-    return torch.stack([torch.logsumexp(d.counts.to(x).log() - 0.5 * torch.cdist(x, _whiten(chol, d.mean)).pow(2), -1)
-                        for d in densities])
+    x = features.detach().to(eigvecs) @ eigvecs  # [B, D] in the pooled eigenbasis
+    return torch.stack([torch.logsumexp(_class_log_gaussians(d, x, eigvals, eigvecs, own_covariance)
+                                        + d.counts.to(x).log(), -1) for d in densities])
 
 
-def _whiten(chol: Tensor, rows: Tensor) -> Tensor:
-    """``L⁻¹ x`` for each row ``x`` of ``rows [n, D]``, with ``chol`` the lower Cholesky factor ``L``."""
-    return torch.linalg.solve_triangular(chol, rows.detach().to(chol).T, upper=False).T
+def _class_log_gaussians(density: SourceDensity, x: Tensor, eigvals: Tensor, eigvecs: Tensor,
+                         own: float) -> Tensor:
+    """``log N(x; μ_c, (1 − own)·P + own·C_c)`` ``[B, K]`` for each class ``c`` of ``density``, with
+    ``x [B, D]`` and the pooled covariance ``P = U diag(s) Uᵀ`` given in its eigenbasis ``U``.
+
+    ``C_c = σ_c² I + V_c diag(λ_c − σ_c²) V_cᵀ``, so the blend is ``A_c + W_c W_cᵀ`` with ``A_c``
+    diagonal in ``U`` and ``W_c [D, r]``: its inverse and log-determinant follow from an
+    ``r × r`` Cholesky factor (Woodbury, matrix determinant lemma)."""
+    dim, rank = x.shape[1], density.basis.shape[1]
+    residual = density.residual.to(x)  # [K]
+    diag = (1 - own) * eigvals[None, :] + own * residual[:, None]  # [K, D]: A_c in the eigenbasis
+    spread = (own * (density.variances.to(x) - residual[:, None])).clamp_min(0).sqrt()  # [K, r]
+    w = torch.einsum("krd,de,kr->ker", density.basis.to(x), eigvecs, spread)  # [K, D, r]
+    inner = torch.eye(rank, dtype=x.dtype) + torch.einsum("kdr,kd,kds->krs", w, 1 / diag, w)  # [K, r, r]
+    chol = torch.linalg.cholesky(inner)  # [K, r, r]
+    centred = x[:, None, :] - (density.mean.to(x) @ eigvecs)[None]  # [B, K, D]
+    z = centred / diag[None]  # [B, K, D]: A⁻¹(x − μ)
+    centred_sq = (z * centred).sum(-1)  # [B, K]
+    proj = torch.einsum("kdr,bkd->kbr", w, z)  # [K, B, r]
+    solved = torch.linalg.solve_triangular(chol, proj.transpose(1, 2), upper=False)  # [K, r, B]
+    mahalanobis = centred_sq - solved.pow(2).sum(1).T  # [B, K]
+    log_det = diag.log().sum(-1) + 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)  # [K]
+    return -0.5 * (mahalanobis + log_det + dim * math.log(2 * math.pi))
 
 
 def _fit_class(x: Tensor, rank: int, floor: float) -> tuple[Tensor, ...]:

@@ -64,7 +64,7 @@ import torch
 
 from common.compose import TEMPERATURE_PER_DIM, compose_probs, density_weights
 from common.data import load_split, train_val_split
-from common.density import DEFAULT_RANK, SHRINKAGE, VARIANCE_FLOOR
+from common.density import DEFAULT_RANK, OWN_COVARIANCE, VARIANCE_FLOOR
 from common.model import APTViT
 from common.probe import L2_GRID, fit_probe
 from simulations.common import (
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
                               val_images=int(sum(len(t.val) for t in tasks)),
                               test_images=int(sum(len(t.test) for t in tasks)),
                               density_rank=DEFAULT_RANK, density_floor=VARIANCE_FLOOR,
-                              density_shrinkage=SHRINKAGE,
+                              density_own_covariance=OWN_COVARIANCE,
                               temperature_per_dim=TEMPERATURE_PER_DIM,
                               torch_threads=torch.get_num_threads(), seconds=clock.seconds()),
         "summary": rows, "matrices": matrices, "training": log, "task_inference": task_inference,

@@ -116,15 +116,15 @@ def tune_density_section(folder: Path, payload: dict, output: Path) -> str:
     s = payload["setup"]
     best = payload["chosen"]
     body = [
-        "## 0c. Choosing the density's temperature, shrinkage, floor and rank (validation images)",
+        "## 0c. Choosing the density's temperature, covariance blend, floor and rank (validation images)",
         "`python -m simulations.tune_density` — training-split images only: sources (IID, label-skewed and "
         "disjoint-class partitions, two draws each) fit a linear probe and a density each on their own images, "
         "and every grid point is scored by the density-weighted composition's accuracy on other training-split "
-        "images. The product's constants (`common.compose.TEMPERATURE_PER_DIM`, `common.density.SHRINKAGE`, "
+        "images. The product's constants (`common.compose.TEMPERATURE_PER_DIM`, `common.density.OWN_COVARIANCE`, "
         "`VARIANCE_FLOOR`, `DEFAULT_RANK`) are the best mean over partitions; the rank grid ends at "
         "`common.density.MAX_RANK`, the most directions per class a density may carry.",
         setup_line(s, f"{s['train_images']} training / {s['val_images']} validation images"),
-        f"**Chosen: rank {best['rank']}, floor {best['floor']}, shrinkage {best['shrinkage']:g}, "
+        f"**Chosen: rank {best['rank']}, floor {best['floor']}, own covariance {best['own_covariance']:g}, "
         f"temperature {best['temperature_per_dim']:g} × D** "
         f"(mean validation accuracy {pct(best['mean_val_accuracy'])}).",
         table(["partition", "uniform (val.)", "density at the chosen point (val.)"],

@@ -1,8 +1,8 @@
-"""Choosing the density's temperature, shrinkage, variance floor and rank on validation images.
+"""Choosing the density's temperature, covariance blend, variance floor and rank on validation images.
 
 Density-weighted composition (``common.compose``) has four knobs: the posterior temperature
-per feature dimension (``TEMPERATURE_PER_DIM``), the shrinkage of the pooled covariance
-(``SHRINKAGE``), and the variance floor and PPCA rank a source fits its density with
+per feature dimension (``TEMPERATURE_PER_DIM``), the weight of a class's own covariance
+against the pooled one (``OWN_COVARIANCE``), and the variance floor and PPCA rank a source fits its density with
 (``VARIANCE_FLOOR``, ``DEFAULT_RANK``). They are chosen here, never on test images: 2,000
 Fashion-MNIST training-split images are split into sources by several partitioners (IID,
 label skew of different strength, disjoint classes; 5 to 20 sources; two seeds each), each
@@ -51,18 +51,18 @@ class Settings:
     partitions: tuple[str, ...]  # "iid-<sources>", "dirichlet-<alpha>-<sources>" or "classes-<sources>"
     seeds: tuple[int, ...]  # each partition is drawn once per seed (offsets to --seed)
     temperatures: tuple[float, ...]  # per feature dimension
-    shrinkages: tuple[float, ...]
+    own_covariances: tuple[float, ...]  # weight of a class's own covariance against the pooled one
     floors: tuple[float, ...]
     ranks: tuple[int, ...]
 
 
-TINY = Settings(64, 32, ("dirichlet-1.0-2",), (0,), (1 / 128,), (0.05,), (0.1,), (2,))
-QUICK = Settings(600, 300, ("dirichlet-0.1-5", "classes-5"), (0,), (1 / 512, 1 / 128, 1 / 32), (0.0, 0.05),
+TINY = Settings(64, 32, ("dirichlet-1.0-2",), (0,), (1 / 128,), (0.1,), (0.1,), (2,))
+QUICK = Settings(600, 300, ("dirichlet-0.1-5", "classes-5"), (0,), (1 / 512, 1 / 128, 1 / 32), (0.0, 0.1),
                  (0.1,), (8,))
 FULL = Settings(2000, 1000, ("iid-10", "iid-20", "dirichlet-0.1-5", "dirichlet-0.1-10", "dirichlet-0.1-20",
                              "dirichlet-1.0-10", "dirichlet-1.0-20", "classes-5"), (0, 1),
-                (1 / 2048, 1 / 1024, 1 / 512, 1 / 256, 1 / 128, 1 / 64, 1 / 32), (0.0, 0.02, 0.05, 0.1, 0.2),
-                (0.03, 0.1, 0.3), (8, 16, 32))
+                (1 / 512, 1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16), (0.0, 0.05, 0.1, 0.2),
+                (0.01, 0.03, 0.1), (16, 32))
 
 
 def split_sources(labels: np.ndarray, indices: np.ndarray, partition: str, seed: int) -> list[np.ndarray]:
@@ -106,12 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
             densities = [SourceDensity.fit(torch.as_tensor(bank.features[bank.slots_of(x)]),
                                            torch.as_tensor(bank.labels_of(x)), rank=rank, floor=floor)
                          for x in sources]
-            for shrinkage in s.shrinkages:
-                log_post = pooled_log_densities(densities, val_feats, shrinkage)  # as density_weights, untempered
+            for own in s.own_covariances:
+                log_post = pooled_log_densities(densities, val_feats, own)  # as density_weights, untempered
                 for t in s.temperatures:
                     weights = (log_post / (t * val_feats.shape[1])).softmax(0)
                     rows.append({"partition": f"{partition} (seed {args.seed + offset})", "sources": len(sources),
-                                 "rank": rank, "floor": floor, "shrinkage": shrinkage, "temperature_per_dim": t,
+                                 "rank": rank, "floor": floor, "own_covariance": own, "temperature_per_dim": t,
                                  "uniform": uniform,
                                  "density": accuracy(compose_probs(logits, weights), val_labels)})
     best = _best(rows)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
-KNOBS = ("rank", "floor", "shrinkage", "temperature_per_dim")
+KNOBS = ("rank", "floor", "own_covariance", "temperature_per_dim")
 
 
 def _best(rows: list[dict]) -> dict:

@@ -1,5 +1,5 @@
 """Source densities (common/density.py): the PPCA stands for a real covariance, the pooled
-log-densities are real Gaussian log-densities with the pooled covariance, the posterior weights
+log-densities are real Gaussian log-densities with the blended covariance, the posterior weights
 pick the source an image came from, and bad input is refused."""
 
 from __future__ import annotations
@@ -35,26 +35,24 @@ def test_scatter_is_the_count_weighted_sum_of_class_covariances():
     torch.testing.assert_close(d.scatter(), expected)
 
 
-def pooled_reference(densities: list[SourceDensity], query: torch.Tensor, shrinkage: float) -> torch.Tensor:
-    """``log(n_i p(x | i))`` ``[k, B]`` by torch.distributions: class Gaussians sharing the pooled covariance."""
-    cov = sum(ppca_covariance(d, k) * d.counts[k] for d in densities for k in range(len(d.classes)))
-    cov = cov / sum(float(d.counts.sum()) for d in densities)
-    cov = (1 - shrinkage) * cov + shrinkage * torch.trace(cov) / DIM * torch.eye(DIM, dtype=cov.dtype)
-    return torch.stack([torch.logsumexp(torch.stack([MultivariateNormal(d.mean[k], cov).log_prob(query)
-                                                     + d.counts[k].log() for k in range(len(d.classes))], -1), -1)
-                        for d in densities])
+def pooled_reference(densities: list[SourceDensity], query: torch.Tensor, own: float) -> torch.Tensor:
+    """``log(n_i p(x | i))`` ``[k, B]`` by torch.distributions: class Gaussians whose covariance blends
+    their own (weight ``own``) with the pooled one."""
+    pooled = sum(ppca_covariance(d, k) * d.counts[k] for d in densities for k in range(len(d.classes)))
+    pooled = pooled / sum(float(d.counts.sum()) for d in densities)
+    return torch.stack([torch.logsumexp(torch.stack([
+        MultivariateNormal(d.mean[k], (1 - own) * pooled + own * ppca_covariance(d, k)).log_prob(query)
+        + d.counts[k].log() for k in range(len(d.classes))], -1), -1) for d in densities])
 
 
-@pytest.mark.parametrize("shrinkage", [0.0, 0.3, 1.0])
-def test_pooled_log_densities_are_gaussians_with_the_pooled_covariance(shrinkage):
+@pytest.mark.parametrize("own", [0.0, 0.1, 0.7, 1.0])
+def test_pooled_log_densities_are_gaussians_with_the_blended_covariance(own):
     a = SourceDensity.fit(*clusters([0.0, 3.0]), rank=4)
     b = SourceDensity.fit(*clusters([1.0], n=25, seed=1), rank=2)
     query = torch.randn(7, DIM, dtype=torch.float64)
-    got = pooled_log_densities([a, b], query, shrinkage)
-    expected = pooled_reference([a, b], query, shrinkage)
-    shift = got - expected  # the normaliser shared by every class is left out
+    got = pooled_log_densities([a, b], query, own)
     assert got.shape == (2, 7)
-    torch.testing.assert_close(shift, torch.full_like(shift, float(shift[0, 0])))
+    torch.testing.assert_close(got, pooled_reference([a, b], query, own))
 
 
 def test_pooled_log_densities_refuse_a_covariance_that_is_not_positive_definite():
@@ -64,9 +62,9 @@ def test_pooled_log_densities_refuse_a_covariance_that_is_not_positive_definite(
     broken = SourceDensity(d.classes, d.counts, d.mean, direction.expand(1, 2, DIM).clone(),
                            d.residual[:, None].expand(1, 2) * 0.01, d.residual)  # one direction, counted twice
     with pytest.raises(DensityError, match="positive definite"):
-        pooled_log_densities([broken], torch.zeros(2, DIM), shrinkage=0.0)
-    with pytest.raises(ValueError, match="shrinkage"):
-        pooled_log_densities([d], torch.zeros(2, DIM), shrinkage=1.5)
+        pooled_log_densities([broken], torch.zeros(2, DIM), own_covariance=0.0)
+    with pytest.raises(ValueError, match="own_covariance"):
+        pooled_log_densities([d], torch.zeros(2, DIM), own_covariance=1.5)
 
 
 def test_full_rank_fit_recovers_the_sample_covariance():

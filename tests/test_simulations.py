@@ -187,8 +187,8 @@ def test_probe_curve_tiny(data_dir, results, tmp_path):
 def test_tune_density_tiny(data_dir, results, tmp_path):
     payload = run_tiny("tune_density", data_dir, results, tmp_path)
     chosen = payload["chosen"]
-    knobs = (chosen["rank"], chosen["floor"], chosen["shrinkage"], chosen["temperature_per_dim"])
-    assert knobs == (2, 0.1, 0.05, 1 / 128)  # TINY's one point
+    knobs = (chosen["rank"], chosen["floor"], chosen["own_covariance"], chosen["temperature_per_dim"])
+    assert knobs == (2, 0.1, 0.1, 1 / 128)  # TINY's one point
     assert 0.0 <= chosen["mean_val_accuracy"] <= 1.0 and payload["grid"]
 
 
