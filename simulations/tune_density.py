@@ -3,13 +3,14 @@
 Density-weighted composition (``common.compose``) has four knobs: the posterior temperature
 per feature dimension (``TEMPERATURE_PER_DIM``), the weight of a class's own covariance
 against the pooled one (``OWN_COVARIANCE``), and the variance floor and PPCA rank a source
-fits its density with (``VARIANCE_FLOOR``, ``DEFAULT_RANK``). They are chosen here, never on test images: 2,000
-Fashion-MNIST training-split images are split into sources by several partitioners (IID,
-label skew of different strength, disjoint classes; 5 to 20 sources; two seeds each), each
-source fits a linear probe and its density on its own images, and every grid point is scored
-by the density-weighted composition's accuracy on 1,000 *other* training-split images (the
-validation set). The experts are linear probes rather than prompts so the grid costs
-minutes; the product's prompts start from exactly such a probe (``common.train``).
+fits its density with (``VARIANCE_FLOOR``, ``DEFAULT_RANK``). They are chosen here, never on
+test images: 2,000 Fashion-MNIST training-split images are split into sources by several
+partitioners (IID, label skew of different strength, disjoint classes; 5 to 20 sources; two
+seeds each), each source fits a linear probe and its density on its own images, and every
+grid point is scored by the density-weighted composition's accuracy on 1,000 *other*
+training-split images (the validation set). The experts are linear probes rather than
+prompts so the grid costs minutes; the product's prompts start from exactly such a probe
+(``common.train``).
 """
 
 from __future__ import annotations
