@@ -37,6 +37,7 @@ __all__ = [
     "composition_weights",
     "default_weighting",
     "density_weights",
+    "tempered_posterior",
 ]
 
 # Posterior temperature per feature dimension (T = TEMPERATURE_PER_DIM · D). Chosen on
@@ -117,5 +118,9 @@ def density_weights(densities: Sequence[SourceDensity], features: Tensor,
     temperature = TEMPERATURE_PER_DIM * features.shape[-1] if temperature is None else temperature
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    log_post = pooled_log_densities(densities, features, own_covariance)  # [k, B]
-    return (log_post / temperature).softmax(dim=0).to(features.dtype)
+    return tempered_posterior(pooled_log_densities(densities, features, own_covariance), temperature).to(features.dtype)
+
+
+def tempered_posterior(log_post: Tensor, temperature: float) -> Tensor:
+    """Softmax over sources (dim 0) of ``log(n_i · p(x | source i)) / T`` ``[k, B]``."""
+    return (log_post / temperature).softmax(dim=0)

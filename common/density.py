@@ -137,7 +137,7 @@ def pooled_log_densities(densities: Sequence[SourceDensity], features: Tensor,
     """
     if not 0 <= own_covariance <= 1:
         raise ValueError(f"own_covariance must be in [0, 1], got {own_covariance}")
-    pooled = sum(d.scatter() for d in densities) / sum(float(d.counts.to(torch.float64).sum()) for d in densities)
+    pooled = sum(d.scatter() for d in densities) / sum(d.num_images for d in densities)
     eigvals, eigvecs = torch.linalg.eigh(pooled)  # pooled = U diag(s) Uᵀ
     if not bool(torch.isfinite(eigvals).all()) or float(eigvals.min()) <= 1e-12 * max(float(eigvals.max()), 1e-300):
         raise DensityError("the source densities' pooled covariance is not positive definite; "

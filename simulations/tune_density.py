@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.compose import compose_probs
+from common.compose import compose_probs, tempered_posterior
 from common.data import limit_per_partition, load_split
 from common.density import SourceDensity, pooled_log_densities
 from simulations.common import (
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
             for own in s.own_covariances:
                 log_post = pooled_log_densities(densities, val_feats, own)  # as density_weights, untempered
                 for t in s.temperatures:
-                    weights = (log_post / (t * val_feats.shape[1])).softmax(0)
+                    weights = tempered_posterior(log_post, t * val_feats.shape[1])
                     rows.append({"partition": f"{partition} (seed {args.seed + offset})", "sources": len(sources),
                                  "rank": rank, "floor": floor, "own_covariance": own, "temperature_per_dim": t,
                                  "uniform": uniform,
