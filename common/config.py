@@ -52,6 +52,8 @@ class AppConfig:
     probe_init: bool = _key(True, "start a fresh prompt as a linear probe on the backbone's pooled features (LP-FT)")
     selection_margin: float = _key(1.0, "keep a tuned epoch only if its validation loss beats the untuned prompt's "
                                         "by more than this many standard errors")
+    head_lr_scale: float = _key(0.01, "learning rate of a head that starts fitted (probe-init, later rounds), "
+                                      "as a fraction of learning-rate")
     share_density: bool = _key(True, "send the source's feature density with its prompt (density weighting)")
     mode: Mode = _key(Mode.ALACARTE, f"one of {', '.join(Mode)}: a pool of prompts, or one FedAvg-averaged prompt")
     backbone: str = _key(DEFAULT_BACKBONE, "timm ViT name of the frozen backbone")
@@ -112,14 +114,15 @@ class AppConfig:
             raise ConfigError(f"selection-margin must be >= 0, got {self.selection_margin}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.learning_rate <= 0 or self.reply_timeout <= 0:
-            raise ConfigError("learning-rate and reply-timeout must be > 0")
+        if not all(value > 0 for value in (self.learning_rate, self.head_lr_scale, self.reply_timeout)):
+            raise ConfigError("learning-rate, head-lr-scale and reply-timeout must be > 0")
 
     def train_config(self) -> TrainConfig:
         """The client's training recipe (``common.train``) from the run config."""
         return TrainConfig(epochs=self.local_epochs, min_steps=self.min_steps, lr=self.learning_rate,
                            label_smoothing=self.label_smoothing, probe_init=self.probe_init,
-                           selection_margin=self.selection_margin, progress=self.progress)
+                           selection_margin=self.selection_margin, head_lr_scale=self.head_lr_scale,
+                           progress=self.progress)
 
     def checkpoint_path(self) -> str | None:
         """The backbone weights file: ``checkpoint``, else the one ``alacarte setup`` prepared."""

@@ -8,7 +8,13 @@ The recipe of a source's prompt (LP-FT with selection on validation loss):
    prompt starts as exactly that linear probe (the reference every prompt is measured against).
 2. **Prompt tuning.** Tokens, memory and head are tuned with AdamW and a cosine schedule
    for ``epochs`` epochs but at least ``min_steps`` optimiser steps, so small shards are not
-   starved of steps.
+   starved of steps. A probe-initialised head first shares its probe between its two halves
+   (prompt columns and pooled-feature columns each get half): the prompt's output starts
+   near the class token's, so the logits stay near the probe's while the prompt columns,
+   no longer zero, pass gradients to tokens and memory. A head that starts fitted (probe-
+   initialised, or trained in an earlier round) learns at ``head_lr_scale`` × ``lr``: AdamW's
+   normalised steps at the tokens' rate would throw the probe away within the first epoch.
+   A zero head (``probe_init=False``) learns at ``lr``.
 3. **Selection.** With validation data, the per-example validation loss is measured before
    tuning and after every epoch. A tuned epoch is eligible only if its mean loss is lower than
    the untuned prompt's by more than ``selection_margin`` standard errors of the paired
@@ -60,6 +66,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     probe_init: bool = True
     selection_margin: float = 1.0  # standard errors a tuned epoch must win by (see the module doc)
+    head_lr_scale: float = 0.01  # the head's learning rate as a fraction of ``lr`` (see the module doc)
     progress: bool = True
 
 
@@ -142,6 +149,14 @@ def _validation_losses(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[
     return torch.cat(losses) if losses else torch.zeros(0)
 
 
+@torch.no_grad()
+def _share_head(prompt: Prompt) -> None:
+    """Split a probe head ``[0 ; W]`` into ``[W/2 ; W/2]`` (prompt columns ; pooled-feature columns)."""
+    D = prompt.config.embed_dim
+    prompt.head.weight[:, D:] /= 2
+    prompt.head.weight[:, :D] = prompt.head.weight[:, D:]
+
+
 def _head_is_zero(prompt: Prompt) -> bool:
     return not bool(prompt.head.weight.any()) and not bool(prompt.head.bias.any())
 
@@ -163,8 +178,9 @@ def train_prompt(
     and wall-clock ``seconds``. ``prompt.config.num_examples`` is updated.
     """
     config = config or TrainConfig()
-    if config.epochs < 1 or config.min_steps < 0:
-        raise ValueError(f"epochs must be >= 1 and min-steps >= 0, got {config.epochs} and {config.min_steps}")
+    if config.epochs < 1 or config.min_steps < 0 or not config.head_lr_scale > 0:
+        raise ValueError(f"epochs must be >= 1, min-steps >= 0 and head-lr-scale > 0, got {config.epochs}, "
+                         f"{config.min_steps} and {config.head_lr_scale}")
     batches = len(loader)
     if batches == 0:
         raise ValueError("the training loader is empty; this source has no examples")
@@ -174,7 +190,12 @@ def train_prompt(
     epochs = planned_epochs(batches, config)
     validate = (lambda: _validation_losses(model, prompt, val_loader, cache)) if val_loader is not None else None
     best = _Selection(validate(), prompt, config.selection_margin) if validate else None
-    optimizer = torch.optim.AdamW(prompt.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if probe_init:
+        _share_head(prompt)
+    head_lr = config.lr * (1.0 if _head_is_zero(prompt) else config.head_lr_scale)
+    optimizer = torch.optim.AdamW([{"params": [prompt.tokens, prompt.memory]},
+                                   {"params": list(prompt.head.parameters()), "lr": head_lr}],
+                                  lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches)
     prompt.train()
     for epoch in range(epochs):

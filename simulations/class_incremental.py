@@ -68,6 +68,7 @@ from common.density import DEFAULT_RANK, OWN_COVARIANCE, VARIANCE_FLOOR
 from common.model import APTViT
 from common.probe import L2_GRID, fit_probe
 from simulations.common import (
+    LR,
     Bank,
     BankProbe,
     Stopwatch,
@@ -114,9 +115,9 @@ class Settings:
     probe_cv: bool = True  # probe L2 by cross-validation (False: the grid's middle value; smoke tests only)
 
 
-TINY = Settings(4, 3, 0.25, 1, 2, 16, 3e-3, probe_cv=False)
-QUICK = Settings(20, 12, 0.2, 10, 20, 32, 3e-3)
-FULL = Settings(240, 100, 0.1, 10, 100, 32, 3e-3)  # the product's recipe (TrainConfig defaults, batch 32)
+TINY = Settings(4, 3, 0.25, 1, 2, 16, LR, probe_cv=False)
+QUICK = Settings(20, 12, 0.2, 10, 20, 32, LR)
+FULL = Settings(240, 100, 0.1, 10, 100, 32, LR)  # the product's recipe (TrainConfig defaults, batch 32)
 
 
 @dataclass

@@ -63,6 +63,7 @@ from common.train import TrainConfig, train_prompt  # noqa: E402
 RESULTS_ROOT = Path("results")  # relative: under the working directory, never the package
 WORK_ROOT = Path("/tmp/alacarte-sim")
 SIM_RECORD = "simulation"
+LR = TrainConfig().lr  # every experiment's prompts learn at the product's rate (chosen by main_job --sweep)
 P = TypeVar("P")
 
 
@@ -342,9 +343,10 @@ def train_on_bank(model: APTViT, prompt: Prompt, bank: Bank, indices: np.ndarray
                         val_loader=val)
 
 
-def recipe(epochs: int, lr: float, min_steps: int = 100, selection_margin: float = 1.0) -> TrainConfig:
-    """The product's training recipe with these epochs / learning rate / selection margin, quiet."""
-    return TrainConfig(epochs=epochs, lr=lr, min_steps=min_steps, selection_margin=selection_margin, progress=False)
+def recipe(epochs: int, lr: float, min_steps: int = 100, **knobs: float) -> TrainConfig:
+    """The product's training recipe with these epochs / learning rate / step floor and any other
+    ``TrainConfig`` knobs (``selection_margin``, ``head_lr_scale``), quiet."""
+    return TrainConfig(epochs=epochs, lr=lr, min_steps=min_steps, progress=False, **knobs)
 
 
 @dataclass(frozen=True)

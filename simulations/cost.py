@@ -42,6 +42,7 @@ from common.model import APTViT
 from common.records import prompt_records
 from common.train import TrainConfig
 from simulations.common import (
+    LR,
     BackboneSpec,
     Bank,
     Federation,
@@ -65,7 +66,7 @@ from simulations.common import (
 
 NAME = "cost"
 NUM_CLASSES = 10
-ONE_EPOCH = TrainConfig(epochs=1, min_steps=0, lr=3e-3, probe_init=False, progress=False)  # the batched epoch's work
+ONE_EPOCH = TrainConfig(epochs=1, min_steps=0, lr=LR, probe_init=False, progress=False)  # the batched epoch's work
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ FULL = Settings(1000, 500, 128, 32, 10, 100, (1, 2, 4, 8, 16, 32, 64), 8, 16, (2
 def batched_epoch(model: APTViT, prompts: list, bank: Bank, indices: np.ndarray, batch_size: int) -> None:
     """One epoch of all ``prompts`` at once: one batched APT pass and one optimiser step per batch."""
     params = [p for prompt in prompts for p in prompt.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    optimizer = torch.optim.AdamW(params, lr=LR)
     for _, labels, idx in bank.loader(indices, batch_size, seed=0):
         logits = model.forward_kv(*bank.cache.fetch(idx, torch.zeros(0)), prompts)  # [k, B, C]
         loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(prompts)))
@@ -125,7 +126,7 @@ def recipe_row(model: APTViT, bank: Bank, s: Settings, seed: int) -> dict:
     (10% of them, by seed, as its validation split): seconds, steps, epochs."""
     fit, val = train_val_split(bank.index[:s.epoch_images], 0.1, seed)
     prompt = fresh_prompt(model, NUM_CLASSES, seed=seed)
-    metrics = train_on_bank(model, prompt, bank, fit, recipe(s.epochs, 3e-3, s.min_steps), s.batch_size, seed,
+    metrics = train_on_bank(model, prompt, bank, fit, recipe(s.epochs, LR, s.min_steps), s.batch_size, seed,
                             val_indices=val)
     return {"train_images": len(fit), "val_images": len(val), "steps": int(metrics["steps"]),
             "epochs": int(metrics["epochs"]), "selected_epoch": int(metrics["selected_epoch"]),

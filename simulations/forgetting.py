@@ -41,6 +41,7 @@ from common.prompt import Prompt
 from common.train import planned_epochs
 from server.pool import PromptPool
 from simulations.common import (
+    LR,
     Bank,
     Federation,
     Stopwatch,
@@ -82,9 +83,9 @@ class Settings:
     val_fraction: float  # of each source's shard, its validation split
 
 
-TINY = Settings(48, 32, 2, "classes", 1.0, 1, 2, 16, 3e-3, 0.1)
-QUICK = Settings(96, 96, 3, "classes", 1.0, 10, 20, 32, 3e-3, 0.1)
-FULL = Settings(1000, 500, 5, "classes", 1.0, 10, 100, 32, 3e-3, 0.1)  # the product's recipe defaults
+TINY = Settings(48, 32, 2, "classes", 1.0, 1, 2, 16, LR, 0.1)
+QUICK = Settings(96, 96, 3, "classes", 1.0, 10, 20, 32, LR, 0.1)
+FULL = Settings(1000, 500, 5, "classes", 1.0, 10, 100, 32, LR, 0.1)  # the product's recipe defaults
 
 
 def federations(s: Settings, run_config: dict, work: Path) -> list[Federation]:

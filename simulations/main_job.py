@@ -13,10 +13,10 @@ server's 1,000 test images it compares
   the per-source probes (same two weightings) and with **one probe on the union** of the
   sources' training images (the paragon of linear probing).
 
-``--sweep`` also chooses the recipe's defaults: every (learning rate, epochs, selection
-margin) of a small grid
-trains the five prompts, scored on 1,000 *validation* images drawn from the training split
-outside every source's shard (never on the test images).
+``--sweep`` also chooses the recipe's defaults: every (learning rate, head learning-rate
+scale, epochs, selection margin) of a small grid trains the five prompts, scored on 1,000
+*validation* images drawn from the training split outside every source's shard (never on
+the test images).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class Settings:
     """What to run besides the comparison (the shards are always the main job's)."""
 
     sweep_lrs: tuple[float, ...]
+    sweep_head_lr_scales: tuple[float, ...]
     sweep_epochs: tuple[int, ...]
     sweep_margins: tuple[float, ...]
     validation_images: int
@@ -74,9 +75,9 @@ class Settings:
         return AppConfig(data_dir=data_dir, **{k: v for k, v in sizes.items() if v >= 0})
 
 
-TINY = Settings((3e-3,), (1,), (1.0,), 32, 2, 20)
-QUICK = Settings((3e-3,), (10,), (1.0,), 200, -1, -1)
-FULL = Settings((1e-3, 3e-3), (5, 10), (1.0, 2.0), 1000, -1, -1)
+TINY = Settings((3e-3,), (0.01,), (1,), (1.0,), 32, 2, 20)
+QUICK = Settings((3e-3,), (0.01,), (10,), (1.0,), 200, -1, -1)
+FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (1.0,), 1000, -1, -1)
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,15 @@ def validation_indices(config: AppConfig, sources: list[Source], n: int, seed: i
 
 
 def train_prompts(model: APTViT, bank: Bank, sources: list[Source], config: AppConfig, lr: float,
-                  epochs: int, margin: float) -> tuple[list[Prompt], list[dict]]:
+                  head_lr_scale: float, epochs: int, margin: float) -> tuple[list[Prompt], list[dict]]:
     """Each source's prompt with the product's recipe on its own train/validation split."""
     prompts, metrics = [], []
+    plan = recipe(epochs, lr, config.min_steps, selection_margin=margin, head_lr_scale=head_lr_scale)
     for src in sources:
         labels = sorted(set(bank.labels_of(src.train).tolist()))
         prompt = fresh_prompt(model, NUM_CLASSES, seed=0, labels=labels, source=src.name)
-        metrics.append(train_on_bank(model, prompt, bank, src.train, recipe(epochs, lr, config.min_steps, margin),
-                                     config.batch_size, config.partition_seed, src.val))
+        metrics.append(train_on_bank(model, prompt, bank, src.train, plan, config.batch_size,
+                                     config.partition_seed, src.val))
         prompt.density = bank.density_of(src.train)
         prompts.append(prompt)
     return prompts, metrics
@@ -150,15 +152,17 @@ def comparison(model: APTViT, train: Bank, test: Bank, sources: list[Source], pr
 
 def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
           s: Settings) -> list[dict]:
-    """Every (lr, epochs, selection margin) of the grid scored on the held-out validation images."""
+    """Every (lr, head lr scale, epochs, selection margin) of the grid scored on the held-out validation images."""
     rows = []
     labels = bank.labels_of(val)
-    for lr, epochs, margin in itertools.product(s.sweep_lrs, s.sweep_epochs, s.sweep_margins):
-        prompts, metrics = train_prompts(model, bank, sources, config, lr, epochs, margin)
+    for lr, scale, epochs, margin in itertools.product(s.sweep_lrs, s.sweep_head_lr_scales, s.sweep_epochs,
+                                                       s.sweep_margins):
+        prompts, metrics = train_prompts(model, bank, sources, config, lr, scale, epochs, margin)
         logits = bank_logits(model, bank, prompts, val)
         alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(prompts))]
         both = composed(logits, [p.density for p in prompts], bank, val)
-        rows.append({"lr": lr, "epochs": epochs, "selection_margin": margin, "min_steps": config.min_steps,
+        rows.append({"lr": lr, "head_lr_scale": scale, "epochs": epochs, "selection_margin": margin,
+                     "min_steps": config.min_steps,
                      "val_alone_mean": float(np.mean(alone)),
                      "val_composed_uniform": both["uniform"], "val_composed_density": both["density"],
                      "kept_epochs": " ".join(str(m["selected_epoch"]) for m in metrics),
@@ -191,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = list(pool_prompts(args.pool, model).values())
         how = f"read from the pool {args.pool}"
     else:
-        prompts, _ = train_prompts(model, bank, sources, config, config.learning_rate, config.local_epochs,
-                                   config.selection_margin)
+        prompts, _ = train_prompts(model, bank, sources, config, config.learning_rate, config.head_lr_scale,
+                                   config.local_epochs, config.selection_margin)
         how = "trained here with the product's recipe and defaults"
     payload = {"experiment": NAME,
                "setup": setup_record(spec, s, label, args, prompts=how, test_images=len(test),

@@ -23,6 +23,7 @@ import numpy as np
 
 from common.data import limit_per_partition, load_split, train_val_split
 from simulations.common import (
+    LR,
     BankProbe,
     Stopwatch,
     accuracy,
@@ -58,9 +59,9 @@ class Settings:
     batch_size: int
 
 
-TINY = Settings((16, 32), 32, 1, 0, 3e-3, 16)
-QUICK = Settings((50, 200), 300, 5, 20, 3e-3, 32)
-FULL = Settings((50, 100, 200, 400, 800, 1600), 1000, 10, 100, 3e-3, 32)
+TINY = Settings((16, 32), 32, 1, 0, LR, 16)
+QUICK = Settings((50, 200), 300, 5, 20, LR, 32)
+FULL = Settings((50, 100, 200, 400, 800, 1600), 1000, 10, 100, LR, 32)
 
 
 def main(argv: list[str] | None = None) -> dict:

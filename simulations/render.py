@@ -77,14 +77,16 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
     if "sweep" in payload:
         body += [
             "### Choosing the recipe's defaults (validation images, never the test images)",
-            "Every (learning rate, epochs, selection margin) of the grid trains the five prompts (at least the "
-            "profile's minimum of steps); each is scored on images of the training split outside every source's "
-            "shard. The product's defaults are chosen from these rows by mean per-source validation accuracy "
-            "(rows within noise of each other keep the existing default).",
-            table(["lr", "epochs", "min. steps", "selection margin (SE)", "per-source val. accuracy (mean)",
-                   "composed uniform (val.)", "composed density (val.)", "kept epochs", "steps"],
-                  [[r["lr"], r["epochs"], r["min_steps"], r["selection_margin"], pct(r["val_alone_mean"]),
-                    pct(r["val_composed_uniform"]), pct(r["val_composed_density"]), r["kept_epochs"], r["steps"]]
+            "Every (learning rate, head learning-rate scale, epochs, selection margin) of the grid trains the "
+            "five prompts (at least the profile's minimum of steps); each is scored on images of the training "
+            "split outside every source's shard. The product's defaults are chosen from these rows by mean "
+            "per-source validation accuracy (rows within noise of each other keep the existing default).",
+            table(["lr", "head lr scale", "epochs", "min. steps", "selection margin (SE)",
+                   "per-source val. accuracy (mean)", "composed uniform (val.)", "composed density (val.)",
+                   "kept epochs", "steps"],
+                  [[r["lr"], r["head_lr_scale"], r["epochs"], r["min_steps"], r["selection_margin"],
+                    pct(r["val_alone_mean"]), pct(r["val_composed_uniform"]), pct(r["val_composed_density"]),
+                    r["kept_epochs"], r["steps"]]
                    for r in payload["sweep"]]),
             payload.get("sweep_note", ""),
         ]
@@ -146,7 +148,8 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         f"on {s['test_images']} held-out test images. Pool prompts and FedAvg come from the product's Flower apps "
         f"in `flwr.simulation`. Every prompt uses the product's recipe ({st['epochs']} epochs, at least "
         f"{st['min_steps']} steps, lr {st['lr']}, batch {st['batch_size']}; probe-initialised head; selection on "
-        "validation loss); the paragon trains on the union and selects on the union of the validation splits; "
+        "validation loss); the paragon trains on the union of the row's training images (the same images as the "
+        "union probe) and selects on the union of its validation splits; "
         f"FedAvg runs {st['epochs']} rounds of one local epoch, so all its clients' steps together match the "
         "paragon's (step counts in the table). *composed*: uniform mean of the pool's prompts; *density*: "
         "weighted per image by the density each source shipped with its prompt. *probes*: linear probes on the "
@@ -166,7 +169,8 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         f"{payload['density_within_3_points']} of {len(rows)} configurations (uniform: {met}); largest gap "
         f"{payload['max_gap_density_points']:+.1f} points (uniform: {payload['max_gap_points']:+.1f}). Density "
         f"composition of the prompts ≥ composed per-source probes (density) in "
-        f"{payload['density_not_below_probes']} of {len(rows)}.**",
+        f"{payload['density_not_below_probes']} of {len(rows)}; paragon ≥ the union probe (same images) in "
+        f"{payload['paragon_not_below_union_probe']} of {len(rows)}.**",
         "### À-la-carte subsets",
         f"Random subsets of the IID pool of {st['subset_pool']} sources, composed, vs a paragon trained with the "
         "same recipe on exactly the union of the chosen sources' data.",

@@ -390,6 +390,48 @@ def test_recipe_keeps_the_probe_when_tuning_hurts_validation(model):
         assert torch.equal(prompt.state_dict()[name], value), name
 
 
+def test_tuning_starts_from_the_probe_shared_by_both_halves_of_the_head(model, monkeypatch):
+    """Epoch 0 (what selection compares with) is the exact probe; tuning then starts from
+    ``[W/2 ; W/2]``, so the prompt columns are not zero and pass gradients to the tokens."""
+    train = toy_batches(16)
+    reference = fresh_prompt(model)
+    train_mod.probe_init_head(model, reference, train)
+    D = model.embed_dim
+    probe = reference.head.weight[:, D:].clone()
+    states = scripted_validation(monkeypatch, [torch.ones(4), torch.ones(4)])
+    seen = []
+    monkeypatch.setattr(train_mod, "_train_epoch", lambda _m, prompt, *a: seen.append(prompt.head.weight.clone())
+                        or {"loss": 0.0, "accuracy": 1.0, "num_examples": 16})
+    train_prompt(model, fresh_prompt(model), train, TrainConfig(epochs=1, min_steps=0, progress=False),
+                 val_loader=toy_batches(4, seed=3))
+    torch.testing.assert_close(states[0]["head.weight"], reference.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][:, :D], probe / 2, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][:, D:], probe / 2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("probe_init", [True, False])
+def test_a_fitted_head_learns_at_head_lr_scale(model, probe_init):
+    """A probe-initialised head moves at ``head_lr_scale`` x ``lr`` (AdamW steps are about the
+    learning rate in size); a zero head (no probe) learns at the full ``lr``; tokens always do."""
+    train = toy_batches(32)  # 4 batches: 4 steps
+    start = fresh_prompt(model)
+    if probe_init:
+        train_mod.probe_init_head(model, start, train)
+        train_mod._share_head(start)
+    prompt = fresh_prompt(model)
+    config = TrainConfig(epochs=1, min_steps=0, lr=0.05, head_lr_scale=1e-4, probe_init=probe_init, progress=False)
+    train_prompt(model, prompt, train, config)
+    head_moved = float((prompt.head.weight - start.head.weight).detach().abs().max())
+    tokens_moved = float((prompt.tokens - start.tokens).detach().abs().max())
+    assert tokens_moved > 0.01
+    if probe_init:
+        assert 0 < head_moved < 2 * 4 * 0.05 * 1e-4
+    else:
+        assert head_moved > 0.02
+    with pytest.raises(ValueError, match="head-lr-scale"):
+        train_prompt(model, fresh_prompt(model), train, TrainConfig(head_lr_scale=0.0, progress=False))
+
+
 def test_step_floor_on_small_shards(model):
     batches = toy_batches(8)  # one batch
     metrics = train_prompt(model, fresh_prompt(model), batches, TrainConfig(epochs=1, min_steps=5, progress=False))
