@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from common.density import OWN_COVARIANCE, SourceDensity, pooled_log_densities
+from common.density import OWN_COVARIANCE, PooledDensities, SourceDensity
 
 if TYPE_CHECKING:
     from common.prompt import Prompt
@@ -81,11 +81,12 @@ def default_weighting(prompts: Sequence[Prompt]) -> Weighting:
 
 
 def composition_weights(weighting: Weighting | str, logits: Tensor, prompts: Sequence[Prompt],
-                        pooled: Tensor | None = None) -> Tensor:
+                        pooled: Tensor | None = None, scorer: PooledDensities | None = None) -> Tensor:
     """Per-image weights ``[k, B]`` of ``weighting`` for prompts with logits ``[k, B, C]``.
 
     ``pooled`` (the backbone's pooled features ``[B, D]`` of the images) is needed only for
     ``DENSITY``, which also needs every prompt to carry a density. Raises ``ValueError`` otherwise.
+    ``scorer``: the prompts' densities already factorised (``PooledDensities``), to reuse over batches.
     """
     weighting = Weighting(weighting)
     k, B = logits.shape[:2]
@@ -99,26 +100,22 @@ def composition_weights(weighting: Weighting | str, logits: Tensor, prompts: Seq
                          "(use uniform weighting, or retrain those sources with share-density = true)")
     if pooled is None:
         raise ValueError("density weighting needs the images' pooled backbone features")
-    return density_weights([p.density for p in prompts], pooled).to(logits.dtype)
+    return density_weights(scorer or [p.density for p in prompts], pooled).to(logits.dtype)
 
 
-def density_weights(densities: Sequence[SourceDensity], features: Tensor,
+def density_weights(densities: Sequence[SourceDensity] | PooledDensities, features: Tensor,
                     temperature: float | None = None, own_covariance: float = OWN_COVARIANCE) -> Tensor:
     """Composition weights ``[k, B]``: the posterior ``p(source i | x) ∝ (n_i · p(x | source i))^(1/T)``
     of each of the ``k`` sources for each image's pooled backbone features ``[B, D]``, with each
     class's covariance blended with the one pooled over all ``k`` sources
-    (:func:`~common.density.pooled_log_densities`; ``own_covariance`` as there). ``T`` defaults to
-    ``TEMPERATURE_PER_DIM · D``; ``T = 1`` is the untempered posterior."""
-    if not densities:
-        raise ValueError("density_weights needs at least one source density")
-    dims = {d.mean.shape[1] for d in densities}
-    if dims != {features.shape[-1]}:
-        raise ValueError(f"features have dimension {features.shape[-1]} but the densities {sorted(dims)}; "
-                         "fit them on the same backbone's pooled features")
+    (:class:`~common.density.PooledDensities`; ``own_covariance`` as there, ignored when
+    ``densities`` is already one). ``T`` defaults to ``TEMPERATURE_PER_DIM · D``; ``T = 1`` is
+    the untempered posterior."""
+    scorer = densities if isinstance(densities, PooledDensities) else PooledDensities(densities, own_covariance)
     temperature = TEMPERATURE_PER_DIM * features.shape[-1] if temperature is None else temperature
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    return tempered_posterior(pooled_log_densities(densities, features, own_covariance), temperature).to(features.dtype)
+    return tempered_posterior(scorer.log_densities(features), temperature).to(features.dtype)
 
 
 def tempered_posterior(log_post: Tensor, temperature: float) -> Tensor:

@@ -9,7 +9,7 @@ their variances, one isotropic residual variance; Tipping & Bishop 1999) — fit
 source's data only. A density travels inside its prompt's artefact (``Prompt.density``), so
 removing a source still removes all its information.
 
-At composition time, :func:`pooled_log_densities` scores an image under every class of the
+At composition time, :class:`PooledDensities` scores an image under every class of the
 selected sources with a covariance that blends the class's own with the one pooled from all
 their classes (regularised discriminant analysis over the selection, built from the densities
 alone): a class's own PPCA from a few dozen images in D dimensions mostly measures its
@@ -38,7 +38,7 @@ MAX_RANK = 32  # principal directions per class a density may carry
 MAX_DENSITY_BYTES = 4 << 20  # a density's arrays in all (10 classes x rank 32 x 384 dims is 0.51 MB)
 
 __all__ = ["DEFAULT_RANK", "MAX_DENSITY_BYTES", "MAX_RANK", "OWN_COVARIANCE", "VARIANCE_FLOOR", "DensityError",
-           "SourceDensity", "pooled_log_densities"]
+           "PooledDensities", "SourceDensity", "pooled_log_densities"]
 
 
 class DensityError(ValueError):
@@ -120,56 +120,92 @@ class SourceDensity:
         return cls(**{n: torch.from_numpy(np.array(arrays[n])) for n in names})
 
 
-def pooled_log_densities(densities: Sequence[SourceDensity], features: Tensor,
-                         own_covariance: float = OWN_COVARIANCE) -> Tensor:
-    """``log(n_i · p(x | source i))`` ``[k, B]`` of features ``[B, D]``.
+class PooledDensities:
+    """The densities of a selection of sources, factorised once to score many images.
 
-    Each class of each given source is a Gaussian around its mean whose covariance blends the
+    Each class of each source is a Gaussian around its mean whose covariance blends the
     class's own (its PPCA) with weight ``own_covariance`` and the covariance pooled over every
-    class of the given sources (their count-weighted mean) with the rest: regularised
+    class of the selection (their count-weighted mean) with the rest: regularised
     discriminant analysis over the union of the selected sources, from their densities alone
     (Friedman 1989; ``own_covariance = 0`` is linear discriminant analysis). A class's own
     PPCA, fitted on a few dozen images in D dimensions, mostly measures its sampling noise;
     the pooled covariance is estimated from every image of the selection and tells sources
     apart better (``simulations/tune_density.py``). One eigendecomposition of the pooled
     covariance serves every class: a class adds only its rank-r directions (Woodbury).
+    Building it costs that eigendecomposition and one ``r × r`` Cholesky factor per class;
+    :meth:`log_densities` is then a few matrix products per batch.
     Raises ``DensityError`` when the densities make no usable covariance.
     """
-    if not 0 <= own_covariance <= 1:
-        raise ValueError(f"own_covariance must be in [0, 1], got {own_covariance}")
-    pooled = sum(d.scatter() for d in densities) / sum(d.num_images for d in densities)
-    eigvals, eigvecs = torch.linalg.eigh(pooled)  # pooled = U diag(s) Uᵀ
-    if not bool(torch.isfinite(eigvals).all()) or float(eigvals.min()) <= 1e-12 * max(float(eigvals.max()), 1e-300):
-        raise DensityError("the source densities' pooled covariance is not positive definite; "
-                           "refit the densities (their variances are degenerate)")
-    x = features.detach().to(eigvecs) @ eigvecs  # [B, D] in the pooled eigenbasis
-    return torch.stack([torch.logsumexp(_class_log_gaussians(d, x, eigvals, eigvecs, own_covariance)
-                                        + d.counts.to(x).log(), -1) for d in densities])
+
+    def __init__(self, densities: Sequence[SourceDensity], own_covariance: float = OWN_COVARIANCE) -> None:
+        if not densities:
+            raise ValueError("PooledDensities needs at least one source density")
+        if not 0 <= own_covariance <= 1:
+            raise ValueError(f"own_covariance must be in [0, 1], got {own_covariance}")
+        dims = sorted({d.mean.shape[1] for d in densities})
+        if len(dims) > 1:
+            raise ValueError(f"the densities have feature dimensions {dims}; compose sources of one backbone")
+        pooled = sum(d.scatter() for d in densities) / sum(d.num_images for d in densities)
+        eigvals, self.eigvecs = torch.linalg.eigh(pooled)  # pooled = U diag(s) Uᵀ
+        if not bool(torch.isfinite(eigvals).all()) or float(eigvals.min()) <= 1e-12 * max(float(eigvals.max()), 1e-300):
+            raise DensityError("the source densities' pooled covariance is not positive definite; "
+                               "refit the densities (their variances are degenerate)")
+        self.sources = [_ClassGaussians.build(d, eigvals, self.eigvecs, own_covariance) for d in densities]
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension ``D``."""
+        return self.eigvecs.shape[0]
+
+    def log_densities(self, features: Tensor) -> Tensor:
+        """``log(n_i · p(x | source i))`` ``[k, B]`` of pooled features ``[B, D]``."""
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"features {tuple(features.shape)} do not have the densities' dimension {self.dim}; "
+                             "fit them on the same backbone's pooled features [B, D]")
+        x = features.detach().to(self.eigvecs) @ self.eigvecs  # [B, D] in the pooled eigenbasis
+        return torch.stack([source.log_density(x) for source in self.sources])
 
 
-def _class_log_gaussians(density: SourceDensity, x: Tensor, eigvals: Tensor, eigvecs: Tensor,
-                         own: float) -> Tensor:
-    """``log N(x; μ_c, (1 − own)·P + own·C_c)`` ``[B, K]`` for each class ``c`` of ``density``, with
-    ``x [B, D]`` and the pooled covariance ``P = U diag(s) Uᵀ`` given in its eigenbasis ``U``.
+def pooled_log_densities(densities: Sequence[SourceDensity], features: Tensor,
+                         own_covariance: float = OWN_COVARIANCE) -> Tensor:
+    """``log(n_i · p(x | source i))`` ``[k, B]`` of features ``[B, D]`` (:class:`PooledDensities`, once)."""
+    return PooledDensities(densities, own_covariance).log_densities(features)
 
-    ``C_c = σ_c² I + V_c diag(λ_c − σ_c²) V_cᵀ``, so the blend is ``A_c + W_c W_cᵀ`` with ``A_c``
-    diagonal in ``U`` and ``W_c [D, r]``: its inverse and log-determinant follow from an
-    ``r × r`` Cholesky factor (Woodbury, matrix determinant lemma)."""
-    dim, rank = x.shape[1], density.basis.shape[1]
-    residual = density.residual.to(x)  # [K]
-    diag = (1 - own) * eigvals[None, :] + own * residual[:, None]  # [K, D]: A_c in the eigenbasis
-    spread = (own * (density.variances.to(x) - residual[:, None])).clamp_min(0).sqrt()  # [K, r]
-    w = torch.einsum("krd,de,kr->ker", density.basis.to(x), eigvecs, spread)  # [K, D, r]
-    inner = torch.eye(rank, dtype=x.dtype) + torch.einsum("kdr,kd,kds->krs", w, 1 / diag, w)  # [K, r, r]
-    chol = torch.linalg.cholesky(inner)  # [K, r, r]
-    centred = x[:, None, :] - (density.mean.to(x) @ eigvecs)[None]  # [B, K, D]
-    z = centred / diag[None]  # [B, K, D]: A⁻¹(x − μ)
-    centred_sq = (z * centred).sum(-1)  # [B, K]
-    proj = torch.einsum("kdr,bkd->kbr", w, z)  # [K, B, r]
-    solved = torch.linalg.solve_triangular(chol, proj.transpose(1, 2), upper=False)  # [K, r, B]
-    mahalanobis = centred_sq - solved.pow(2).sum(1).T  # [B, K]
-    log_det = diag.log().sum(-1) + 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)  # [K]
-    return -0.5 * (mahalanobis + log_det + dim * math.log(2 * math.pi))
+
+@dataclass(frozen=True)
+class _ClassGaussians:
+    """One source's classes as ``N(μ_c, (1 − own)·P + own·C_c)`` in the pooled eigenbasis ``U``
+    (``P = U diag(s) Uᵀ``). ``C_c = σ_c² I + V_c diag(λ_c − σ_c²) V_cᵀ``, so the blend is
+    ``A_c + W_c W_cᵀ`` with ``A_c`` diagonal in ``U`` and ``W_c [D, r]``: its inverse and
+    log-determinant follow from an ``r × r`` Cholesky factor (Woodbury, matrix determinant lemma)."""
+
+    mean: Tensor  # [K, D] class means in the eigenbasis
+    diag: Tensor  # [K, D] A_c
+    w: Tensor  # [K, D, r] W_c
+    chol: Tensor  # [K, r, r] Cholesky factor of I + W_cᵀ A_c⁻¹ W_c
+    log_norm: Tensor  # [K] log n_c − ½ (log det + D log 2π)
+
+    @classmethod
+    def build(cls, density: SourceDensity, eigvals: Tensor, eigvecs: Tensor, own: float) -> _ClassGaussians:
+        dim, rank = eigvecs.shape[0], density.basis.shape[1]
+        residual = density.residual.to(eigvecs)  # [K]
+        diag = (1 - own) * eigvals[None, :] + own * residual[:, None]  # [K, D]
+        spread = (own * (density.variances.to(eigvecs) - residual[:, None])).clamp_min(0).sqrt()  # [K, r]
+        w = torch.einsum("krd,de,kr->ker", density.basis.to(eigvecs), eigvecs, spread)  # [K, D, r]
+        chol = torch.linalg.cholesky(torch.eye(rank, dtype=eigvecs.dtype)
+                                     + torch.einsum("kdr,kd,kds->krs", w, 1 / diag, w))  # [K, r, r]
+        log_det = diag.log().sum(-1) + 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)  # [K]
+        log_norm = density.counts.to(eigvecs).log() - 0.5 * (log_det + dim * math.log(2 * math.pi))
+        return cls(density.mean.to(eigvecs) @ eigvecs, diag, w, chol, log_norm)
+
+    def log_density(self, x: Tensor) -> Tensor:
+        """``log Σ_c n_c N(x; ·)`` ``[B]`` of ``x [B, D]`` in the eigenbasis."""
+        centred = x[:, None, :] - self.mean[None]  # [B, K, D]
+        z = centred / self.diag[None]  # [B, K, D]: A⁻¹(x − μ)
+        proj = torch.einsum("kdr,bkd->kbr", self.w, z)  # [K, B, r]
+        solved = torch.linalg.solve_triangular(self.chol, proj.transpose(1, 2), upper=False)  # [K, r, B]
+        mahalanobis = (z * centred).sum(-1) - solved.pow(2).sum(1).T  # [B, K]
+        return torch.logsumexp(self.log_norm - 0.5 * mahalanobis, dim=-1)
 
 
 def _fit_class(x: Tensor, rank: int, floor: float) -> tuple[Tensor, ...]:

@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from common.compose import Weighting, compose_probs, composition_weights, default_weighting
-from common.density import SourceDensity
+from common.density import PooledDensities, SourceDensity
 from common.kv_cache import KVCache
 from common.model import APTViT
 from common.probe import fit_probe
@@ -284,6 +284,7 @@ def evaluate(
     own_correct, own_seen = torch.zeros(len(prompts)), torch.zeros(len(prompts))
     masks = torch.stack([p.label_mask for p in prompts]).to(model.device)  # [k, C]
     composed_correct = dict.fromkeys(compared, 0)
+    scorer = PooledDensities([p.density for p in prompts]) if Weighting.DENSITY in compared else None
     chosen_correct, nll, seen = 0, 0.0, 0
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         images, labels = batch[0].to(model.device), batch[1].to(model.device)
@@ -293,12 +294,12 @@ def evaluate(
         correct += hits.sum(dim=1).cpu()
         own_correct += (hits & own).sum(dim=1).cpu()
         own_seen += own.sum(dim=1).cpu()
-        composed = {w: compose_probs(logits, composition_weights(w, logits, prompts, pooled)) for w in compared}
+        composed = {w: compose_probs(logits, composition_weights(w, logits, prompts, pooled, scorer)) for w in compared}
         for weighting, probs in composed.items():
             composed_correct[weighting] += int((probs.argmax(-1) == labels).sum())
         probs = composed.get(chosen) if not isinstance(chosen, Tensor) else None
         if probs is None:  # a custom tensor, or confidence weighting: not among the compared ones
-            w = chosen if isinstance(chosen, Tensor) else composition_weights(chosen, logits, prompts, pooled)
+            w = chosen if isinstance(chosen, Tensor) else composition_weights(chosen, logits, prompts, pooled, scorer)
             probs = compose_probs(logits, w)  # [B, C]
         chosen_correct += int((probs.argmax(-1) == labels).sum())
         nll -= float(probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum())

@@ -39,6 +39,7 @@ import ipaddress
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from torch import Tensor
 from common import alacarte_pb2 as pb
 from common import alacarte_pb2_grpc as pb_grpc
 from common.compose import Weighting, compose_probs, composition_weights, default_weighting
+from common.density import PooledDensities
 from common.model import APTViT
 from common.prompt import Prompt
 from server.auth import AuthenticationError, Principal, TokenStore
@@ -177,10 +179,27 @@ class _Job:
 
 
 class _Composer:
-    """The batcher's ``process``: one backbone pass for all jobs, prompts per selection."""
+    """The batcher's ``process``: one backbone pass for all jobs, prompts per selection.
 
-    def __init__(self, model: APTViT) -> None:
-        self.model = model
+    The factorised densities of the ``max_selections`` most recent selections are kept: the
+    catalog hands out the same prompt objects until the pool changes, so a repeated selection
+    skips the factorisation (each entry holds its prompts, so their ids stay unique)."""
+
+    def __init__(self, model: APTViT, max_selections: int = 32) -> None:
+        self.model, self.max_selections = model, max_selections
+        self._scorers: OrderedDict[tuple[int, ...], tuple[tuple[Prompt, ...], PooledDensities]] = OrderedDict()
+
+    def _scorer(self, prompts: tuple[Prompt, ...]) -> PooledDensities:
+        """The selection's :class:`PooledDensities`, from the cache or built (and cached)."""
+        key = tuple(map(id, prompts))
+        if key in self._scorers:
+            self._scorers.move_to_end(key)
+            return self._scorers[key][1]
+        scorer = PooledDensities([p.density for p in prompts])
+        self._scorers[key] = (prompts, scorer)
+        while len(self._scorers) > self.max_selections:
+            self._scorers.popitem(last=False)
+        return scorer
 
     @torch.inference_mode()
     def __call__(self, jobs: list[_Job]) -> list[Tensor | BaseException]:
@@ -212,7 +231,9 @@ class _Composer:
         for i, job in zip(members, jobs):
             stop = start + len(job.images)
             try:
-                weights = composition_weights(job.weighting, logits[:, start:stop], job.prompts, pooled[start:stop])
+                scorer = self._scorer(job.prompts) if job.weighting is Weighting.DENSITY else None
+                weights = composition_weights(job.weighting, logits[:, start:stop], job.prompts, pooled[start:stop],
+                                              scorer)
                 results[i] = compose_probs(logits[:, start:stop], weights).float().cpu()
             except Exception as err:  # this job only
                 logger.exception("composition failed for one job")

@@ -10,7 +10,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from common.compose import compose_probs, density_weights
-from common.density import DensityError, SourceDensity, pooled_log_densities
+from common.density import DensityError, PooledDensities, SourceDensity, pooled_log_densities
 
 DIM = 12
 
@@ -53,6 +53,22 @@ def test_pooled_log_densities_are_gaussians_with_the_blended_covariance(own):
     got = pooled_log_densities([a, b], query, own)
     assert got.shape == (2, 7)
     torch.testing.assert_close(got, pooled_reference([a, b], query, own))
+
+
+def test_one_factorisation_scores_every_batch_as_a_fresh_one():
+    a = SourceDensity.fit(*clusters([0.0, 3.0]), rank=4)
+    b = SourceDensity.fit(*clusters([1.0], n=25, seed=1), rank=2)
+    scorer = PooledDensities([a, b], own_covariance=0.3)
+    for seed in range(3):
+        query = torch.randn(5, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(scorer.log_densities(query), pooled_log_densities([a, b], query, 0.3),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(density_weights(scorer, query), density_weights([a, b], query))
+    with pytest.raises(ValueError, match="dimension"):
+        scorer.log_densities(torch.zeros(2, DIM + 1))
+    other = SourceDensity.fit(torch.randn(30, DIM + 2, dtype=torch.float64), torch.zeros(30, dtype=torch.long), rank=2)
+    with pytest.raises(ValueError, match="feature dimensions"):
+        PooledDensities([a, other])
 
 
 def test_pooled_log_densities_refuse_a_covariance_that_is_not_positive_definite():

@@ -37,6 +37,7 @@ from common.compose import Weighting, compose_probs, composition_weights
 from common.data import backbone_transform
 from common.density import SourceDensity
 from common.model import APTViT, load_backbone
+from server import service as service_module
 from server.admission import MAX_N_PROMPT
 from server.auth import AuthenticationError, TokenStore, add_user, remove_user
 from server.batcher import DeadlineExceededError, DynamicBatcher, QueueFullError
@@ -737,6 +738,20 @@ def test_density_weighting_equals_direct_composition(start, density_pool, model)
                                    atol=1e-5, rtol=0)
         code, message = status_of(client.predict, IMAGES, ["x", "plain"], NUM_CLASSES, "density")
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "plain" in message
+
+
+def test_a_repeated_selection_is_factorised_once(start, density_pool, model, monkeypatch) -> None:
+    """The service keeps a selection's factorised densities while the pool is unchanged: the
+    same answer as a fresh composition, one factorisation for three requests."""
+    built = []
+    real = service_module.PooledDensities
+    monkeypatch.setattr(service_module, "PooledDensities", lambda densities: built.append(1) or real(densities))
+    want = direct_density_probs(model, density_pool, IMAGES, ["x", "y"])
+    with client_for(start(density_pool)) as client:
+        for _ in range(3):
+            got = dense(client.predict(IMAGES, ["x", "y"], NUM_CLASSES, "density").predictions)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert len(built) == 1
 
 
 def test_cli_query_with_density_weighting(start, density_pool, tmp_path, capsys) -> None:
