@@ -52,7 +52,7 @@ class AppConfig:
     probe_init: bool = _key(True, "start a fresh prompt as a linear probe on the backbone's pooled features (LP-FT)")
     selection_margin: float = _key(1.0, "keep a tuned epoch only if its validation loss beats the untuned prompt's "
                                         "by more than this many standard errors")
-    head_lr_scale: float = _key(0.01, "learning rate of a head that starts fitted (probe-init, later rounds), "
+    head_lr_scale: float = _key(1.0, "learning rate of a head that starts fitted (probe-init, later rounds), "
                                       "as a fraction of learning-rate")
     share_density: bool = _key(True, "send the source's feature density with its prompt (density weighting)")
     mode: Mode = _key(Mode.ALACARTE, f"one of {', '.join(Mode)}: a pool of prompts, or one FedAvg-averaged prompt")

@@ -12,9 +12,10 @@ The recipe of a source's prompt (LP-FT with selection on validation loss):
    (prompt columns and pooled-feature columns each get half): the prompt's output starts
    near the class token's, so the logits stay near the probe's while the prompt columns,
    no longer zero, pass gradients to tokens and memory. A head that starts fitted (probe-
-   initialised, or trained in an earlier round) learns at ``head_lr_scale`` × ``lr``: AdamW's
-   normalised steps at the tokens' rate would throw the probe away within the first epoch.
-   A zero head (``probe_init=False``) learns at ``lr``.
+   initialised, or trained in an earlier round) learns at ``head_lr_scale`` × ``lr`` (a small
+   scale keeps it near its probe while the tokens learn; the validation rows of
+   ``simulations/main_job.py --sweep`` do not tell 0.01 from 1, and the default is 1). A zero
+   head (``probe_init=False``) learns at ``lr``.
 3. **Selection.** With validation data, the per-example validation loss is measured before
    tuning and after every epoch. A tuned epoch is eligible only if its mean loss is lower than
    the untuned prompt's by more than ``selection_margin`` standard errors of the paired
@@ -66,7 +67,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     probe_init: bool = True
     selection_margin: float = 1.0  # standard errors a tuned epoch must win by (see the module doc)
-    head_lr_scale: float = 0.01  # the head's learning rate as a fraction of ``lr`` (see the module doc)
+    head_lr_scale: float = 1.0  # a fitted head's learning rate as a fraction of ``lr`` (see the module doc)
     progress: bool = True
 
 
