@@ -284,7 +284,8 @@ def test_render_mentions_every_experiment(results, tmp_path):
     if not written:
         pytest.skip("no results in this session; run the whole module")
     text = render(results, tmp_path / "RESULTS.md")
-    for path in written:
-        payload = json.loads(path.read_text())
+    payloads = [json.loads(path.read_text()) for path in written]
+    for payload in payloads:
         assert f"simulations.{payload['experiment']}" in text and payload["setup"]["backbone"] in text
-    assert ".png)" in text and "Not the full configuration" in text
+        assert all(f"{plot})" in text for plot in payload["plots"])
+    assert "Not the full configuration" in text
