@@ -382,7 +382,7 @@ def test_recipe_keeps_the_probe_when_tuning_hurts_validation(model):
     reference = fresh_prompt(model)
     train_mod.probe_init_head(model, reference, train)
     prompt = fresh_prompt(model)
-    metrics = train_prompt(model, prompt, train, TrainConfig(epochs=3, min_steps=0, lr=10.0, progress=False),
+    metrics = train_prompt(model, prompt, train, TrainConfig(epochs=3, min_steps=0, lr=1.0, progress=False),
                            val_loader=toy_batches(16, seed=4))
     assert metrics["selected_epoch"] == 0 and metrics["steps"] == 3 * len(train)
     assert metrics["val_loss"] == pytest.approx(mean_loss(model, reference, toy_batches(16, seed=4)))
