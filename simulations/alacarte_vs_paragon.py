@@ -186,10 +186,11 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
             composed = composed_accuracy(logits, test.labels)
             density = density_accuracy(logits, [p.density for p in prompts], test)
             union = np.sort(np.concatenate([x for x, _ in shards]))
-            if union.tobytes() not in paragons:
+            trained_on = union.tobytes()
+            if trained_on not in paragons:
                 para = paragon(model, train, shards, s, seed)
-                paragons[union.tobytes()] = accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)
-            paragon_acc = paragons[union.tobytes()]
+                paragons[trained_on] = accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)
+            paragon_acc = paragons[trained_on]
             rows.append({
                 "partition": label, "sources": n, "prompts_in_pool": len(prompts),
                 "train_images_per_source_mean": float(np.mean(sizes)), "train_images_per_source_min": min(sizes),

@@ -85,7 +85,7 @@ class Settings:
 
 TINY = Settings(48, 32, 2, "classes", 1.0, 1, 2, 16, LR, 0.1)
 QUICK = Settings(96, 96, 3, "classes", 1.0, 10, 20, 32, LR, 0.1)
-FULL = Settings(1000, 500, 5, "classes", 1.0, 10, 100, 32, LR, 0.1)  # the product's recipe defaults
+FULL = Settings(1000, 500, 5, "classes", 1.0, 10, 100, 32, LR, 0.1)  # the product's recipe and lr; 10 epochs
 
 
 def federations(s: Settings, run_config: dict, work: Path) -> list[Federation]:

@@ -64,7 +64,6 @@ def test_help_shows_enum_defaults_and_choices_as_plain_values(capsys):
     assert all(key in printed for key in texts)
 
 
-
 def test_recipe_keys_reach_the_training_config():
     config = AppConfig.from_run_config({"head-lr-scale": "0.1", "learning-rate": "0.02", "selection-margin": "2"})
     plan = config.train_config()
