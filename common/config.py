@@ -50,8 +50,8 @@ class AppConfig:
     local_epochs: int = _key(5, "prompt-tuning epochs per round (see min-steps)")
     min_steps: int = _key(50, "at least this many optimiser steps per round, however small the shard")
     probe_init: bool = _key(True, "start a fresh prompt as a linear probe on the backbone's pooled features (LP-FT)")
-    selection_margin: float = _key(1.0, "keep a tuned epoch only if its validation loss beats the untuned prompt's "
-                                        "by more than this many standard errors")
+    selection_level: float = _key(0.05, "keep a tuned epoch only if a paired test says its validation loss beats "
+                                         "the untuned prompt's at this family-wise level over the epochs tested")
     head_lr_scale: float = _key(1.0, "learning rate of a head that starts fitted (probe-init, later rounds), "
                                       "as a fraction of learning-rate")
     share_density: bool = _key(True, "send the source's feature density with its prompt (density weighting)")
@@ -110,8 +110,8 @@ class AppConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if min(self.n_memory, self.examples_per_source, self.test_examples, self.min_steps) < 0:
             raise ConfigError("n-memory, examples-per-source, test-examples and min-steps must be >= 0")
-        if not self.selection_margin >= 0.0:
-            raise ConfigError(f"selection-margin must be >= 0, got {self.selection_margin}")
+        if not 0.0 < self.selection_level < 1.0:
+            raise ConfigError(f"selection-level must be in (0, 1), got {self.selection_level}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if not all(value > 0 for value in (self.learning_rate, self.head_lr_scale, self.reply_timeout)):
@@ -121,7 +121,7 @@ class AppConfig:
         """The client's training recipe (``common.train``) from the run config."""
         return TrainConfig(epochs=self.local_epochs, min_steps=self.min_steps, lr=self.learning_rate,
                            label_smoothing=self.label_smoothing, probe_init=self.probe_init,
-                           selection_margin=self.selection_margin, head_lr_scale=self.head_lr_scale,
+                           selection_level=self.selection_level, head_lr_scale=self.head_lr_scale,
                            progress=self.progress)
 
     def checkpoint_path(self) -> str | None:

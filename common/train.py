@@ -17,13 +17,15 @@ The recipe of a source's prompt (LP-FT with selection on validation loss):
    ``simulations/main_job.py --sweep`` do not tell 0.01 from 1, and the default is 1). A zero
    head (``probe_init=False``) learns at ``lr``.
 3. **Selection.** With validation data, the per-example validation loss is measured before
-   tuning and after every epoch. A tuned epoch is eligible only if its mean loss is lower than
-   the untuned prompt's by more than ``selection_margin`` standard errors of the paired
-   per-example difference
-   (a few dozen validation images are noisy); the eligible epoch with the lowest loss is kept,
-   else the probe-initialised prompt is. Tuning is kept only where the source's own
-   validation data says it helps, so a prompt is the probe unless its validation data shows
-   the tuned prompt is better. Without validation data the last epoch is kept.
+   tuning and after every epoch. A tuned epoch is eligible only if a one-sided paired test
+   says its loss is lower than the untuned prompt's at family-wise level ``selection_level``
+   over the ``E`` epochs tested (Bonferroni): its mean per-example gain must exceed
+   ``z = Φ⁻¹(1 − selection_level / E)`` standard errors of the paired difference. Testing
+   every epoch at a fixed margin would keep a noise epoch on most small sources (a few dozen
+   validation images, up to 17 epochs); the level bounds that risk at 5% by default. The
+   eligible epoch with the lowest loss is kept, else the probe-initialised prompt is, so a
+   prompt is the probe unless its own validation data shows the tuned prompt is better.
+   Without validation data the last epoch is kept.
 
 Only the prompt's tensors are optimised. The backbone runs under ``torch.no_grad()``
 (inside ``APTViT.backbone_forward``), so no backward pass ever goes through it; with a
@@ -40,6 +42,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +69,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     probe_init: bool = True
-    selection_margin: float = 1.0  # standard errors a tuned epoch must win by (see the module doc)
+    selection_level: float = 0.05  # family-wise risk of keeping a tuned epoch that is no better (module doc)
     head_lr_scale: float = 1.0  # a fitted head's learning rate as a fraction of ``lr`` (see the module doc)
     progress: bool = True
 
@@ -179,9 +182,9 @@ def train_prompt(
     and wall-clock ``seconds``. ``prompt.config.num_examples`` is updated.
     """
     config = config or TrainConfig()
-    if config.epochs < 1 or config.min_steps < 0 or not config.head_lr_scale > 0:
-        raise ValueError(f"epochs must be >= 1, min-steps >= 0 and head-lr-scale > 0, got {config.epochs}, "
-                         f"{config.min_steps} and {config.head_lr_scale}")
+    if config.epochs < 1 or config.min_steps < 0 or not config.head_lr_scale > 0 or not 0 < config.selection_level < 1:
+        raise ValueError(f"epochs must be >= 1, min-steps >= 0, head-lr-scale > 0 and selection-level in (0, 1), "
+                         f"got {config.epochs}, {config.min_steps}, {config.head_lr_scale} and {config.selection_level}")
     batches = len(loader)
     if batches == 0:
         raise ValueError("the training loader is empty; this source has no examples")
@@ -190,7 +193,7 @@ def train_prompt(
     probe_l2 = probe_init_head(model, prompt, loader, cache) if probe_init else math.nan
     epochs = planned_epochs(batches, config)
     validate = (lambda: _validation_losses(model, prompt, val_loader, cache)) if val_loader is not None else None
-    best = _Selection(validate(), prompt, config.selection_margin) if validate else None
+    best = _Selection(validate(), prompt, config.selection_level, epochs) if validate else None
     if probe_init:
         _share_head(prompt)
     head_lr = config.lr * (1.0 if _head_is_zero(prompt) else config.head_lr_scale)
@@ -221,21 +224,22 @@ def planned_epochs(batches: int, config: TrainConfig) -> int:
 
 class _Selection:
     """The prompt state to keep: the untuned one (epoch 0), unless a tuned epoch beats it on
-    validation by more than ``margin`` standard errors of the paired per-example loss difference;
-    then the lowest-loss such epoch. Inactive (nothing to select on) without validation examples."""
+    validation in a one-sided paired test at family-wise ``level`` over ``tests`` epochs; then
+    the lowest-loss such epoch. Inactive (nothing to select on) without validation examples."""
 
-    def __init__(self, losses: Tensor, prompt: Prompt, margin: float) -> None:
-        self.reference, self.margin = losses, margin
+    def __init__(self, losses: Tensor, prompt: Prompt, level: float, tests: int) -> None:
+        self.reference = losses
+        self.margin = NormalDist().inv_cdf(1.0 - level / tests)  # standard errors a gain must exceed
         self.active = len(losses) > 0
         self.loss, self.epoch = float(losses.mean()) if self.active else math.nan, 0
         self.state = copy.deepcopy(prompt.state_dict())
 
     def offer(self, losses: Tensor, epoch: int, prompt: Prompt) -> None:
-        if not self.active:
+        if len(self.reference) < 2:  # one example has no standard error: no evidence, keep the probe
             return
         gain = self.reference - losses  # [n] paired: positive where the tuned prompt is better
-        error = float(gain.std() / math.sqrt(len(gain))) if len(gain) > 1 else 0.0
-        if float(gain.mean()) > self.margin * error and float(losses.mean()) < self.loss:
+        mean, error = float(gain.mean()), float(gain.std() / math.sqrt(len(gain)))
+        if mean > 0 and mean > self.margin * error and float(losses.mean()) < self.loss:
             self.loss, self.epoch, self.state = float(losses.mean()), epoch, copy.deepcopy(prompt.state_dict())
 
 

@@ -345,7 +345,7 @@ def train_on_bank(model: APTViT, prompt: Prompt, bank: Bank, indices: np.ndarray
 
 def recipe(epochs: int, lr: float, min_steps: int = 100, **knobs: float) -> TrainConfig:
     """The product's training recipe with these epochs / learning rate / step floor and any other
-    ``TrainConfig`` knobs (``selection_margin``, ``head_lr_scale``), quiet."""
+    ``TrainConfig`` knobs (``selection_level``, ``head_lr_scale``), quiet."""
     return TrainConfig(epochs=epochs, lr=lr, min_steps=min_steps, progress=False, **knobs)
 
 

@@ -14,7 +14,7 @@ server's 1,000 test images it compares
   sources' training images (the paragon of linear probing).
 
 ``--sweep`` also chooses the recipe's defaults: every (learning rate, head learning-rate
-scale, epochs, selection margin) of a small grid trains the five prompts, scored on 1,000
+scale, epochs, selection level) of a small grid trains the five prompts, scored on 1,000
 *validation* images drawn from the training split outside every source's shard (never on
 the test images).
 """
@@ -64,7 +64,7 @@ class Settings:
     sweep_lrs: tuple[float, ...]
     sweep_head_lr_scales: tuple[float, ...]
     sweep_epochs: tuple[int, ...]
-    sweep_margins: tuple[float, ...]
+    sweep_levels: tuple[float, ...]
     validation_images: int
     min_steps: int  # -1: the product's default (AppConfig.min_steps)
     examples_per_source: int  # -1: the product's default (AppConfig.examples_per_source)
@@ -75,9 +75,9 @@ class Settings:
         return AppConfig(data_dir=data_dir, **{k: v for k, v in sizes.items() if v >= 0})
 
 
-TINY = Settings((3e-3,), (0.01,), (1,), (1.0,), 32, 2, 20)
-QUICK = Settings((3e-3,), (0.01,), (10,), (1.0,), 200, -1, -1)
-FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (1.0,), 1000, -1, -1)
+TINY = Settings((3e-3,), (0.01,), (1,), (0.05,), 32, 2, 20)
+QUICK = Settings((3e-3,), (0.01,), (10,), (0.05,), 200, -1, -1)
+FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (0.05, 0.5), 1000, -1, -1)
 
 
 @dataclass(frozen=True)
@@ -108,10 +108,10 @@ def validation_indices(config: AppConfig, sources: list[Source], n: int, seed: i
 
 
 def train_prompts(model: APTViT, bank: Bank, sources: list[Source], config: AppConfig, lr: float,
-                  head_lr_scale: float, epochs: int, margin: float) -> tuple[list[Prompt], list[dict]]:
+                  head_lr_scale: float, epochs: int, level: float) -> tuple[list[Prompt], list[dict]]:
     """Each source's prompt with the product's recipe on its own train/validation split."""
     prompts, metrics = [], []
-    plan = recipe(epochs, lr, config.min_steps, selection_margin=margin, head_lr_scale=head_lr_scale)
+    plan = recipe(epochs, lr, config.min_steps, selection_level=level, head_lr_scale=head_lr_scale)
     for src in sources:
         labels = sorted(set(bank.labels_of(src.train).tolist()))
         prompt = fresh_prompt(model, NUM_CLASSES, seed=0, labels=labels, source=src.name)
@@ -152,16 +152,16 @@ def comparison(model: APTViT, train: Bank, test: Bank, sources: list[Source], pr
 
 def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
           s: Settings) -> list[dict]:
-    """Every (lr, head lr scale, epochs, selection margin) of the grid scored on the held-out validation images."""
+    """Every (lr, head lr scale, epochs, selection level) of the grid scored on the held-out validation images."""
     rows = []
     labels = bank.labels_of(val)
-    for lr, scale, epochs, margin in itertools.product(s.sweep_lrs, s.sweep_head_lr_scales, s.sweep_epochs,
-                                                       s.sweep_margins):
-        prompts, metrics = train_prompts(model, bank, sources, config, lr, scale, epochs, margin)
+    for lr, scale, epochs, level in itertools.product(s.sweep_lrs, s.sweep_head_lr_scales, s.sweep_epochs,
+                                                      s.sweep_levels):
+        prompts, metrics = train_prompts(model, bank, sources, config, lr, scale, epochs, level)
         logits = bank_logits(model, bank, prompts, val)
         alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(prompts))]
         both = composed(logits, [p.density for p in prompts], bank, val)
-        rows.append({"lr": lr, "head_lr_scale": scale, "epochs": epochs, "selection_margin": margin,
+        rows.append({"lr": lr, "head_lr_scale": scale, "epochs": epochs, "selection_level": level,
                      "min_steps": config.min_steps,
                      "val_alone_mean": float(np.mean(alone)),
                      "val_composed_uniform": both["uniform"], "val_composed_density": both["density"],
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         how = f"read from the pool {args.pool}"
     else:
         prompts, _ = train_prompts(model, bank, sources, config, config.learning_rate, config.head_lr_scale,
-                                   config.local_epochs, config.selection_margin)
+                                   config.local_epochs, config.selection_level)
         how = "trained here with the product's recipe and defaults"
     payload = {"experiment": NAME,
                "setup": setup_record(spec, s, label, args, prompts=how, test_images=len(test),

@@ -77,14 +77,14 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
     if "sweep" in payload:
         body += [
             "### Choosing the recipe's defaults (validation images, never the test images)",
-            "Every (learning rate, head learning-rate scale, epochs, selection margin) of the grid trains the "
+            "Every (learning rate, head learning-rate scale, epochs, selection level) of the grid trains the "
             "five prompts (at least the profile's minimum of steps); each is scored on images of the training "
             "split outside every source's shard. The product's defaults are chosen from these rows by mean "
             "per-source validation accuracy (rows within noise of each other keep the existing default).",
-            table(["lr", "head lr scale", "epochs", "min. steps", "selection margin (SE)",
+            table(["lr", "head lr scale", "epochs", "min. steps", "selection level",
                    "per-source val. accuracy (mean)", "composed uniform (val.)", "composed density (val.)",
                    "kept epochs", "steps"],
-                  [[r["lr"], r["head_lr_scale"], r["epochs"], r["min_steps"], r["selection_margin"],
+                  [[r["lr"], r["head_lr_scale"], r["epochs"], r["min_steps"], r["selection_level"],
                     pct(r["val_alone_mean"]), pct(r["val_composed_uniform"]), pct(r["val_composed_density"]),
                     r["kept_epochs"], r["steps"]]
                    for r in payload["sweep"]]),

@@ -65,9 +65,12 @@ def test_help_shows_enum_defaults_and_choices_as_plain_values(capsys):
 
 
 def test_recipe_keys_reach_the_training_config():
-    config = AppConfig.from_run_config({"head-lr-scale": "0.1", "learning-rate": "0.02", "selection-margin": "2"})
+    config = AppConfig.from_run_config({"head-lr-scale": "0.1", "learning-rate": "0.02", "selection-level": "0.2"})
     plan = config.train_config()
-    assert (plan.head_lr_scale, plan.lr, plan.selection_margin) == (0.1, 0.02, 2.0)
+    assert (plan.head_lr_scale, plan.lr, plan.selection_level) == (0.1, 0.02, 0.2)
     for bad in ("0", "-0.5", "nan"):
         with pytest.raises(ConfigError, match="head-lr-scale"):
             AppConfig.from_run_config({"head-lr-scale": bad})
+    for bad in ("0", "1", "1.5", "nan"):
+        with pytest.raises(ConfigError, match="selection-level must be in"):
+            AppConfig.from_run_config({"selection-level": bad})

@@ -361,18 +361,35 @@ def test_recipe_ignores_a_gain_within_validation_noise(model, monkeypatch):
         assert torch.equal(value, states[0][name]), name
 
 
-@pytest.mark.parametrize(("margin", "kept"), [(0.0, 1), (1.0, 1), (2.0, 0)])
-def test_selection_margin_is_in_standard_errors(model, monkeypatch, margin, kept):
-    """A tuned epoch whose paired gain is 1.5 standard errors is kept under margins 0 and 1, not 2."""
+@pytest.mark.parametrize(("level", "epochs", "kept"), [(0.05, 1, 1), (0.05, 4, 0), (0.5, 4, 1)])
+def test_selection_level_is_family_wise_over_the_epochs_tested(model, monkeypatch, level, epochs, kept):
+    """Every tuned epoch gains exactly 2 standard errors: enough for one test at level 0.05
+    (z = 1.64), not for four (Bonferroni, z = 2.24); at level 0.5 over four (z = 1.15) the first
+    such epoch is kept."""
     base = torch.full((8,), 0.9)
     gain = torch.tensor([0.3, -0.1] * 4)
-    gain = gain - gain.mean() + 1.5 * float(gain.std() / math.sqrt(len(gain)))  # mean gain: exactly 1.5 SE
-    scripted_validation(monkeypatch, [base, base - gain])
+    gain = gain - gain.mean() + 2.0 * float(gain.std() / math.sqrt(len(gain)))  # mean gain: exactly 2 SE
+    scripted_validation(monkeypatch, [base] + [base - gain] * epochs)
     prompt = fresh_prompt(model)
     metrics = train_prompt(model, prompt, toy_batches(16),
-                           TrainConfig(epochs=1, min_steps=0, selection_margin=margin, progress=False),
+                           TrainConfig(epochs=epochs, min_steps=0, selection_level=level, progress=False),
                            val_loader=toy_batches(8, seed=3))
     assert metrics["selected_epoch"] == kept
+
+
+def test_one_validation_example_is_no_evidence_for_tuning(model, monkeypatch):
+    """A single validation example has no standard error: however much lower its loss, the probe stays."""
+    scripted_validation(monkeypatch, [torch.tensor([0.9]), torch.tensor([0.1])])
+    prompt = fresh_prompt(model)
+    metrics = train_prompt(model, prompt, toy_batches(16), TrainConfig(epochs=1, min_steps=0, progress=False),
+                           val_loader=toy_batches(1, seed=3))
+    assert metrics["selected_epoch"] == 0 and metrics["val_loss"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, -0.1])
+def test_selection_level_out_of_range_is_rejected(model, level):
+    with pytest.raises(ValueError, match="selection-level"):
+        train_prompt(model, fresh_prompt(model), toy_batches(16), TrainConfig(selection_level=level, progress=False))
 
 
 def test_recipe_keeps_the_probe_when_tuning_hurts_validation(model):
