@@ -6,6 +6,11 @@ backbone only once per image. ``KVCache`` stores every layer's keys/values of ea
 a memory-mapped file (fp16 by default), keyed by the image's global dataset index, up to a
 size cap; images beyond the cap are recomputed each time. It keeps each image's pooled
 backbone features ``[D]`` too (what a source density is fitted on), in memory.
+
+On POSIX the file is unlinked as soon as it is mapped: nothing else can open it, and its disk
+space goes back when the cache is closed or its process ends, however it ends (a Flower
+simulation kills its Ray actors, so a finaliser would never run and each run would leave its
+caches behind in the temporary folder).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class KVCache:
 
     Args:
         model: the model whose backbone is cached.
-        root: folder for the cache file; a temporary folder (deleted with the cache) if None.
+        root: folder for the cache file; the system's temporary folder if None.
         max_bytes: size cap of the file; images past it are not cached.
         dtype: ``torch.float16`` (default, half the disk) or ``torch.float32`` (exact).
     """
@@ -47,13 +52,12 @@ class KVCache:
         self.model = model
         self.dtype = dtype
         self.max_bytes = max_bytes
-        self._tmp = tempfile.TemporaryDirectory(prefix="alacarte-kv-") if root is None else None
-        self.root = Path(self._tmp.name if self._tmp else root)
+        self.root = Path(tempfile.gettempdir() if root is None else root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._slots: dict[int, int] = {}
         self._store: np.memmap | None = None
         self._pooled: np.ndarray | None = None  # [capacity, D] float32, row = slot
-        self._path: Path | None = None
+        self._path: Path | None = None  # the file while it has a name (not on POSIX, see the module doc)
         self.hits = 0
         self.misses = 0
 
@@ -121,17 +125,18 @@ class KVCache:
             self._store = np.empty((0, *item_shape), dtype=dtype)
             return
         # a unique file, so caches sharing a root folder never map the same file
-        fd, name = tempfile.mkstemp(dir=self.root, prefix="kv-", suffix=".bin")
+        fd, name = tempfile.mkstemp(dir=self.root, prefix="alacarte-kv-", suffix=".bin")
         os.close(fd)
-        self._path = Path(name)
-        self._store = np.memmap(self._path, dtype=dtype, mode="w+", shape=(capacity, *item_shape))
+        self._store = np.memmap(name, dtype=dtype, mode="w+", shape=(capacity, *item_shape))
+        if os.name == "posix":  # the mapping keeps the file alive; the name is not needed any more
+            os.unlink(name)
+        else:
+            self._path = Path(name)
 
     def close(self) -> None:
-        """Drop the memory map and delete the cache file (and a temporary cache folder)."""
+        """Drop the memory map and delete the cache file."""
         self._store = self._pooled = None
         self._slots.clear()
         if self._path is not None:
             self._path.unlink(missing_ok=True)
             self._path = None
-        if self._tmp is not None:
-            self._tmp.cleanup()

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,9 +209,35 @@ def test_cache_size_cap(model, images, tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     assert len(cache) == 3
     assert cache.hits == 2 * 3 and cache.misses == len(images) + 2 * (len(images) - 3)
-    files = list(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].stat().st_size <= cache.max_bytes
     cache.close()
+
+
+KILLED_CACHE = """
+import sys, time, torch
+sys.path[:0] = [{tests!r}, {repo!r}]
+from conftest import IMG, make_vit
+from common.kv_cache import KVCache
+from common.model import APTViT
+cache = KVCache(APTViT(make_vit(0)), root={root!r})
+cache.kv(torch.arange(2), torch.randn(2, 3, IMG, IMG))
+print(len(cache), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the cache file is unlinked while mapped on POSIX only")
+def test_a_killed_process_leaves_no_cache_file(tmp_path):
+    """Ray kills a simulation's actors, so no finaliser runs: the cache file has no name while
+    it is mapped, and a SIGKILLed process leaves nothing behind in the cache's folder."""
+    tests = Path(__file__).parent
+    script = KILLED_CACHE.format(tests=str(tests), repo=str(tests.parent), root=str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "2"  # two images cached, the process still alive
+        assert child.poll() is None and not any(tmp_path.iterdir())
+    finally:
+        child.kill()
+        child.wait(timeout=60)
     assert not any(tmp_path.iterdir())
 
 
