@@ -182,9 +182,10 @@ def train_prompt(
     and wall-clock ``seconds``. ``prompt.config.num_examples`` is updated.
     """
     config = config or TrainConfig()
-    if config.epochs < 1 or config.min_steps < 0 or not config.head_lr_scale > 0 or not 0 < config.selection_level < 1:
-        raise ValueError(f"epochs must be >= 1, min-steps >= 0, head-lr-scale > 0 and selection-level in (0, 1), "
-                         f"got {config.epochs}, {config.min_steps}, {config.head_lr_scale} and {config.selection_level}")
+    valid_level = 0 < config.selection_level < 1
+    if config.epochs < 1 or config.min_steps < 0 or not config.head_lr_scale > 0 or not valid_level:
+        raise ValueError(f"epochs must be >= 1, min-steps >= 0, head-lr-scale > 0 and selection-level in (0, 1), got "
+                         f"{config.epochs}, {config.min_steps}, {config.head_lr_scale} and {config.selection_level}")
     batches = len(loader)
     if batches == 0:
         raise ValueError("the training loader is empty; this source has no examples")
