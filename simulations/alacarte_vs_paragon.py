@@ -56,6 +56,7 @@ from simulations.common import (
     composed_accuracy,
     configure_logging,
     fresh_prompt,
+    paired_comparison,
     partition_shards,
     pool_prompts,
     product_run_config,
@@ -153,19 +154,23 @@ def paragon(model: APTViT, bank: Bank, shards: list[tuple[np.ndarray, np.ndarray
     return prompt
 
 
-def density_accuracy(logits: torch.Tensor, densities: list, test: Bank) -> float:
-    """Accuracy of ``logits [k, n, C]`` composed with these source densities' weights."""
-    weights = density_weights(densities, torch.as_tensor(test.features))
-    return accuracy(compose_probs(logits, weights), test.labels)
+def density_probs(logits: torch.Tensor, densities: list, test: Bank) -> torch.Tensor:
+    """``logits [k, n, C]`` composed with these source densities' weights: ``[n, C]``."""
+    return compose_probs(logits, density_weights(densities, torch.as_tensor(test.features)))
 
 
-def probe_rows(train: Bank, test: Bank, shards: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """Per-source linear probes composed (uniform, density) and one probe on the union."""
+def probe_rows(train: Bank, test: Bank, shards: list[tuple[np.ndarray, np.ndarray]],
+               density: torch.Tensor) -> dict[str, float]:
+    """Per-source linear probes composed (uniform, density) and one probe on the union; the
+    pool's ``density`` composition ``[n, C]`` against the probes' (images won, lost, sign-test p)."""
     logits = torch.stack([BankProbe.fit(train, x).logits(test, NUM_CLASSES) for x, _ in shards])
+    probes = density_probs(logits, [train.density_of(x) for x, _ in shards], test)
     union = BankProbe.fit(train, np.concatenate([x for x, _ in shards]))
+    paired = paired_comparison(density, probes, test.labels)
     return {"probes_composed": composed_accuracy(logits, test.labels),
-            "probes_composed_density": density_accuracy(logits, [train.density_of(x) for x, _ in shards], test),
-            "union_probe": accuracy(union.logits(test, NUM_CLASSES).softmax(-1), test.labels)}
+            "probes_composed_density": accuracy(probes, test.labels),
+            "union_probe": accuracy(union.logits(test, NUM_CLASSES).softmax(-1), test.labels),
+            **{f"density_vs_probes_{k}": v for k, v in paired.items()}}
 
 
 def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_dir: Path, train: Bank,
@@ -184,7 +189,8 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
             shards = partition_shards(data_dir, n, part.partitioner, part.alpha, seed, VAL_FRACTION)
             sizes = [len(x) for x, _ in shards]
             composed = composed_accuracy(logits, test.labels)
-            density = density_accuracy(logits, [p.density for p in prompts], test)
+            density = density_probs(logits, [p.density for p in prompts], test)
+            density_acc = accuracy(density, test.labels)
             union = np.sort(np.concatenate([x for x, _ in shards]))
             trained_on = union.tobytes()
             if trained_on not in paragons:
@@ -195,12 +201,12 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
                 "partition": label, "sources": n, "prompts_in_pool": len(prompts),
                 "train_images_per_source_mean": float(np.mean(sizes)), "train_images_per_source_min": min(sizes),
                 "train_images_per_source_max": max(sizes),
-                "composed": composed, "composed_density": density, "paragon": paragon_acc,
+                "composed": composed, "composed_density": density_acc, "paragon": paragon_acc,
                 "fedavg": composed_accuracy(bank_logits(model, test, shared), test.labels),
                 "alone_mean": float(np.mean(alone)), "alone_min": min(alone), "alone_max": max(alone),
-                **probe_rows(train, test, shards),
+                **probe_rows(train, test, shards, density),
                 "gap_points": round(100 * (paragon_acc - composed), 2),
-                "gap_density_points": round(100 * (paragon_acc - density), 2),
+                "gap_density_points": round(100 * (paragon_acc - density_acc), 2),
                 "steps_alacarte": sum(steps(x, s) for x in sizes), "steps_paragon": steps(len(union), s),
                 "steps_fedavg": s.epochs * sum(steps(x, s, epochs=1, min_steps=0) for x in sizes),
                 "alacarte_seconds": round(runs[f"{key}-alacarte"].seconds, 1),
@@ -222,7 +228,7 @@ def subset_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_di
         for draw in range(s.subset_draws):
             chosen = sorted(int(i) for i in rng.choice(n, size=size, replace=False))
             composed = composed_accuracy(logits, test.labels, chosen)
-            density = density_accuracy(logits[chosen], [pool[i].density for i in chosen], test)
+            density = accuracy(density_probs(logits[chosen], [pool[i].density for i in chosen], test), test.labels)
             para = paragon(model, train, [shards[i] for i in chosen], s, seed)
             para_acc = accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)
             rows.append({"subset_size": size, "draw": draw, "sources": " ".join(map(str, chosen)),
@@ -292,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
         "max_gap_density_points": max(r["gap_density_points"] for r in rows),
         "density_within_3_points": sum(r["gap_density_points"] <= 3 for r in rows),
         "density_not_below_probes": sum(r["composed_density"] >= r["probes_composed_density"] for r in rows),
+        "density_significantly_below_probes": sum(r["composed_density"] < r["probes_composed_density"]
+                                                  and r["density_vs_probes_p"] < 0.05 for r in rows),
         "paragon_not_below_union_probe": sum(r["paragon"] >= r["union_probe"] for r in rows),
         "plots": [plot_comparison(rows, s, args.out / "accuracy_vs_sources.png").name,
                   plot_subsets(subsets, args.out / "subsets.png").name],

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -392,6 +393,17 @@ def accuracy(probs: torch.Tensor, labels: np.ndarray, allowed: Sequence[int] | N
         mask[list(allowed)] = 0.0
         probs = probs + mask
     return float((probs.argmax(-1).numpy() == np.asarray(labels)).mean())
+
+
+def paired_comparison(probs: torch.Tensor, reference: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
+    """Two methods' ``[n, C]`` scores on the same images: ``won`` (``probs`` right, ``reference``
+    wrong), ``lost`` (the reverse) and ``p``, the exact two-sided sign-test (McNemar) p-value of
+    that split: the chance of a split at least this uneven if both methods were equally good."""
+    y = np.asarray(labels)
+    right, reference_right = probs.argmax(-1).numpy() == y, reference.argmax(-1).numpy() == y
+    won, lost = int((right & ~reference_right).sum()), int((~right & reference_right).sum())
+    tail = sum(math.comb(won + lost, i) for i in range(min(won, lost) + 1)) / 2 ** (won + lost)
+    return {"won": won, "lost": lost, "p": min(1.0, 2 * tail)}
 
 
 def composed_accuracy(logits: torch.Tensor, labels: np.ndarray, which: Sequence[int] | None = None,

@@ -154,22 +154,25 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         "paragon's (step counts in the table). *composed*: uniform mean of the pool's prompts; *density*: "
         "weighted per image by the density each source shipped with its prompt. *probes*: linear probes on the "
         "same training images (per source, composed with density weights; one on the union). Gap = paragon − "
-        "composed, in points.",
+        "composed, in points. *density vs probes*: test images the density composition of the prompts gets "
+        "right and that of the probes wrong / the reverse, with the exact two-sided sign-test (McNemar) p-value.",
         setup_line(s, f"{s['train_images']} images split over N sources (training images per source in the table)"),
         table(["partition", "N", "train images/source mean (min–max)", "composed", "density", "paragon",
                "union probe", "probes composed (density)", "FedAvg", "alone (mean)", "gap", "gap, density",
-               "steps: à-la-carte / paragon / FedAvg"],
+               "density vs probes: won / lost (p)", "steps: à-la-carte / paragon / FedAvg"],
               [[r["partition"], r["sources"], f"{r['train_images_per_source_mean']:.0f} "
                 f"({r['train_images_per_source_min']}–{r['train_images_per_source_max']})", pct(r["composed"]),
                 pct(r["composed_density"]), pct(r["paragon"]), pct(r["union_probe"]),
                 f"{pct(r['probes_composed'])} ({pct(r['probes_composed_density'])})", pct(r["fedavg"]),
                 pct(r["alone_mean"]), f"{r['gap_points']:+.1f}", f"{r['gap_density_points']:+.1f}",
+                f"{r['density_vs_probes_won']} / {r['density_vs_probes_lost']} ({r['density_vs_probes_p']:.2f})",
                 f"{r['steps_alacarte']} / {r['steps_paragon']} / {r['steps_fedavg']}"] for r in rows]),
         f"**Goal (density composition within {GOAL_POINTS:.0f} points of the paragon): met in "
         f"{payload['density_within_3_points']} of {len(rows)} configurations (uniform: {met}); largest gap "
         f"{payload['max_gap_density_points']:+.1f} points (uniform: {payload['max_gap_points']:+.1f}). Density "
         f"composition of the prompts ≥ composed per-source probes (density) in "
-        f"{payload['density_not_below_probes']} of {len(rows)}; paragon ≥ the union probe (same images) in "
+        f"{payload['density_not_below_probes']} of {len(rows)} (significantly below, sign test at 5%, in "
+        f"{payload['density_significantly_below_probes']}); paragon ≥ the union probe (same images) in "
         f"{payload['paragon_not_below_union_probe']} of {len(rows)}.**",
         "### À-la-carte subsets",
         f"Random subsets of the IID pool of {st['subset_pool']} sources, composed, vs a paragon trained with the "

@@ -72,16 +72,25 @@ def test_bad_input_is_refused(x, y, k, match):
         fit_probe(x, y, k)
 
 
-def test_same_images_in_any_order_or_as_an_fp16_copy_give_the_same_probe():
-    gen = torch.Generator().manual_seed(5)
-    x, y = gaussian_classes(40, 12, 4, spread=1.5, seed=6)
-    folds = probe_mod._folds(x, 5, seed=0)
-    assert sorted(torch.bincount(folds).tolist()) == [32, 32, 32, 32, 32]  # dealt round-robin
-    order = torch.randperm(len(y), generator=gen)
-    torch.testing.assert_close(probe_mod._folds(x[order], 5, seed=0), folds[order])
-    torch.testing.assert_close(probe_mod._folds(x.half().float(), 5, seed=0), folds)
-    assert not torch.equal(probe_mod._folds(x, 5, seed=1), folds)  # the seed draws the folds
-    noisy_x = x + 0.8 * torch.randn(x.shape, generator=gen)  # overlapping classes: the CV choice matters
-    first, shuffled = fit_probe(noisy_x, y, 4), fit_probe(noisy_x[order], y[order], 4)
-    assert first.l2 == shuffled.l2
-    torch.testing.assert_close(first.weight, shuffled.weight, rtol=1e-4, atol=1e-5)
+def low_rank_classes(n: int, dim: int, classes: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlapping classes on correlated (low-rank) features, ill-conditioned like a backbone's."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    latent = torch.randn(n, rank, generator=gen) + 1.5 * torch.nn.functional.one_hot(y, rank)
+    x = latent @ torch.randn(rank, dim, generator=gen) + 0.05 * torch.randn(n, dim, generator=gen)
+    return x + torch.randn(dim, generator=gen), y
+
+
+def test_same_images_in_any_order_give_the_same_probe_bit_for_bit():
+    x, y = low_rank_classes(113, 96, 9, 24, seed=0)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(5))
+    canonical = probe_mod._canonical_order(x, seed=0)
+    torch.testing.assert_close(order[probe_mod._canonical_order(x[order], seed=0)], canonical)
+    torch.testing.assert_close(probe_mod._canonical_order(x.half().float(), seed=0), canonical)
+    assert not torch.equal(probe_mod._canonical_order(x, seed=1), canonical)  # the seed draws the order
+    # weakly regularised: LBFGS stops at its gradient tolerance somewhere in a flat valley, and
+    # without the canonical order another summation order ends elsewhere (logits ~0.1 apart)
+    for l2 in (1e-4, None):
+        first, shuffled = fit_probe(x, y, 9, l2=l2), fit_probe(x[order], y[order], 9, l2=l2)
+        assert first.l2 == shuffled.l2
+        assert torch.equal(first.weight, shuffled.weight) and torch.equal(first.bias, shuffled.bias)

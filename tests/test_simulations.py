@@ -24,7 +24,14 @@ from synthetic import make_cifar100_folder, make_idx_dataset
 from common.assets import default_checkpoint, default_data_dir
 from common.config import ConfigError
 from common.data import load_split
-from simulations.common import apply_overrides, backbone_spec, base_parser, build_bank, select_profile
+from simulations.common import (
+    apply_overrides,
+    backbone_spec,
+    base_parser,
+    build_bank,
+    paired_comparison,
+    select_profile,
+)
 from simulations.render import main as render_main
 from simulations.render import render
 
@@ -90,6 +97,19 @@ def test_help_of_every_script():
         proc = subprocess.run([sys.executable, "-m", f"simulations.{name}", "--help"], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "usage" in proc.stdout, name
+
+
+@pytest.mark.parametrize(("won", "lost", "p"), [(0, 1, 1.0), (0, 6, 2 / 64), (7, 0, 2 / 128), (3, 3, 1.0),
+                                                 (1, 5, 2 * 7 / 64), (0, 0, 1.0)])
+def test_paired_comparison_counts_split_images_and_sign_test(won, lost, p):
+    """``won`` images only the first method gets right, ``lost`` only the reference, 4 both, 2 neither."""
+    labels = np.zeros(won + lost + 6, dtype=np.int64)
+    right, wrong = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    first = [right] * won + [wrong] * lost + [right] * 4 + [wrong] * 2
+    reference = [wrong] * won + [right] * lost + [right] * 4 + [wrong] * 2
+    got = paired_comparison(torch.stack(first), torch.stack(reference), labels)
+    assert (got["won"], got["lost"]) == (won, lost)
+    assert got["p"] == pytest.approx(p)
 
 
 def test_overrides_convert_types():
