@@ -5,9 +5,10 @@ the smaller ones; 10% is its validation split, as in the product) trains
 
 * a **linear probe** on the frozen backbone's pooled features of its training images
   (``common.probe``, L2 by cross-validation on them);
-* a **prompt with the product's recipe** (``common.train``: probe-initialised head, tuning for
-  ``epochs`` epochs but at least ``min_steps`` steps, the epoch with the lowest validation
-  loss kept, epoch 0 being the probe-initialised prompt);
+* a **prompt with the product's recipe** over the classes of its training images, as a
+  ClientApp's (``common.train``: probe-initialised head, tuning for ``epochs`` epochs but at
+  least ``min_steps`` steps, a tuned epoch kept only where a paired test on the validation
+  loss says it beats the probe-initialised prompt, else that prompt, epoch 0);
 * the **same prompt without the selection** (the last tuning epoch), to show what tuning alone
   does at each size;
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"images": n, "train_images": len(train_idx), "val_images": len(val_idx),
                "probe": accuracy(probe.logits(test, NUM_CLASSES).softmax(-1), test.labels)}
         for name, val in (("prompt", val_idx), ("prompt_last_epoch", None)):
-            prompt = fresh_prompt(model, NUM_CLASSES, seed=args.seed, source=f"n{n}")
+            prompt = fresh_prompt(model, NUM_CLASSES, seed=args.seed, labels=probe.classes, source=f"n{n}")
             metrics = train_on_bank(model, prompt, bank, train_idx, config, s.batch_size, args.seed, val)
             row[name] = accuracy(bank_logits(model, test, [prompt])[0].softmax(-1), test.labels)
             row[f"{name}_steps"] = metrics["steps"]
