@@ -44,6 +44,7 @@ from common.model import APTViT
 from common.train import planned_epochs
 from simulations.common import (
     LR,
+    SIGNIFICANCE,
     BackboneSpec,
     Bank,
     BankProbe,
@@ -54,7 +55,6 @@ from simulations.common import (
     bank_logits,
     base_parser,
     composed_accuracy,
-    configure_logging,
     fresh_prompt,
     paired_comparison,
     partition_shards,
@@ -63,9 +63,9 @@ from simulations.common import (
     recipe,
     run_federations,
     save_figure,
-    select_profile,
     setup_record,
     shared_subset,
+    start_experiment,
     train_on_bank,
     write_csv,
     write_json,
@@ -273,9 +273,7 @@ def plot_subsets(rows: list[dict], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment; returns the JSON payload it wrote."""
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
-    args = parser.parse_args(argv)
-    configure_logging()
-    s, label = select_profile(args, TINY, QUICK, FULL)
+    args, s, label = start_experiment(parser, argv, TINY, QUICK, FULL)
     if s.subset_pool not in s.sources or "iid" not in s.partitions:
         raise SystemExit("settings: subset_pool must be one of sources and 'iid' among partitions")
     clock = Stopwatch()
@@ -299,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         "density_within_3_points": sum(r["gap_density_points"] <= 3 for r in rows),
         "density_not_below_probes": sum(r["composed_density"] >= r["probes_composed_density"] for r in rows),
         "density_significantly_below_probes": sum(r["composed_density"] < r["probes_composed_density"]
-                                                  and r["density_vs_probes_p"] < 0.05 for r in rows),
+                                                  and r["density_vs_probes_p"] < SIGNIFICANCE for r in rows),
         "paragon_not_below_union_probe": sum(r["paragon"] >= r["union_probe"] for r in rows),
         "plots": [plot_comparison(rows, s, args.out / "accuracy_vs_sources.png").name,
                   plot_subsets(subsets, args.out / "subsets.png").name],

@@ -78,12 +78,11 @@ from simulations.common import (
     bank_logits,
     base_parser,
     build_bank,
-    configure_logging,
     fresh_prompt,
     recipe,
     save_figure,
-    select_profile,
     setup_record,
+    start_experiment,
     stratified_indices,
     train_on_bank,
     write_csv,
@@ -387,10 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cifar100", default="", metavar="DIR",
                         help="run Split CIFAR-100 (10 x 10) from this cifar-100-python folder")
     add_threads_option(parser)
-    args = parser.parse_args(argv)
-    configure_logging()
-    s, label = select_profile(args, TINY, QUICK, FULL)
-    torch.set_num_threads(args.threads)
+    args, s, label = start_experiment(parser, argv, TINY, QUICK, FULL)
     clock = Stopwatch()
     spec = backbone_spec(args.tiny)
     model = spec.load()

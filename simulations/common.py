@@ -64,6 +64,7 @@ from common.train import TrainConfig, train_prompt  # noqa: E402
 RESULTS_ROOT = Path("results")  # relative: under the working directory, never the package
 WORK_ROOT = Path("/tmp/alacarte-sim")
 SIM_RECORD = "simulation"
+SIGNIFICANCE = 0.05  # level at which the experiments call a paired_comparison's split significant
 LR = TrainConfig().lr  # every experiment's prompts learn at the product's rate (chosen by main_job --sweep)
 P = TypeVar("P")
 
@@ -97,6 +98,20 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (and the Ray worker's, where simulated clients run; default 1: the "
                              "probe fits' many small LBFGS ops ran 2-4x faster on one thread than on two on the "
                              "shared 2-core machine)")
+
+
+def start_experiment(parser: argparse.ArgumentParser, argv: list[str] | None, tiny: P, quick: P,
+                     full: P) -> tuple[argparse.Namespace, P, str]:
+    """What every experiment does first: parse ``argv``, log with timestamps, apply ``--threads``
+    (when the parser has it; also for the Ray worker that runs simulated clients) and pick the
+    profile (:func:`select_profile`). Returns the arguments, the profile and its label."""
+    args = parser.parse_args(argv)
+    configure_logging()
+    if hasattr(args, "threads"):
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    profile, label = select_profile(args, tiny, quick, full)
+    return args, profile, label
 
 
 def select_profile(args: argparse.Namespace, tiny: P, quick: P, full: P) -> tuple[P, str]:

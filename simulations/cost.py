@@ -49,15 +49,14 @@ from simulations.common import (
     Stopwatch,
     backbone_spec,
     base_parser,
-    configure_logging,
     fresh_prompt,
     product_run_config,
     recipe,
     run_federations,
     save_figure,
-    select_profile,
     setup_record,
     shared_subset,
+    start_experiment,
     train_on_bank,
     write_csv,
     write_idx_subset,
@@ -277,9 +276,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--memory-probe", type=int, default=0, metavar="N",
                         help="internal: run one small simulation with N clients and write its stats")
-    args = parser.parse_args(argv)
-    configure_logging()
-    s, label = select_profile(args, TINY, QUICK, FULL)
+    args, s, label = start_experiment(parser, argv, TINY, QUICK, FULL)
     spec = backbone_spec(args.tiny)
     if args.memory_probe:
         run_probe(args.memory_probe, s, spec, args)

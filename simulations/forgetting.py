@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,16 +49,15 @@ from simulations.common import (
     backbone_spec,
     bank_logits,
     base_parser,
-    configure_logging,
     partition_shards,
     pool_prompts,
     product_run_config,
     recipe,
     run_federations,
     save_figure,
-    select_profile,
     setup_record,
     shared_subset,
+    start_experiment,
     write_csv,
     write_json,
 )
@@ -190,11 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the experiment; returns the JSON payload it wrote."""
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
     add_threads_option(parser)
-    args = parser.parse_args(argv)
-    configure_logging()
-    s, label = select_profile(args, TINY, QUICK, FULL)
-    torch.set_num_threads(args.threads)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the Ray worker that runs the clients
+    args, s, label = start_experiment(parser, argv, TINY, QUICK, FULL)
     clock = Stopwatch()
     spec = backbone_spec(args.tiny)
     model = spec.load()

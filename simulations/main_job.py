@@ -42,12 +42,11 @@ from simulations.common import (
     bank_logits,
     base_parser,
     build_bank,
-    configure_logging,
     fresh_prompt,
     pool_prompts,
     recipe,
-    select_profile,
     setup_record,
+    start_experiment,
     train_on_bank,
     write_csv,
     write_json,
@@ -176,9 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pool", type=Path, default=None,
                         help="read the prompts from this pool (filled by `flwr run .`) instead of training them")
     parser.add_argument("--sweep", action="store_true", help="also choose lr/epochs on validation images")
-    args = parser.parse_args(argv)
-    configure_logging()
-    s, label = select_profile(args, TINY, QUICK, FULL)
+    args, s, label = start_experiment(parser, argv, TINY, QUICK, FULL)
     clock = Stopwatch()
     config = s.config(args.data_dir)
     spec = backbone_spec(args.tiny)

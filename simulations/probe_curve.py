@@ -12,7 +12,8 @@ the smaller ones; 10% is its validation split, as in the product) trains
 * the **same prompt without the selection** (the last tuning epoch), to show what tuning alone
   does at each size;
 
-all measured on the same 1,000 test images (nothing is chosen on them).
+all measured on the same 1,000 test images (nothing is chosen on them), and on their own
+training images (how much of what tuning learns is fitting them rather than the task).
 """
 
 from __future__ import annotations
@@ -32,12 +33,11 @@ from simulations.common import (
     bank_logits,
     base_parser,
     build_bank,
-    configure_logging,
     fresh_prompt,
     recipe,
     save_figure,
-    select_profile,
     setup_record,
+    start_experiment,
     train_on_bank,
     write_csv,
     write_json,
@@ -67,9 +67,7 @@ FULL = Settings((50, 100, 200, 400, 800, 1600), 1000, 10, 100, LR, 32)
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the curve; returns the JSON payload it wrote."""
-    args = base_parser(NAME, __doc__.split("\n\n")[0]).parse_args(argv)
-    configure_logging()
-    s, label = select_profile(args, TINY, QUICK, FULL)
+    args, s, label = start_experiment(base_parser(NAME, __doc__.split("\n\n")[0]), argv, TINY, QUICK, FULL)
     clock = Stopwatch()
     spec = backbone_spec(args.tiny)
     model = spec.load()
@@ -83,12 +81,15 @@ def main(argv: list[str] | None = None) -> dict:
     for n in s.sizes:
         train_idx, val_idx = train_val_split(order[:n], VAL_FRACTION, args.seed)
         probe = BankProbe.fit(bank, train_idx)
+        train_labels = bank.labels_of(train_idx)
         row = {"images": n, "train_images": len(train_idx), "val_images": len(val_idx),
-               "probe": accuracy(probe.logits(test, NUM_CLASSES).softmax(-1), test.labels)}
+               "probe": accuracy(probe.logits(test, NUM_CLASSES).softmax(-1), test.labels),
+               "probe_train": accuracy(probe.logits(bank, NUM_CLASSES, train_idx).softmax(-1), train_labels)}
         for name, val in (("prompt", val_idx), ("prompt_last_epoch", None)):
             prompt = fresh_prompt(model, NUM_CLASSES, seed=args.seed, labels=probe.classes, source=f"n{n}")
             metrics = train_on_bank(model, prompt, bank, train_idx, config, s.batch_size, args.seed, val)
             row[name] = accuracy(bank_logits(model, test, [prompt])[0].softmax(-1), test.labels)
+            row[f"{name}_train"] = accuracy(bank_logits(model, bank, [prompt], train_idx)[0].softmax(-1), train_labels)
             row[f"{name}_steps"] = metrics["steps"]
             row.setdefault("kept_epoch", metrics["selected_epoch"])
         row["prompt_minus_probe_points"] = round(100 * (row["prompt"] - row["probe"]), 2)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.common import RESULTS_ROOT
+from simulations.common import RESULTS_ROOT, SIGNIFICANCE
 
 GOAL_POINTS = 3.0
 
@@ -102,16 +102,25 @@ def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:
         "linear probe, a prompt with the product's recipe (probe-initialised head, tuning kept only where the "
         "validation loss improves: *kept epoch* 0 means the probe-initialised prompt was kept), and the same "
         f"prompt's last tuning epoch without that selection; {s['settings']['epochs']} epochs, at least "
-        f"{s['settings']['min_steps']} steps, lr {s['settings']['lr']}.",
+        f"{s['settings']['min_steps']} steps, lr {s['settings']['lr']}. *Train accuracy* is on the source's own "
+        "training images: a last epoch far above its probe there but not on test images has fitted the "
+        "training images, not the task.",
         setup_line(s, f"{s['test_images']} test images"),
         table(["images", "train / val", "linear probe", "prompt (recipe)", "kept epoch", "prompt, last epoch",
-               "recipe − probe (points)", "last epoch − probe (points)"],
+               "recipe − probe (points)", "last epoch − probe (points)", "train accuracy: probe / last epoch"],
               [[r["images"], f"{r['train_images']} / {r['val_images']}", pct(r["probe"]), pct(r["prompt"]),
                 r["kept_epoch"], pct(r["prompt_last_epoch"]), f"{r['prompt_minus_probe_points']:+.1f}",
-                f"{r['last_epoch_minus_probe_points']:+.1f}"] for r in rows]),
+                f"{r['last_epoch_minus_probe_points']:+.1f}", train_accuracy(r)] for r in rows]),
         figures(folder, payload, output),
     ]
     return "\n\n".join(body)
+
+
+def train_accuracy(row: dict) -> str:
+    """``probe / last epoch`` accuracy on the training images (``–`` in results written before it was measured)."""
+    if "probe_train" not in row:
+        return "–"
+    return f"{pct(row['probe_train'])} / {pct(row['prompt_last_epoch_train'])}"
 
 
 def tune_density_section(folder: Path, payload: dict, output: Path) -> str:
@@ -171,7 +180,8 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         f"{payload['density_within_3_points']} of {len(rows)} configurations (uniform: {met}); largest gap "
         f"{payload['max_gap_density_points']:+.1f} points (uniform: {payload['max_gap_points']:+.1f}). Density "
         f"composition of the prompts ≥ composed per-source probes (density) in "
-        f"{payload['density_not_below_probes']} of {len(rows)} (significantly below, sign test at 5%, in "
+        f"{payload['density_not_below_probes']} of {len(rows)} (significantly below, sign test at "
+        f"{SIGNIFICANCE:.0%}, in "
         f"{payload['density_significantly_below_probes']}); paragon ≥ the union probe (same images) in "
         f"{payload['paragon_not_below_union_probe']} of {len(rows)}.**",
         "### À-la-carte subsets",

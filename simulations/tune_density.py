@@ -32,9 +32,8 @@ from simulations.common import (
     backbone_spec,
     base_parser,
     build_bank,
-    configure_logging,
-    select_profile,
     setup_record,
+    start_experiment,
     write_csv,
     write_json,
 )
@@ -86,9 +85,7 @@ def split_sources(labels: np.ndarray, indices: np.ndarray, partition: str, seed:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the grid; returns the JSON payload it wrote."""
-    args = base_parser(NAME, __doc__.split("\n\n")[0]).parse_args(argv)
-    configure_logging()
-    s, label = select_profile(args, TINY, QUICK, FULL)
+    args, s, label = start_experiment(base_parser(NAME, __doc__.split("\n\n")[0]), argv, TINY, QUICK, FULL)
     clock = Stopwatch()
     spec = backbone_spec(args.tiny)
     model = spec.load()
