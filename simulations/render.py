@@ -103,24 +103,17 @@ def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:
         "validation loss improves: *kept epoch* 0 means the probe-initialised prompt was kept), and the same "
         f"prompt's last tuning epoch without that selection; {s['settings']['epochs']} epochs, at least "
         f"{s['settings']['min_steps']} steps, lr {s['settings']['lr']}. *Train accuracy* is on the source's own "
-        "training images: a last epoch far above its probe there but not on test images has fitted the "
-        "training images, not the task.",
+        "training images: what the probe leaves for tuning to fit.",
         setup_line(s, f"{s['test_images']} test images"),
         table(["images", "train / val", "linear probe", "prompt (recipe)", "kept epoch", "prompt, last epoch",
                "recipe − probe (points)", "last epoch − probe (points)", "train accuracy: probe / last epoch"],
               [[r["images"], f"{r['train_images']} / {r['val_images']}", pct(r["probe"]), pct(r["prompt"]),
                 r["kept_epoch"], pct(r["prompt_last_epoch"]), f"{r['prompt_minus_probe_points']:+.1f}",
-                f"{r['last_epoch_minus_probe_points']:+.1f}", train_accuracy(r)] for r in rows]),
+                f"{r['last_epoch_minus_probe_points']:+.1f}",
+                f"{pct(r['probe_train'])} / {pct(r['prompt_last_epoch_train'])}"] for r in rows]),
         figures(folder, payload, output),
     ]
     return "\n\n".join(body)
-
-
-def train_accuracy(row: dict) -> str:
-    """``probe / last epoch`` accuracy on the training images (``–`` in results written before it was measured)."""
-    if "probe_train" not in row:
-        return "–"
-    return f"{pct(row['probe_train'])} / {pct(row['prompt_last_epoch_train'])}"
 
 
 def tune_density_section(folder: Path, payload: dict, output: Path) -> str:
