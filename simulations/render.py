@@ -116,6 +116,13 @@ def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:
     return "\n\n".join(body)
 
 
+def won_lost_sum(rows: list[dict]) -> str:
+    """Images won / lost by the prompts' density composition against the probes', summed over ``rows``
+    (no p-value: the rows share their test images)."""
+    won, lost = (sum(r[f"density_vs_probes_{k}"] for r in rows) for k in ("won", "lost"))
+    return f"{won} images won and {lost} lost in all"
+
+
 def tune_density_section(folder: Path, payload: dict, output: Path) -> str:
     s = payload["setup"]
     best = payload["chosen"]
@@ -174,8 +181,8 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         f"{payload['max_gap_density_points']:+.1f} points (uniform: {payload['max_gap_points']:+.1f}). Density "
         f"composition of the prompts ≥ composed per-source probes (density) in "
         f"{payload['density_not_below_probes']} of {len(rows)} (significantly below, sign test at "
-        f"{SIGNIFICANCE:.0%}, in "
-        f"{payload['density_significantly_below_probes']}); paragon ≥ the union probe (same images) in "
+        f"{SIGNIFICANCE:.0%}, in {payload['density_significantly_below_probes']}; "
+        f"{won_lost_sum(rows)}); paragon ≥ the union probe (same images) in "
         f"{payload['paragon_not_below_union_probe']} of {len(rows)}.**",
         "### À-la-carte subsets",
         f"Random subsets of the IID pool of {st['subset_pool']} sources, composed, vs a paragon trained with the "
