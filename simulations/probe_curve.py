@@ -62,7 +62,7 @@ class Settings:
 
 TINY = Settings((16, 32), 32, 1, 0, LR, 16)
 QUICK = Settings((50, 200), 300, 5, 20, LR, 32)
-FULL = Settings((50, 100, 200, 400, 800, 1600), 1000, 10, 100, LR, 32)
+FULL = Settings((50, 100, 200, 400, 800, 1600, 3200, 6400), 1000, 10, 100, LR, 32)
 
 
 def main(argv: list[str] | None = None) -> dict:
