@@ -323,30 +323,34 @@ def test_cache_on_another_backbone_is_separate(images):
 # --------------------------------------------------------------------------------------
 
 
-def pooled_features(model, prompt, batches) -> tuple[torch.Tensor, torch.Tensor]:
+def head_features(model, prompt, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the head reads, ``[prompt output ; pooled]``, and the local targets of ``batches``."""
     with torch.no_grad():
-        feats = torch.cat([model.pooled(model.backbone_forward(x)[0]) for x, _, _ in batches])
+        feats = []
+        for x, _, _ in batches:
+            features, kv = model.backbone_forward(x)
+            feats.append(torch.cat([model.features_kv(kv, [prompt])[0], model.pooled(features)], dim=-1))
     targets = torch.cat([torch.tensor([prompt.config.labels.index(int(c)) for c in y]) for _, y, _ in batches])
-    return feats, targets
+    return torch.cat(feats), targets
 
 
 def test_probe_init_head_equals_a_probe_fit_and_separates_the_data(model):
     batches = toy_batches(32)
     prompt = fresh_prompt(model)
     l2 = train_mod.probe_init_head(model, prompt, batches)
-    feats, targets = pooled_features(model, prompt, batches)
+    feats, targets = head_features(model, prompt, batches)
     probe = fit_probe(feats, targets, len(CLASSES))
     assert l2 == probe.l2 and l2 in L2_GRID
-    D = model.embed_dim
-    torch.testing.assert_close(prompt.head.weight[list(CLASSES), D:], probe.weight)
+    torch.testing.assert_close(prompt.head.weight[list(CLASSES)], probe.weight)
     torch.testing.assert_close(prompt.head.bias[list(CLASSES)], probe.bias)
-    assert not prompt.head.weight[:, :D].any()  # the prompt side starts at zero
+    D = model.embed_dim
+    assert prompt.head.weight[:, :D].any() and prompt.head.weight[:, D:].any()  # it reads the prompt and the pooled
     others = [c for c in range(NUM_CLASSES) if c not in CLASSES]
     assert not prompt.head.weight[others].any() and not prompt.head.bias[others].any()
     test = toy_batches(32, seed=5)
     with torch.no_grad():  # the fresh prompt's logits are exactly the probe's
         logits = torch.cat([model(x, [prompt])[0][:, list(CLASSES)] for x, _, _ in test])
-    torch.testing.assert_close(logits, probe.logits(pooled_features(model, prompt, test)[0]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, probe.logits(head_features(model, prompt, test)[0]), rtol=1e-4, atol=1e-4)
     result = evaluate(model, [prompt], [(x, y) for x, y, _ in test])
     assert result["prompt_accuracy"][0] == 1.0  # separable: the probe alone solves it
 
@@ -437,14 +441,12 @@ def test_recipe_keeps_the_probe_when_tuning_hurts_validation(model):
         assert torch.equal(prompt.state_dict()[name], value), name
 
 
-def test_tuning_starts_from_the_probe_shared_by_both_halves_of_the_head(model, monkeypatch):
-    """Epoch 0 (what selection compares with) is the exact probe; tuning then starts from
-    ``[W/2 ; W/2]``, so the prompt columns are not zero and pass gradients to the tokens."""
+def test_tuning_starts_from_the_probe_on_both_halves_of_the_head(model, monkeypatch):
+    """Epoch 0 (what selection compares with) and the start of tuning are the exact probe on
+    ``[prompt output ; pooled]``: its prompt columns are not zero, so the tokens get gradients."""
     train = toy_batches(16)
     reference = fresh_prompt(model)
     train_mod.probe_init_head(model, reference, train)
-    D = model.embed_dim
-    probe = reference.head.weight[:, D:].clone()
     states = scripted_validation(monkeypatch, [torch.ones(4), torch.ones(4)])
     seen = []
     monkeypatch.setattr(train_mod, "_train_epoch", lambda _m, prompt, *a: seen.append(prompt.head.weight.clone())
@@ -452,8 +454,8 @@ def test_tuning_starts_from_the_probe_shared_by_both_halves_of_the_head(model, m
     train_prompt(model, fresh_prompt(model), train, TrainConfig(epochs=1, min_steps=0, progress=False),
                  val_loader=toy_batches(4, seed=3))
     torch.testing.assert_close(states[0]["head.weight"], reference.head.weight, rtol=0, atol=0)
-    torch.testing.assert_close(seen[0][:, :D], probe / 2, rtol=0, atol=0)
-    torch.testing.assert_close(seen[0][:, D:], probe / 2, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0], reference.head.weight, rtol=0, atol=0)
+    assert seen[0][:, :model.embed_dim].any()
 
 
 @pytest.mark.parametrize("probe_init", [True, False])
@@ -464,7 +466,6 @@ def test_a_fitted_head_learns_at_head_lr_scale(model, probe_init):
     start = fresh_prompt(model)
     if probe_init:
         train_mod.probe_init_head(model, start, train)
-        train_mod._share_head(start)
     prompt = fresh_prompt(model)
     config = TrainConfig(epochs=1, min_steps=0, lr=0.05, head_lr_scale=1e-4, probe_init=probe_init, progress=False)
     train_prompt(model, prompt, train, config)
