@@ -16,7 +16,8 @@ server's 1,000 test images it compares
 ``--sweep`` also chooses the recipe's defaults: every (learning rate, head learning-rate
 scale, epochs, selection level) of a small grid trains the five prompts, scored on 1,000
 *validation* images drawn from the training split outside every source's shard (never on
-the test images).
+the test images); on the same images it compares the prompt tokens' initialisation (the
+class token against random tokens of three seeds) before any tuning.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from common.config import AppConfig
 from common.data import limit_per_partition, load_client_shard, load_split
 from common.model import APTViT
 from common.prompt import Prompt
+from common.train import probe_init_head
 from simulations.common import (
     Bank,
     BankProbe,
@@ -67,6 +69,12 @@ class Settings:
     validation_images: int
     min_steps: int  # -1: the product's default (AppConfig.min_steps)
     examples_per_source: int  # -1: the product's default (AppConfig.examples_per_source)
+    token_seeds: tuple[int, ...]  # seeds of the random tokens that ``--sweep`` compares with the class token
+
+    @property
+    def token_inits(self) -> list[tuple[str, int]]:
+        """The tokens' starts ``--sweep`` compares: the class token, then random tokens of each seed."""
+        return [("class token", 0), *(("random", seed) for seed in self.token_seeds)]
 
     def config(self, data_dir: str) -> AppConfig:
         """The main job's run configuration, with this profile's sizes."""
@@ -74,9 +82,9 @@ class Settings:
         return AppConfig(data_dir=data_dir, **{k: v for k, v in sizes.items() if v >= 0})
 
 
-TINY = Settings((3e-3,), (0.01,), (1,), (0.05,), 32, 2, 20)
-QUICK = Settings((3e-3,), (0.01,), (10,), (0.05,), 200, -1, -1)
-FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (0.05, 0.5), 1000, -1, -1)
+TINY = Settings((3e-3,), (0.01,), (1,), (0.05,), 32, 2, 20, (0,))
+QUICK = Settings((3e-3,), (0.01,), (10,), (0.05,), 200, -1, -1, (0,))
+FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (0.05, 0.5), 1000, -1, -1, (0, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,44 @@ def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], con
     return rows
 
 
+def token_inits(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
+                s: Settings) -> list[dict]:
+    """The five probe-initialised prompts (before tuning) for each tokens' start of ``s.token_inits``,
+    and the probes on the pooled feature alone, scored on the validation images."""
+    densities = [bank.density_of(src.train) for src in sources]
+    probes = [BankProbe.fit(bank, src.train) for src in sources]
+    rows = [_init_row("none (linear probe on the pooled feature)", "", torch.stack(
+        [p.logits(bank, NUM_CLASSES, val) for p in probes]), densities, bank, val)]
+    for init, seed in s.token_inits:
+        prompts = []
+        for src in sources:
+            prompt = fresh_prompt(model, NUM_CLASSES, seed, sorted(set(bank.labels_of(src.train).tolist())), src.name)
+            if init == "class token":
+                with torch.no_grad():
+                    prompt.tokens.copy_(_class_token(model))
+            probe_init_head(model, prompt, bank.loader(src.train, config.batch_size), bank.cache)
+            prompts.append(prompt)
+        rows.append(_init_row(init, seed, bank_logits(model, bank, prompts, val), densities, bank, val))
+    for row in rows:
+        row["val_alone"] = " ".join(f"{100 * a:.1f}" for a in row.pop("alone"))
+    return rows
+
+
+def _init_row(init: str, seed: int | str, logits: torch.Tensor, densities: list, bank: Bank,
+              val: np.ndarray) -> dict:
+    labels = bank.labels_of(val)
+    alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(logits))]
+    both = composed(logits, densities, bank, val)
+    return {"tokens_init": init, "seed": seed, "alone": alone, "val_alone_mean": float(np.mean(alone)),
+            "val_composed_uniform": both["uniform"], "val_composed_density": both["density"]}
+
+
+def _class_token(model: APTViT) -> torch.Tensor:
+    """``[D]`` the backbone's class token plus its position embedding (where a prompt token started before)."""
+    bb = model.backbone
+    return (bb.cls_token[0, 0] + bb.pos_embed[0, 0]).detach()
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the comparison (and ``--sweep``); returns the JSON payload it wrote."""
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
@@ -200,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      seconds=clock.seconds()),
                **comparison(model, bank, test_bank, sources, prompts), "plots": []}
     if args.sweep:
+        payload["token_inits"] = token_inits(model, bank, val, sources, config, s)
+        write_csv(args.out / "token_inits.csv", payload["token_inits"])
         payload["sweep"] = sweep(model, bank, val, sources, config, s)
         write_csv(args.out / "sweep.csv", payload["sweep"])
     payload["setup"]["seconds"] = clock.seconds()

@@ -24,6 +24,7 @@ from synthetic import make_cifar100_folder, make_idx_dataset
 from common.assets import default_checkpoint, default_data_dir
 from common.config import ConfigError
 from common.data import load_split
+from simulations import main_job
 from simulations.common import (
     apply_overrides,
     backbone_spec,
@@ -195,6 +196,13 @@ def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
         assert 0.0 <= row["probe"] <= 1.0 and 0.0 <= row["prompt"] <= 1.0 and row["train_images"] > 0
     assert set(payload["composed_prompts"]) == set(payload["composed_probes"]) == {"uniform", "density"}
     assert len(payload["sweep"]) == 1 and payload["sweep"][0]["steps"]
+    inits = payload["token_inits"]
+    assert [[r["tokens_init"], r["seed"]] for r in inits[1:]] == [list(x) for x in main_job.TINY.token_inits]
+    for row in inits:
+        alone = [float(a) for a in row["val_alone"].split()]
+        assert len(alone) == 5 and all(0 <= a <= 100 for a in alone)
+        assert row["val_alone_mean"] == pytest.approx(sum(alone) / 500, abs=1e-3)
+        assert 0.0 <= row["val_composed_uniform"] <= 1.0 and 0.0 <= row["val_composed_density"] <= 1.0
 
 
 def test_probe_curve_tiny(data_dir, results, tmp_path):
