@@ -49,7 +49,8 @@ class AppConfig:
     num_server_rounds: int = _key(1, "rounds; each round every source continues from its latest prompt")
     local_epochs: int = _key(5, "prompt-tuning epochs per round (see min-steps)")
     min_steps: int = _key(50, "at least this many optimiser steps per round, however small the shard")
-    probe_init: bool = _key(True, "start a fresh prompt as a linear probe on the backbone's pooled features (LP-FT)")
+    probe_init: bool = _key(True, "start a fresh prompt as a linear probe on what its head reads, "
+                                  "[prompt ; pooled] (LP-FT)")
     selection_level: float = _key(0.05, "keep a tuned epoch only if a paired test says its validation loss beats "
                                          "the untuned prompt's at this family-wise level over the epochs tested")
     head_lr_scale: float = _key(1.0, "learning rate of a head that starts fitted (probe-init, later rounds), "

@@ -1,8 +1,8 @@
 """Linear probe: L2-regularised multinomial logistic regression on frozen features.
 
-The reference every trained prompt is measured against, and the head a prompt starts from
-(LP-FT: the pooled-feature columns of a prompt's head start as a probe on the backbone's
-pooled features of its training images, so tuning starts at the probe's accuracy). Full-batch
+The reference every trained prompt is measured against (a probe on the backbone's pooled
+features), and the head a prompt starts from (LP-FT: a probe on ``[prompt output ; pooled]``
+of its training images, ``common.train``). Full-batch
 LBFGS in float64 on standardised features (the standardisation is folded back into the
 weights); the L2 strength is chosen by k-fold cross-validated negative log-likelihood on the
 training features themselves, so no validation or test image is involved. The examples are

@@ -90,6 +90,18 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
                    for r in payload["sweep"]]),
             payload.get("sweep_note", ""),
         ]
+    if "token_inits" in payload:
+        body += [
+            "### Choosing where the prompt tokens start (validation images, never the test images)",
+            "Each row is the five probe-initialised prompts *before any tuning*: the head is a linear probe on "
+            "`[prompt output ; pooled feature]` of the source's training images, with the prompt token started "
+            "at the backbone's class token or at random (standard normal, three seeds); the first row is the "
+            "linear probe on the pooled feature alone. Scored on the same validation images as the grid above.",
+            table(["prompt tokens start at", "seed", "per-source val. accuracy", "mean", "composed uniform (val.)",
+                   "composed density (val.)"],
+                  [[r["tokens_init"], r["seed"], r["val_alone"], pct(r["val_alone_mean"]),
+                    pct(r["val_composed_uniform"]), pct(r["val_composed_density"])] for r in payload["token_inits"]]),
+        ]
     return "\n\n".join(body)
 
 
