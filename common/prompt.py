@@ -183,8 +183,8 @@ class Prompt(nn.Module):
         head at zero (uniform predictions). A random token, far from the class token, attends to
         the backbone's tokens in its own way, so its output holds features the class token's
         lacks; on the main job's validation images a probe on ``[prompt output ; pooled]``
-        beats one on the pooled feature alone by 1 to 3 points composed, where a prompt
-        starting at the class token added nothing (``common.train``, RESULTS.md section 0).
+        beats one on the pooled feature alone by 1.0 to 2.5 points composed (three seeds), where
+        a token started at the class token gained at most 0.6 (``simulations/RESULTS.md`` §0).
         """
         prompt = cls(PromptConfig(
             embed_dim=model.embed_dim, depth=model.depth, num_classes=num_classes, n_prompt=n_prompt,

@@ -7,8 +7,8 @@ The recipe of a source's prompt (LP-FT with selection on validation loss):
    reads, ``[prompt output ; backbone pooled feature]``, of the training images: the prompt
    starts as exactly that probe. A fresh prompt's random tokens (``Prompt.init``) read the
    backbone differently from its class token, so this probe sees more than the reference
-   probe on the pooled feature alone (+1 to +3 points composed on the main job's validation
-   images, ``simulations/main_job.py --sweep``).
+   probe on the pooled feature alone (+1.0 to +2.5 points composed on the main job's
+   validation images, ``simulations/main_job.py --sweep``).
 2. **Prompt tuning.** Tokens, memory and head are tuned with AdamW and a cosine schedule
    for ``epochs`` epochs but at least ``min_steps`` optimiser steps, so small shards are not
    starved of steps. A head that starts fitted (probe-initialised, or trained in an earlier
