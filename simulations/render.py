@@ -111,8 +111,9 @@ def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:
     body = [
         "## 0b. Where prompt tuning starts to beat a linear probe",
         "`python -m simulations.probe_curve` — one IID source of n images (10% its validation split) trains a "
-        "linear probe, a prompt with the product's recipe (probe-initialised head, tuning kept only where the "
-        "validation loss improves: *kept epoch* 0 means the probe-initialised prompt was kept), and the same "
+        "linear probe on the pooled feature, a prompt with the product's recipe (random token, head started as a "
+        "probe on `[prompt output ; pooled feature]`, tuning kept only where the validation loss improves: "
+        "*kept epoch* 0 means that start was kept), and the same "
         f"prompt's last tuning epoch without that selection; {s['settings']['epochs']} epochs, at least "
         f"{s['settings']['min_steps']} steps, lr {s['settings']['lr']}. *Train accuracy* is on the source's own "
         "training images: what the probe leaves for tuning to fit.",
