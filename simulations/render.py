@@ -330,6 +330,8 @@ def render(results: Path, output: Path) -> str:
         for path in files:
             payloads.append(json.loads(path.read_text()))
             parts.append(section(path.parent, payloads[-1], output))
+            if payloads[-1].get("note"):  # written by hand into result.json, e.g. what code the run predates
+                parts.append(f"> **Note.** {payloads[-1]['note']}")
     reduced = [p["experiment"] for p in payloads if p["setup"]["profile"] == "reduced"]
     if reduced:
         parts.insert(3, "> **Scale of these results.** " + ", ".join(f"`{r}`" for r in reduced) + " ran below the "

@@ -165,6 +165,16 @@ def test_render_command_writes_beside_the_results_folder(tmp_path):
         render_main(["--results", str(tmp_path / "missing")])
 
 
+def test_render_of_the_recorded_results_shows_their_notes(tmp_path):
+    """The committed results render, and a hand-written ``note`` of a result shows under its section."""
+    recorded = REPO / "simulations" / "results"
+    text = render(recorded, tmp_path / "RESULTS.md")
+    notes = [json.loads(p.read_text()).get("note") for p in recorded.glob("*/**/result.json")]
+    assert any(notes)
+    for note in filter(None, notes):
+        assert f"> **Note.** {note}" in text
+
+
 def test_bank_cache_matches_the_backbone(data_dir, tmp_path):
     model = backbone_spec(tiny=True).load()
     raw = load_split("fashion_mnist", str(data_dir), "test")
