@@ -195,8 +195,6 @@ def token_inits(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source
             probe_init_head(model, prompt, bank.loader(src.train, config.batch_size), bank.cache)
             prompts.append(prompt)
         rows.append(_init_row(init, seed, bank_logits(model, bank, prompts, val), densities, bank, val))
-    for row in rows:
-        row["val_alone"] = " ".join(f"{100 * a:.1f}" for a in row.pop("alone"))
     return rows
 
 
@@ -205,8 +203,9 @@ def _init_row(init: str, seed: int | str, logits: torch.Tensor, densities: list,
     labels = bank.labels_of(val)
     alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(logits))]
     both = composed(logits, densities, bank, val)
-    return {"tokens_init": init, "seed": seed, "alone": alone, "val_alone_mean": float(np.mean(alone)),
-            "val_composed_uniform": both["uniform"], "val_composed_density": both["density"]}
+    return {"tokens_init": init, "seed": seed, "val_alone_mean": float(np.mean(alone)),
+            "val_composed_uniform": both["uniform"], "val_composed_density": both["density"],
+            "val_alone": " ".join(f"{100 * a:.1f}" for a in alone)}
 
 
 def _class_token(model: APTViT) -> torch.Tensor:
