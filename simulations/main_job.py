@@ -8,7 +8,8 @@ server's 1,000 test images it compares
 * each source's **prompt** (trained here with the product's recipe, ``common.train``, on
   the same train/validation split as its ClientApp, or read from a pool that ``flwr run``
   filled: ``--pool``) with a **linear probe** fitted on the frozen backbone's pooled
-  features of the same training images (``common.probe``, L2 by cross-validation);
+  features of the same training images (``common.probe``, L2 by cross-validation), image by
+  image (won, lost and the sign test's p);
 * the composition of the prompts (uniform and density-weighted) with the composition of
   the per-source probes (same two weightings) and with **one probe on the union** of the
   sources' training images (the paragon of linear probing).
@@ -45,6 +46,7 @@ from simulations.common import (
     base_parser,
     build_bank,
     fresh_prompt,
+    paired_comparison,
     pool_prompts,
     recipe,
     setup_record,
@@ -149,8 +151,10 @@ def comparison(model: APTViT, train: Bank, test: Bank, sources: list[Source], pr
              "classes": len(probes[i].classes), "probe_l2": probes[i].probe.l2,
              "probe": accuracy(probe_logits[i].softmax(-1), test.labels),
              "prompt": accuracy(prompt_logits[i].softmax(-1), test.labels)} for i, s in enumerate(sources)]
-    for row in rows:
+    for i, row in enumerate(rows):
         row["prompt_minus_probe_points"] = round(100 * (row["prompt"] - row["probe"]), 2)
+        paired = paired_comparison(prompt_logits[i].softmax(-1), probe_logits[i].softmax(-1), test.labels)
+        row |= {f"vs_probe_{k}": v for k, v in paired.items()}
     return {"sources": rows,
             "composed_prompts": composed(prompt_logits, densities, test),
             "composed_probes": composed(probe_logits, densities, test),

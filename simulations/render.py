@@ -55,6 +55,7 @@ def figures(folder: Path, payload: dict, output: Path) -> str:
 def main_job_section(folder: Path, payload: dict, output: Path) -> str:
     s = payload["setup"]
     rows = payload["sources"]
+    paired = all("vs_probe_won" in r for r in rows)  # results recorded before the paired test lack it
     prompts, probes = payload["composed_prompts"], payload["composed_probes"]
     origin = ("the prompts `flwr run .` stored in its pool" if s["prompts"].startswith("read from")
               else "prompts trained by the script with the product's recipe")
@@ -66,9 +67,12 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
         "same training images (`common.probe`, L2 chosen by 5-fold cross-validation on those images); on the "
         f"server's {s['test_images']} test images.",
         setup_line(s, f"{sum(r['train_images'] for r in rows)} training images over {len(rows)} sources"),
-        table(["source", "train images", "classes", "linear probe", "prompt", "prompt − probe (points)"],
+        table(["source", "train images", "classes", "linear probe", "prompt", "prompt − probe (points)",
+               *(["prompt vs probe: won / lost (p)"] if paired else [])],
               [[r["source"], r["train_images"], r["classes"], pct(r["probe"]), pct(r["prompt"]),
-                f"{r['prompt_minus_probe_points']:+.1f}"] for r in rows]),
+                f"{r['prompt_minus_probe_points']:+.1f}",
+                *([f"{r['vs_probe_won']} / {r['vs_probe_lost']} ({r['vs_probe_p']:.2f})"] if paired else [])]
+               for r in rows]),
         table(["composition", "uniform", "density-weighted"],
               [["prompts", pct(prompts["uniform"]), pct(prompts["density"])],
                ["per-source linear probes", pct(probes["uniform"]), pct(probes["density"])],

@@ -202,8 +202,11 @@ def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
 def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
     payload = run_profile("main_job", "tiny", results, tmp_path, "--data-dir", str(data_dir), "--sweep")
     assert [r["source"] for r in payload["sources"]] == [f"source-{i}" for i in range(5)]
+    n = payload["setup"]["test_images"]
     for row in payload["sources"]:
         assert 0.0 <= row["probe"] <= 1.0 and 0.0 <= row["prompt"] <= 1.0 and row["train_images"] > 0
+        assert row["vs_probe_won"] - row["vs_probe_lost"] == round(n * (row["prompt"] - row["probe"]))
+        assert 0.0 < row["vs_probe_p"] <= 1.0
     assert set(payload["composed_prompts"]) == set(payload["composed_probes"]) == {"uniform", "density"}
     assert len(payload["sweep"]) == 1 and payload["sweep"][0]["steps"]
     inits = payload["token_inits"]
