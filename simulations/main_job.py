@@ -18,7 +18,7 @@ server's 1,000 test images it compares
 scale, epochs, selection level) of a small grid trains the five prompts, scored on 1,000
 *validation* images drawn from the training split outside every source's shard (never on
 the test images); on the same images it compares the prompt tokens' initialisation (the
-class token against random tokens of three seeds) before any tuning.
+class token against one or four random tokens, three seeds each) before any tuning.
 """
 
 from __future__ import annotations
@@ -72,11 +72,14 @@ class Settings:
     min_steps: int  # -1: the product's default (AppConfig.min_steps)
     examples_per_source: int  # -1: the product's default (AppConfig.examples_per_source)
     token_seeds: tuple[int, ...]  # seeds of the random tokens that ``--sweep`` compares with the class token
+    token_counts: tuple[int, ...]  # numbers of random prompt tokens (``n_prompt``) compared at each seed
 
     @property
-    def token_inits(self) -> list[tuple[str, int]]:
-        """The tokens' starts ``--sweep`` compares: the class token, then random tokens of each seed."""
-        return [("class token", 0), *(("random", seed) for seed in self.token_seeds)]
+    def token_inits(self) -> list[tuple[str, int, int]]:
+        """The tokens' starts ``--sweep`` compares, as (start, seed, n_prompt): the class token,
+        then random tokens of each count and seed."""
+        return [("class token", 0, 1), *(("random", seed, count) for count in self.token_counts
+                                          for seed in self.token_seeds)]
 
     def config(self, data_dir: str) -> AppConfig:
         """The main job's run configuration, with this profile's sizes."""
@@ -84,9 +87,9 @@ class Settings:
         return AppConfig(data_dir=data_dir, **{k: v for k, v in sizes.items() if v >= 0})
 
 
-TINY = Settings((3e-3,), (0.01,), (1,), (0.05,), 32, 2, 20, (0,))
-QUICK = Settings((3e-3,), (0.01,), (10,), (0.05,), 200, -1, -1, (0,))
-FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (0.05, 0.5), 1000, -1, -1, (0, 1, 2))
+TINY = Settings((3e-3,), (0.01,), (1,), (0.05,), 32, 2, 20, (0,), (1, 2))
+QUICK = Settings((3e-3,), (0.01,), (10,), (0.05,), 200, -1, -1, (0,), (1,))
+FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (0.05, 0.5), 1000, -1, -1, (0, 1, 2), (1, 4))
 
 
 @dataclass(frozen=True)
@@ -183,31 +186,33 @@ def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], con
 
 def token_inits(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
                 s: Settings) -> list[dict]:
-    """The five probe-initialised prompts (before tuning) for each tokens' start of ``s.token_inits``,
-    and the probes on the pooled feature alone, scored on the validation images."""
+    """The five probe-initialised prompts (before tuning) for each tokens' start of ``s.token_inits``
+    (several random tokens: the head reads the mean of their outputs), and the probes on the
+    pooled feature alone, scored on the validation images."""
     densities = [bank.density_of(src.train) for src in sources]
     probes = [BankProbe.fit(bank, src.train) for src in sources]
-    rows = [_init_row("none (linear probe on the pooled feature)", "", torch.stack(
+    rows = [_init_row("none (linear probe on the pooled feature)", "", 0, torch.stack(
         [p.logits(bank, NUM_CLASSES, val) for p in probes]), densities, bank, val)]
-    for init, seed in s.token_inits:
+    for init, seed, count in s.token_inits:
         prompts = []
         for src in sources:
-            prompt = fresh_prompt(model, NUM_CLASSES, seed, sorted(set(bank.labels_of(src.train).tolist())), src.name)
+            prompt = fresh_prompt(model, NUM_CLASSES, seed, sorted(set(bank.labels_of(src.train).tolist())), src.name,
+                                  n_prompt=count)
             if init == "class token":
                 with torch.no_grad():
-                    prompt.tokens.copy_(_class_token(model))
+                    prompt.tokens.copy_(_class_token(model).expand_as(prompt.tokens))
             probe_init_head(model, prompt, bank.loader(src.train, config.batch_size), bank.cache)
             prompts.append(prompt)
-        rows.append(_init_row(init, seed, bank_logits(model, bank, prompts, val), densities, bank, val))
+        rows.append(_init_row(init, seed, count, bank_logits(model, bank, prompts, val), densities, bank, val))
     return rows
 
 
-def _init_row(init: str, seed: int | str, logits: torch.Tensor, densities: list, bank: Bank,
+def _init_row(init: str, seed: int | str, count: int, logits: torch.Tensor, densities: list, bank: Bank,
               val: np.ndarray) -> dict:
     labels = bank.labels_of(val)
     alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(logits))]
     both = composed(logits, densities, bank, val)
-    return {"tokens_init": init, "seed": seed, "val_alone_mean": float(np.mean(alone)),
+    return {"tokens_init": init, "seed": seed, "n_prompt": count, "val_alone_mean": float(np.mean(alone)),
             "val_composed_uniform": both["uniform"], "val_composed_density": both["density"],
             "val_alone": " ".join(f"{100 * a:.1f}" for a in alone)}
 
