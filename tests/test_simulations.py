@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,12 +168,16 @@ def test_render_command_writes_beside_the_results_folder(tmp_path):
 
 def test_render_of_the_recorded_results_shows_their_notes(tmp_path):
     """The committed results render, and a hand-written ``note`` of a result shows under its section."""
-    recorded = REPO / "simulations" / "results"
+    recorded = tmp_path / "results"
+    shutil.copytree(REPO / "simulations" / "results", recorded)
+    marked = recorded / "forgetting" / "result.json"
+    marked.write_text(json.dumps(json.loads(marked.read_text()) | {"note": "Ran on an older recipe."}))
     text = render(recorded, tmp_path / "RESULTS.md")
     notes = [json.loads(p.read_text()).get("note") for p in recorded.glob("*/**/result.json")]
-    assert any(notes)
     for note in filter(None, notes):
         assert f"> **Note.** {note}" in text
+    forgetting = text[text.index("## 3. Forgetting a source"):text.index("## 4. Cost")]
+    assert "> **Note.** Ran on an older recipe." in forgetting
 
 
 def test_bank_cache_matches_the_backbone(data_dir, tmp_path):
