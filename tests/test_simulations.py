@@ -215,8 +215,9 @@ def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
     assert set(payload["composed_prompts"]) == set(payload["composed_probes"]) == {"uniform", "density"}
     assert len(payload["sweep"]) == 1 and payload["sweep"][0]["steps"]
     inits = payload["token_inits"]
-    assert [[r["tokens_init"], r["seed"], r["n_prompt"]] for r in inits[1:]] == [list(x) for x in main_job.TINY.token_inits]
-    assert [r["n_prompt"] for r in inits] == [0, 1, 1, 2]  # the pooled probe, the class token, one and two random tokens
+    starts = [[r["tokens_init"], r["seed"], r["n_prompt"]] for r in inits[1:]]
+    assert starts == [list(x) for x in main_job.TINY.token_inits]
+    assert [r["n_prompt"] for r in inits] == [0, 1, 1, 2]  # pooled probe, class token, one and two random tokens
     for row in inits:
         alone = [float(a) for a in row["val_alone"].split()]
         assert len(alone) == 5 and all(0 <= a <= 100 for a in alone)
