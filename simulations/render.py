@@ -104,16 +104,10 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
             "linear probe on the pooled feature alone. Scored on the same validation images as the grid above.",
             table(["prompt tokens start at", "seed", "tokens", "per-source val. accuracy", "mean",
                    "composed uniform (val.)", "composed density (val.)"],
-                  [[r["tokens_init"], r["seed"], _token_count(r), r["val_alone"], pct(r["val_alone_mean"]),
+                  [[r["tokens_init"], r["seed"], r["n_prompt"] or "", r["val_alone"], pct(r["val_alone_mean"]),
                     pct(r["val_composed_uniform"]), pct(r["val_composed_density"])] for r in payload["token_inits"]]),
         ]
     return "\n\n".join(body)
-
-
-def _token_count(row: dict) -> int | str:
-    """A token-start row's number of prompt tokens (rows recorded before the count was varied had one),
-    blank for the probe's row."""
-    return "" if row["seed"] == "" else row.get("n_prompt", 1)
 
 
 def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:
