@@ -8,6 +8,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from common.config import AppConfig, build_model
 from common.model import APTViT, load_backbone
 from common.prompt import Prompt
 
@@ -89,3 +90,15 @@ def images() -> torch.Tensor:
 def prompts(model) -> list[Prompt]:
     """Three prompts of the same shape, fresh for every test."""
     return [random_prompt(model, seed=s) for s in range(3)]
+
+
+@pytest.fixture(scope="module")
+def app_config(run_config: dict) -> AppConfig:
+    """The module's ``run_config`` fixture parsed as the Flower apps parse it."""
+    return AppConfig.from_run_config(run_config)
+
+
+@pytest.fixture(scope="module")
+def app_model(app_config: AppConfig) -> APTViT:
+    """The backbone ``app_config`` names, built on CPU as the apps build it."""
+    return build_model(app_config, device="cpu")

@@ -189,16 +189,6 @@ def run_config(tmp_path_factory) -> dict:
     return BASE_CONFIG | {"data-dir": str(tmp_path_factory.mktemp("x") / "missing"), "batch-size": 32}
 
 
-@pytest.fixture(scope="module")
-def config(run_config) -> AppConfig:
-    return AppConfig.from_run_config(run_config)
-
-
-@pytest.fixture(scope="module")
-def model(config):
-    return build_model(config, device="cpu")
-
-
 def nodes_of(run_config: dict, node_dirs: dict[str, Path], model: APTViT) -> dict[int, Handler]:
     """Nodes 10, 11, 12 = src-a, src-b, src-c (stubbed training)."""
     return {10 + i: client(run_config, src, node_dirs[src], model) for i, src in enumerate(SOURCES)}
@@ -212,15 +202,16 @@ def test_node_reads_only_its_own_data_dir(run_config, node_dirs):
         assert node["source"] == src and node["labels"] == str(list(classes))
 
 
-def test_round_survives_dead_and_unreachable_nodes(run_config, node_dirs, config, model, tmp_path, flwr_log):
+def test_round_survives_dead_and_unreachable_nodes(run_config, node_dirs, app_config, app_model, tmp_path, flwr_log):
     pool = PromptPool(tmp_path / "pool")
-    nodes = nodes_of(run_config, node_dirs, model)
+    nodes = nodes_of(run_config, node_dirs, app_model)
     grid = FakeGrid(nodes)
-    first = AlaCarteFederation(pool, model, config).train_round(grid, dict(zip(nodes, SOURCES)), server_round=1)
+    first = AlaCarteFederation(pool, app_model, app_config).train_round(grid, dict(zip(nodes, SOURCES)), server_round=1)
     assert first.stored == {"src-a": 1, "src-b": 1, "src-c": 1} and not first.rejected
 
     grid.nodes = {10: nodes[10], 11: silent_in_training(nodes[11])}  # node 12 gone: the SuperLink answers
-    second = AlaCarteFederation(pool, model, config).train_round(grid, dict(zip(nodes, SOURCES)), server_round=2)
+    federation = AlaCarteFederation(pool, app_model, app_config)
+    second = federation.train_round(grid, dict(zip(nodes, SOURCES)), server_round=2)
     assert second.stored == {"src-a": 2}
     assert "no reply within reply-timeout" in second.rejected[11]
     assert "node unavailable" in second.rejected[12]  # matched to node 12 although the SuperLink sent it
@@ -228,8 +219,8 @@ def test_round_survives_dead_and_unreachable_nodes(run_config, node_dirs, config
     assert "source src-b keeps v1" in flwr_log.text() and "source src-c keeps v1" in flwr_log.text()
 
 
-def test_late_joiner_is_trained_next_round_and_leaver_skipped(run_config, node_dirs, model, tmp_path, flwr_log):
-    nodes = nodes_of(run_config, node_dirs, model)
+def test_late_joiner_is_trained_next_round_and_leaver_skipped(run_config, node_dirs, app_model, tmp_path, flwr_log):
+    nodes = nodes_of(run_config, node_dirs, app_model)
     grid = FakeGrid({10: nodes[10], 11: nodes[11]})
 
     def join_while_training(msg: Message) -> Message | None:
@@ -241,33 +232,33 @@ def test_late_joiner_is_trained_next_round_and_leaver_skipped(run_config, node_d
     grid.nodes[11] = join_while_training
     config = AppConfig.from_run_config(run_config | {"num-server-rounds": 2})
     pool = PromptPool(tmp_path / "pool")
-    participants = AlaCarteFederation(pool, model, config).start(grid)
+    participants = AlaCarteFederation(pool, app_model, config).start(grid)
     assert participants == {10: "src-a", 11: "src-b", 12: "src-c"}
     assert {s: pool.info(s).version for s in pool.sources()} == {"src-a": 2, "src-b": 1, "src-c": 1}
     assert "node 11 (source src-b) is no longer connected" in flwr_log.text()
 
 
-def test_restarted_server_continues_from_the_pool(run_config, node_dirs, model, tmp_path):
+def test_restarted_server_continues_from_the_pool(run_config, node_dirs, app_model, tmp_path):
     config = AppConfig.from_run_config(run_config)
     pool = PromptPool(tmp_path / "pool")
-    AlaCarteFederation(pool, model, config).start(FakeGrid(nodes_of(run_config, node_dirs, model)))
-    stored = pool.get("src-a", model=model)
+    AlaCarteFederation(pool, app_model, config).start(FakeGrid(nodes_of(run_config, node_dirs, app_model)))
+    stored = pool.get("src-a", model=app_model)
 
-    restarted = FakeGrid(nodes_of(run_config, node_dirs, model))  # a new ServerApp process, same pool
-    AlaCarteFederation(pool, model, config).start(restarted)
+    restarted = FakeGrid(nodes_of(run_config, node_dirs, app_model))  # a new ServerApp process, same pool
+    AlaCarteFederation(pool, app_model, config).start(restarted)
     assert {s: pool.info(s).version for s in pool.sources()} == {"src-a": 2, "src-b": 2, "src-c": 2}
     sent = next(m for m in restarted.sent
                 if m.metadata.message_type == MessageType.TRAIN and m.metadata.dst_node_id == 10)
     assert sent.content["config"]["parent-version"] == 1
-    resumed = prompt_from_records(sent.content, model)
+    resumed = prompt_from_records(sent.content, app_model)
     assert all(np.array_equal(resumed.arrays()[k], v) for k, v in stored.arrays().items())
 
 
-def test_stale_and_duplicate_replies_never_overwrite(run_config, node_dirs, config, model, tmp_path):
+def test_stale_and_duplicate_replies_never_overwrite(run_config, node_dirs, app_config, app_model, tmp_path):
     pool = PromptPool(tmp_path / "pool")
-    same = client(run_config, "src-a", node_dirs["src-a"], model)
+    same = client(run_config, "src-a", node_dirs["src-a"], app_model)
     grid = FakeGrid({10: same, 11: same})  # two nodes claim one source: both train from version 0
-    federation = AlaCarteFederation(pool, model, config)
+    federation = AlaCarteFederation(pool, app_model, app_config)
     report = federation.train_round(grid, {10: "src-a", 11: "src-a"}, server_round=1)
     assert report.stored == {"src-a": 1} and "StaleParentError" in next(iter(report.rejected.values()))
 
@@ -283,15 +274,15 @@ def test_stale_and_duplicate_replies_never_overwrite(run_config, node_dirs, conf
     assert [e.version for e in pool.history("src-a")] == [1]
 
 
-def test_unusable_stored_prompt_is_retrained_as_next_version(run_config, node_dirs, config, model, tmp_path):
+def test_unusable_stored_prompt_is_retrained_as_next_version(run_config, node_dirs, app_config, app_model, tmp_path):
     other = build_model(AppConfig.from_run_config(BASE_CONFIG | {"img-size": 48}), device="cpu")
     pool = PromptPool(tmp_path / "pool")
     pool.add("src-a", Prompt.init(other, 10, source="src-a"), parent_version=0)
     real_node = client(run_config, "src-a", node_dirs["src-a"])  # the real train handler
-    report = AlaCarteFederation(pool, model, config).train_round(FakeGrid({10: real_node}), {10: "src-a"},
+    report = AlaCarteFederation(pool, app_model, app_config).train_round(FakeGrid({10: real_node}), {10: "src-a"},
                                                                  server_round=1)
     assert report.stored == {"src-a": 2}
-    assert pool.get("src-a", model=model).config.fingerprint == model.fingerprint
+    assert pool.get("src-a", model=app_model).config.fingerprint == app_model.fingerprint
 
 
 # ------------------------------------------------------------------ fast: deploy scripts

@@ -31,16 +31,6 @@ def run_config(tmp_path_factory) -> dict:
             "pool-dir": str(tmp_path_factory.mktemp("pool")), "partitioner": "classes"}
 
 
-@pytest.fixture(scope="module")
-def config(run_config) -> AppConfig:
-    return AppConfig.from_run_config(run_config)
-
-
-@pytest.fixture(scope="module")
-def model(config):
-    return build_model(config, device="cpu")
-
-
 @pytest.fixture(autouse=True)
 def task_identity():
     """Flower's Message needs the run/node identity a SuperNode normally sets."""
@@ -94,13 +84,13 @@ def test_identify_reports_source_and_labels(run_config):
     assert reply.content["node"]["labels"] == "[7, 8, 9]"
 
 
-def test_train_reply_carries_only_the_prompt(train_reply, model, config):
+def test_train_reply_carries_only_the_prompt(train_reply, app_model, app_config):
     content = train_reply.content
     assert set(content.keys()) == {"arrays", "prompt", "metrics", "parent"}
     assert content["parent"]["sha256"] == ""  # echoes the parent-sha256 the server sent (none)
     tensors = {k for k in content["arrays"].keys() if not k.startswith("density.")}  # + the source density
     assert tensors == set(TENSOR_NAMES)
-    prompt = prompt_from_records(content, model)
+    prompt = prompt_from_records(content, app_model)
     assert prompt.config.source == "source-0" and list(prompt.config.labels) == [0, 1, 2, 3]
     # the upload is exactly the prompt's tensors: no images, features, per-example values or gradients
     expected = sum(a.nbytes for a in prompt.arrays().values())
@@ -109,16 +99,16 @@ def test_train_reply_carries_only_the_prompt(train_reply, model, config):
     assert set(metrics.keys()) <= TRAIN_METRICS
     assert all(not isinstance(v, list) for v in metrics.values())
     assert metrics["num-examples"] == prompt.config.num_examples > 0
-    check_train_reply(content, config.max_prompt_bytes)
+    check_train_reply(content, app_config.max_prompt_bytes)
 
 
-def test_train_starts_from_the_sent_prompt(run_config, train_reply, model):
-    sent = prompt_from_records(train_reply.content, model)
+def test_train_starts_from_the_sent_prompt(run_config, train_reply, app_model):
+    sent = prompt_from_records(train_reply.content, app_model)
     content = RecordDict({**{k: train_reply.content[k] for k in ("arrays", "prompt")},
                           "config": ConfigRecord({"parent-version": 1})})
     # no validation split: the last tuning epoch is kept (with one, an untuned epoch 0 could win)
     reply = train(message(content), context(run_config | {"val-fraction": 0.0}))
-    trained = prompt_from_records(reply.content, model)
+    trained = prompt_from_records(reply.content, app_model)
     assert reply.content["metrics"]["parent-version"] == 1
     assert trained.config.labels == sent.config.labels
     assert not np.array_equal(trained.arrays()["tokens"], sent.arrays()["tokens"])
@@ -126,16 +116,16 @@ def test_train_starts_from_the_sent_prompt(run_config, train_reply, model):
     assert np.abs(trained.arrays()["head.weight"] - sent.arrays()["head.weight"]).max() < 0.5
 
 
-def test_train_uses_a_lent_kv_cache(run_config, model):
-    lent = KVCache(model)
-    use_kv_cache("source-1", model, lent)
+def test_train_uses_a_lent_kv_cache(run_config, app_model):
+    lent = KVCache(app_model)
+    use_kv_cache("source-1", app_model, lent)
     train(message(RecordDict({"config": ConfigRecord({"parent-version": 0})})), context(run_config, partition=1))
     # one epoch: every image of source-1's shard went through the lent cache, source-0's did not
     assert lent.misses > 0 and len(lent) == lent.misses
 
 
-def test_evaluate_reply(run_config, train_reply, model):
-    prompt = prompt_from_records(train_reply.content, model)
+def test_evaluate_reply(run_config, train_reply, app_model):
+    prompt = prompt_from_records(train_reply.content, app_model)
     reply = evaluate_prompts(message(RecordDict(prompts_records([prompt, prompt])), MessageType.EVALUATE),
                              context(run_config))
     metrics = reply.content["metrics"]
@@ -172,32 +162,32 @@ def _bad_replies(train_reply: Message, other_model) -> dict[str, tuple[Message, 
     }
 
 
-def test_server_rejects_malformed_replies_and_keeps_the_pool(train_reply, model, config, tmp_path):
+def test_server_rejects_malformed_replies_and_keeps_the_pool(train_reply, app_model, app_config, tmp_path):
     other = build_model(AppConfig.from_run_config({"backbone": "vit_tiny_patch16_224", "pretrained": False,
                                                    "img-size": 48}), device="cpu")
     pool = PromptPool(tmp_path / "pool")
-    federation = AlaCarteFederation(pool, model, config)
+    federation = AlaCarteFederation(pool, app_model, app_config)
     for name, (reply, error) in _bad_replies(train_reply, other).items():
         with pytest.raises(error):
             federation.accept_reply(reply, "source-0")
         assert pool.sources() == [], name
     tiny = AppConfig.from_run_config({"max-prompt-bytes": 1000})
     with pytest.raises(ReplyError, match="over the 1000-byte limit"):
-        AlaCarteFederation(pool, model, tiny).accept_reply(train_reply, "source-0")
+        AlaCarteFederation(pool, app_model, tiny).accept_reply(train_reply, "source-0")
     with pytest.raises(ReplyError, match="claims source"):
         federation.accept_reply(train_reply, "source-1")
     assert pool.sources() == [] and not list((tmp_path / "pool").rglob("*.safetensors"))
 
 
-def test_server_stores_valid_reply_and_refuses_stale_duplicate(train_reply, model, config, tmp_path):
+def test_server_stores_valid_reply_and_refuses_stale_duplicate(train_reply, app_model, app_config, tmp_path):
     pool = PromptPool(tmp_path / "pool")
-    federation = AlaCarteFederation(pool, model, config)
+    federation = AlaCarteFederation(pool, app_model, app_config)
     assert federation.accept_reply(train_reply, "source-0") == 1
     with pytest.raises(StaleVersionError):
         federation.accept_reply(train_reply, "source-0")  # same parent-version 0: duplicate
     assert [e.version for e in pool.history("source-0")] == [1]
-    stored = pool.get("source-0", model=model)
-    sent = prompt_from_records(train_reply.content, model)
+    stored = pool.get("source-0", model=app_model)
+    sent = prompt_from_records(train_reply.content, app_model)
     assert all(np.array_equal(stored.arrays()[k], sent.arrays()[k]) for k in TENSOR_NAMES)
 
 

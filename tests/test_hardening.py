@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from test_deployment import FakeGrid, flwr_log, task_identity  # noqa: F401  (fixtures)
 
-from common.config import AppConfig, build_model
+from common.config import AppConfig
 from common.density import SourceDensity
 from common.model import APTViT
 from common.prompt import Prompt
@@ -43,13 +43,8 @@ RUN_CONFIG = {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-size
 
 
 @pytest.fixture(scope="module")
-def config() -> AppConfig:
-    return AppConfig.from_run_config(RUN_CONFIG)
-
-
-@pytest.fixture(scope="module")
-def model(config) -> APTViT:
-    return build_model(config, device="cpu")
+def run_config() -> dict:
+    return RUN_CONFIG
 
 
 def good_reply(msg: Message, model: APTViT, source: str) -> Message:
@@ -213,15 +208,15 @@ def source_files(pool: PromptPool, source: str) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_reply_is_rejected_alone(case, config, model, tmp_path, flwr_log):
+def test_malformed_reply_is_rejected_alone(case, app_config, app_model, tmp_path, flwr_log):
     corrupt, reason = MALFORMED[case]
     pool = PromptPool(tmp_path / "pool")
-    pool.add("src-b", Prompt.init(model, NUM_CLASSES, labels=[3, 4], source="src-b"))
+    pool.add("src-b", Prompt.init(app_model, NUM_CLASSES, labels=[3, 4], source="src-b"))
     before = (source_files(pool, "src-b"), pool.history("src-b"))
-    grid = FakeGrid({10: node(model, "src-a"), 11: node(model, "src-b", corrupt), 12: node(model, "src-c")})
+    grid = FakeGrid({10: node(app_model, "src-a"), 11: node(app_model, "src-b", corrupt), 12: node(app_model, "src-c")})
     two_rounds = AppConfig.from_run_config(RUN_CONFIG | {"num-server-rounds": 2})
 
-    assert AlaCarteFederation(pool, model, two_rounds).start(grid) == SOURCES  # the run finished both rounds
+    assert AlaCarteFederation(pool, app_model, two_rounds).start(grid) == SOURCES  # the run finished both rounds
     assert {s: pool.info(s).version for s in ("src-a", "src-c")} == {"src-a": 2, "src-c": 2}
     assert (source_files(pool, "src-b"), pool.history("src-b")) == before  # byte-identical
     rejected = [line for line in flwr_log.records if "node 11 (source src-b) not stored" in line]
@@ -231,14 +226,14 @@ def test_malformed_reply_is_rejected_alone(case, config, model, tmp_path, flwr_l
 # ------------------------------------------------------------------ source binding
 
 
-def test_nodes_are_trained_only_as_their_bound_source(config, model, tmp_path, flwr_log):
+def test_nodes_are_trained_only_as_their_bound_source(app_config, app_model, tmp_path, flwr_log):
     bindings = tmp_path / "node-sources.json"
     bindings.write_text(json.dumps({"10": "src-a", "11": "src-b"}))
-    grid = FakeGrid({10: node(model, "src-a"), 11: node(model, "src-a"), 12: node(model, "src-c")})
+    grid = FakeGrid({10: node(app_model, "src-a"), 11: node(app_model, "src-a"), 12: node(app_model, "src-c")})
     bound = AppConfig.from_run_config(RUN_CONFIG | {"node-sources": str(bindings)})
     pool = PromptPool(tmp_path / "pool")
 
-    assert AlaCarteFederation(pool, model, bound).start(grid) == {10: "src-a"}
+    assert AlaCarteFederation(pool, app_model, bound).start(grid) == {10: "src-a"}
     assert pool.sources() == ["src-a"] and pool.info("src-a").version == 1
     log = flwr_log.text()
     assert "node 11 claims source 'src-a' but is bound to 'src-b'" in log
@@ -260,49 +255,50 @@ def test_bad_node_sources_file_fails_before_any_round(text, message, tmp_path):
 # ------------------------------------------------------------------ shape limits
 
 
-def test_worst_case_prompt_composes_a_32_image_batch_within_the_budget(model):
+def test_worst_case_prompt_composes_a_32_image_batch_within_the_budget(app_model):
     # DINOv2 ViT-S/14 at 224 px: 257 tokens, 6 heads; the bound holds for every admitted prompt
     worst = compose_scores_bytes(batch=32, heads=6, tokens=257, n_prompt=MAX_N_PROMPT, n_memory=MAX_N_MEMORY)
     assert worst <= COMPOSE_BUDGET_BYTES
     # the issue's prompt (n_prompt ~ 5450, 8 MiB) needed ~23 GB for the prompt-to-prompt scores alone
     assert compose_scores_bytes(32, 6, 257, 5450, 0) > 300 * COMPOSE_BUDGET_BYTES
-    prompt = check_prompt(Prompt.init(model, NUM_CLASSES, n_prompt=MAX_N_PROMPT, n_memory=MAX_N_MEMORY), NUM_CLASSES)
+    worst = Prompt.init(app_model, NUM_CLASSES, n_prompt=MAX_N_PROMPT, n_memory=MAX_N_MEMORY)
+    prompt = check_prompt(worst, NUM_CLASSES)
     images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        probs = model.compose(images, [prompt, prompt])
+        probs = app_model.compose(images, [prompt, prompt])
     assert probs.shape == (32, NUM_CLASSES) and torch.isfinite(probs).all()
     with pytest.raises(PromptLimitError):
-        check_prompt(Prompt.init(model, 7), NUM_CLASSES)
+        check_prompt(Prompt.init(app_model, 7), NUM_CLASSES)
 
 
 # ------------------------------------------------------------------ staleness by parent hash
 
 
-def test_reply_trained_from_a_forgotten_prompt_never_returns(config, model, tmp_path):
+def test_reply_trained_from_a_forgotten_prompt_never_returns(app_config, app_model, tmp_path):
     pool = PromptPool(tmp_path / "pool")
-    pool.add("src-a", Prompt.init(model, NUM_CLASSES, seed=1, source="src-a"))
-    sent = Message(RecordDict({**prompt_records(pool.get("src-a", model=model)), "config": ConfigRecord(
+    pool.add("src-a", Prompt.init(app_model, NUM_CLASSES, seed=1, source="src-a"))
+    sent = Message(RecordDict({**prompt_records(pool.get("src-a", model=app_model)), "config": ConfigRecord(
         {"parent-version": 1, "parent-sha256": pool.info("src-a").sha256})}), dst_node_id=10,
         message_type=MessageType.TRAIN)
     sent.metadata.__dict__["_message_id"] = "m1"
-    late = good_reply(sent, model, "src-a")  # trained from v1 ...
+    late = good_reply(sent, app_model, "src-a")  # trained from v1 ...
     pool.remove("src-a")  # ... which is forgotten; the source is re-added, again at v1
-    pool.add("src-a", Prompt.init(model, NUM_CLASSES, seed=2, source="src-a"))
+    pool.add("src-a", Prompt.init(app_model, NUM_CLASSES, seed=2, source="src-a"))
     with pytest.raises(StaleParentError, match="forgotten"):
-        AlaCarteFederation(pool, model, config).accept_reply(late, "src-a")
+        AlaCarteFederation(pool, app_model, app_config).accept_reply(late, "src-a")
     assert [e.version for e in pool.history("src-a")] == [1]
 
 
 # ------------------------------------------------------------------ FedAvg
 
 
-def test_fedavg_rejects_a_nan_reply_per_node(config, model, tmp_path, flwr_log):
+def test_fedavg_rejects_a_nan_reply_per_node(app_config, app_model, tmp_path, flwr_log):
     def fedavg_node(corrupt: bool) -> Callable[[Message], Message]:
         def handle(msg: Message) -> Message:
             arrays = {k: v.numpy() + 1.0 for k, v in msg.content["arrays"].items()}  # one "training" step
             if corrupt:
                 arrays["tokens"][0, 0] = math.nan
-            metadata = ConfigRecord(Prompt.init(model, NUM_CLASSES, source="fedavg").config.to_metadata())
+            metadata = ConfigRecord(Prompt.init(app_model, NUM_CLASSES, source="fedavg").config.to_metadata())
             metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1,
                                     "parent-version": 0})
             return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
@@ -313,18 +309,18 @@ def test_fedavg_rejects_a_nan_reply_per_node(config, model, tmp_path, flwr_log):
     grid = FakeGrid({10: fedavg_node(False), 11: fedavg_node(True), 12: fedavg_node(False)})
     fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 2})
     pool = PromptPool(tmp_path / "pool")
-    assert run_fedavg(grid, pool, model, fedavg, NUM_CLASSES) == 1
-    shared = pool.get("fedavg", model=model)
-    initial = Prompt.init(model, NUM_CLASSES, source="fedavg")
+    assert run_fedavg(grid, pool, app_model, fedavg, NUM_CLASSES) == 1
+    shared = pool.get("fedavg", model=app_model)
+    initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg")
     np.testing.assert_allclose(shared.arrays()["tokens"], initial.arrays()["tokens"] + 2.0, atol=1e-5)
     rejected = [line for line in flwr_log.records if "reply of node 11 rejected" in line]
     assert len(rejected) == 2 and "NaN" in rejected[0]
 
 
-def test_checked_fedavg_refuses_a_reply_of_another_shape(config, model):
-    template = Prompt.init(model, NUM_CLASSES, source="fedavg")
-    strategy = CheckedFedAvg(template, model, config)
-    other = Prompt.init(model, NUM_CLASSES, n_prompt=2, source="fedavg")
+def test_checked_fedavg_refuses_a_reply_of_another_shape(app_config, app_model):
+    template = Prompt.init(app_model, NUM_CLASSES, source="fedavg")
+    strategy = CheckedFedAvg(template, app_model, app_config)
+    other = Prompt.init(app_model, NUM_CLASSES, n_prompt=2, source="fedavg")
     content = RecordDict({**prompt_records(other), "metrics": MetricRecord({"num-examples": 1}),
                           "parent": ConfigRecord({"sha256": ""})})
     with pytest.raises(ValueError, match="tokens"):
@@ -346,7 +342,7 @@ def test_checked_fedavg_refuses_a_reply_of_another_shape(config, model):
     MetricRecord({"num-examples": 2**60, "accuracy": 0.5}),
     MetricRecord({"accuracy": 0.5}),
 ])
-def test_malformed_evaluation_reply_is_left_out(metrics, config, model, flwr_log, capsys):
+def test_malformed_evaluation_reply_is_left_out(metrics, app_config, app_model, flwr_log, capsys):
     def evaluating(bad: bool) -> Callable[[Message], Message]:
         def handle(msg: Message) -> Message:
             good = MetricRecord({"num-examples": 4, "accuracy": 0.75})
@@ -355,8 +351,8 @@ def test_malformed_evaluation_reply_is_left_out(metrics, config, model, flwr_log
         return handle
 
     grid = FakeGrid({10: evaluating(False), 11: evaluating(True)})
-    prompts = {"src-a": Prompt.init(model, NUM_CLASSES, labels=[0, 1], source="src-a")}
-    federated_evaluate(grid, config, prompts, {10: "src-a", 11: "src-b"})
+    prompts = {"src-a": Prompt.init(app_model, NUM_CLASSES, labels=[0, 1], source="src-a")}
+    federated_evaluate(grid, app_config, prompts, {10: "src-a", 11: "src-b"})
     table = capsys.readouterr().out
     assert "src-a" in table and "0.750" in table and "src-b" not in table
     assert any("node 11 (source src-b) sent an unusable evaluation reply" in line for line in flwr_log.records)
