@@ -18,7 +18,6 @@ all simulated clients of a worker process share one copy (on CUDA when available
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -32,7 +31,7 @@ from common.config import AppConfig, ConfigError, build_model
 from common.data import Shard, backbone_transform, load_client_shard, load_local_dataset
 from common.kv_cache import KVCache
 from common.model import APTViT
-from common.prompt import Prompt
+from common.prompt import Prompt, source_seed
 from common.records import prompt_from_records, prompt_records, prompts_from_records
 from common.train import evaluate, source_density, train_prompt
 
@@ -151,7 +150,7 @@ def _starting_prompt(content: RecordDict, model: APTViT, data: NodeData, config:
             data.source, list(prompt.config.labels), labels)
     shared = config.mode == "fedavg"
     fresh = Prompt.init(model, data.num_classes, n_prompt=config.n_prompt, n_memory=config.n_memory,
-                        seed=0 if shared else zlib.crc32(data.source.encode()),
+                        seed=0 if shared else source_seed(data.source),
                         labels=None if shared else labels, source=data.source)
     if "arrays" in content:
         arrays = {k: v.numpy() for k, v in content["arrays"].items()}

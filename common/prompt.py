@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = [
     "PromptShapeError",
     "PromptValueError",
     "PromptVersionError",
+    "source_seed",
 ]
 
 FORMAT_NAME = "alacarte-prompt"
@@ -272,6 +274,12 @@ class Prompt(nn.Module):
         c = self.config
         return (f"source={c.source!r}, n_prompt={c.n_prompt}, n_memory={c.n_memory}, "
                 f"classes={len(c.labels)}/{c.num_classes}, backbone={c.backbone}:{c.fingerprint[:12]}")
+
+
+def source_seed(source: str) -> int:
+    """The seed of a source's fresh prompt (``Prompt.init``): the CRC-32 of its name, the same in
+    every process and on every machine (unlike ``hash``), and different from source to source."""
+    return zlib.crc32(source.encode())
 
 
 def read_metadata_bytes(data: bytes) -> dict[str, str]:

@@ -19,6 +19,12 @@ scale, epochs, selection level) of a small grid trains the five prompts, scored 
 *validation* images drawn from the training split outside every source's shard (never on
 the test images); on the same images it compares the prompt tokens' initialisation (the
 class token against one or four random tokens, three seeds each) before any tuning.
+
+``--seed-spread`` measures how much of a source's margin over its probe is the draw of its
+random token: each source's probe-initialised start (the prompt before tuning, which the
+selection keeps unless validation shows tuning helps) for the product's token seed and for
+other seeds, against the probe on the test and on the validation images. A diagnostic only:
+nothing is chosen from it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from common.compose import compose_probs, density_weights
 from common.config import AppConfig
 from common.data import limit_per_partition, load_client_shard, load_split
 from common.model import APTViT
-from common.prompt import Prompt
+from common.prompt import Prompt, source_seed
 from common.train import probe_init_head
 from simulations.common import (
     Bank,
@@ -73,6 +79,7 @@ class Settings:
     examples_per_source: int  # -1: the product's default (AppConfig.examples_per_source)
     token_seeds: tuple[int, ...]  # seeds of the random tokens that ``--sweep`` compares with the class token
     token_counts: tuple[int, ...]  # numbers of random prompt tokens (``n_prompt``) compared at each seed
+    spread_seeds: tuple[int, ...]  # token seeds ``--seed-spread`` compares with the product's
 
     @property
     def token_inits(self) -> list[tuple[str, int, int]]:
@@ -87,9 +94,9 @@ class Settings:
         return AppConfig(data_dir=data_dir, **{k: v for k, v in sizes.items() if v >= 0})
 
 
-TINY = Settings((3e-3,), (0.01,), (1,), (0.05,), 32, 2, 20, (0,), (1, 2))
-QUICK = Settings((3e-3,), (0.01,), (10,), (0.05,), 200, -1, -1, (0,), (1,))
-FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (0.05, 0.5), 1000, -1, -1, (0, 1, 2), (1, 4))
+TINY = Settings((3e-3,), (0.01,), (1,), (0.05,), 32, 2, 20, (0,), (1, 2), (0, 1))
+QUICK = Settings((3e-3,), (0.01,), (10,), (0.05,), 200, -1, -1, (0,), (1,), (0,))
+FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (0.05, 0.5), 1000, -1, -1, (0, 1, 2), (1, 4), tuple(range(10)))
 
 
 @dataclass(frozen=True)
@@ -120,13 +127,15 @@ def validation_indices(config: AppConfig, sources: list[Source], n: int, seed: i
 
 
 def train_prompts(model: APTViT, bank: Bank, sources: list[Source], config: AppConfig, lr: float,
-                  head_lr_scale: float, epochs: int, level: float) -> tuple[list[Prompt], list[dict]]:
-    """Each source's prompt with the product's recipe on its own train/validation split."""
+                  head_lr_scale: float, epochs: int, level: float,
+                  seed: int | None = None) -> tuple[list[Prompt], list[dict]]:
+    """Each source's prompt with the product's recipe on its own train/validation split, from the
+    token seed ``seed`` (``None``: the product's, ``source_seed`` of the source's name)."""
     prompts, metrics = [], []
     plan = recipe(epochs, lr, config.min_steps, selection_level=level, head_lr_scale=head_lr_scale)
     for src in sources:
         labels = sorted(set(bank.labels_of(src.train).tolist()))
-        prompt = fresh_prompt(model, NUM_CLASSES, seed=0, labels=labels, source=src.name)
+        prompt = fresh_prompt(model, NUM_CLASSES, source_seed(src.name) if seed is None else seed, labels, src.name)
         metrics.append(train_on_bank(model, prompt, bank, src.train, plan, config.batch_size,
                                      config.partition_seed, src.val))
         prompt.density = bank.density_of(src.train)
@@ -166,12 +175,13 @@ def comparison(model: APTViT, train: Bank, test: Bank, sources: list[Source], pr
 
 def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
           s: Settings) -> list[dict]:
-    """Every (lr, head lr scale, epochs, selection level) of the grid scored on the held-out validation images."""
+    """Every (lr, head lr scale, epochs, selection level) of the grid scored on the held-out validation
+    images (token seed 0 for every source, as recorded)."""
     rows = []
     labels = bank.labels_of(val)
     for lr, scale, epochs, level in itertools.product(s.sweep_lrs, s.sweep_head_lr_scales, s.sweep_epochs,
                                                       s.sweep_levels):
-        prompts, metrics = train_prompts(model, bank, sources, config, lr, scale, epochs, level)
+        prompts, metrics = train_prompts(model, bank, sources, config, lr, scale, epochs, level, seed=0)
         logits = bank_logits(model, bank, prompts, val)
         alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(prompts))]
         both = composed(logits, [p.density for p in prompts], bank, val)
@@ -194,16 +204,43 @@ def token_inits(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source
     rows = [_init_row("none (linear probe on the pooled feature)", "", 0, torch.stack(
         [p.logits(bank, NUM_CLASSES, val) for p in probes]), densities, bank, val)]
     for init, seed, count in s.token_inits:
-        prompts = []
-        for src in sources:
-            prompt = fresh_prompt(model, NUM_CLASSES, seed, sorted(set(bank.labels_of(src.train).tolist())), src.name,
-                                  n_prompt=count)
-            if init == "class token":
-                with torch.no_grad():
-                    prompt.tokens.copy_(_class_token(model).expand_as(prompt.tokens))
-            probe_init_head(model, prompt, bank.loader(src.train, config.batch_size), bank.cache)
-            prompts.append(prompt)
+        tokens = _class_token(model) if init == "class token" else None
+        prompts = [started_prompt(model, bank, src, config, seed, count, tokens) for src in sources]
         rows.append(_init_row(init, seed, count, bank_logits(model, bank, prompts, val), densities, bank, val))
+    return rows
+
+
+def started_prompt(model: APTViT, bank: Bank, src: Source, config: AppConfig, seed: int | None, count: int = 1,
+                   tokens: torch.Tensor | None = None) -> Prompt:
+    """``src``'s fresh prompt of ``count`` tokens drawn with ``seed`` (``None``: the product's seed), or
+    started at ``tokens [D]``, with its head made a probe on its training images: the recipe before tuning."""
+    labels = sorted(set(bank.labels_of(src.train).tolist()))
+    prompt = fresh_prompt(model, NUM_CLASSES, source_seed(src.name) if seed is None else seed, labels, src.name,
+                          n_prompt=count)
+    if tokens is not None:
+        with torch.no_grad():
+            prompt.tokens.copy_(tokens.expand_as(prompt.tokens))
+    probe_init_head(model, prompt, bank.loader(src.train, config.batch_size), bank.cache)
+    return prompt
+
+
+def seed_spread(model: APTViT, bank: Bank, test: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
+                s: Settings) -> list[dict]:
+    """Each source's start minus its probe (points), on the test and on the validation images, for
+    the product's token seed and every seed of ``s.spread_seeds`` (module doc; nothing is chosen here)."""
+    probes = [BankProbe.fit(bank, src.train) for src in sources]
+    val_labels = bank.labels_of(val)
+    probe_test = [accuracy(p.logits(test, NUM_CLASSES).softmax(-1), test.labels) for p in probes]
+    probe_val = [accuracy(p.logits(bank, NUM_CLASSES, val).softmax(-1), val_labels) for p in probes]
+    rows = []
+    for seed in (None, *s.spread_seeds):
+        prompts = [started_prompt(model, bank, src, config, seed) for src in sources]
+        on_test = [accuracy(x.softmax(-1), test.labels) for x in bank_logits(model, test, prompts)]
+        on_val = [accuracy(x.softmax(-1), val_labels) for x in bank_logits(model, bank, prompts, val)]
+        test_gaps = [round(100 * (a - p), 1) for a, p in zip(on_test, probe_test)]
+        rows.append({"token_seed": "source name" if seed is None else seed,
+                     "test_gaps": " ".join(f"{g:+.1f}" for g in test_gaps), "worst_test_gap": min(test_gaps),
+                     "val_gaps": " ".join(f"{100 * (a - p):+.1f}" for a, p in zip(on_val, probe_val))})
     return rows
 
 
@@ -229,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pool", type=Path, default=None,
                         help="read the prompts from this pool (filled by `flwr run .`) instead of training them")
     parser.add_argument("--sweep", action="store_true", help="also choose lr/epochs on validation images")
+    parser.add_argument("--seed-spread", action="store_true",
+                        help="also measure each source's start against its probe over token seeds (a diagnostic)")
     args, s, label = start_experiment(parser, argv, TINY, QUICK, FULL)
     clock = Stopwatch()
     config = s.config(args.data_dir)
@@ -258,6 +297,9 @@ def main(argv: list[str] | None = None) -> dict:
         write_csv(args.out / "token_inits.csv", payload["token_inits"])
         payload["sweep"] = sweep(model, bank, val, sources, config, s)
         write_csv(args.out / "sweep.csv", payload["sweep"])
+    if args.seed_spread:
+        payload["seed_spread"] = seed_spread(model, bank, test_bank, val, sources, config, s)
+        write_csv(args.out / "seed_spread.csv", payload["seed_spread"])
     payload["setup"]["seconds"] = clock.seconds()
     write_csv(args.out / "sources.csv", payload["sources"])
     write_json(args.out / "result.json", payload)

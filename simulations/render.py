@@ -107,7 +107,26 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
                   [[r["tokens_init"], r["seed"], r["n_prompt"] or "", r["val_alone"], pct(r["val_alone_mean"]),
                     pct(r["val_composed_uniform"]), pct(r["val_composed_density"])] for r in payload["token_inits"]]),
         ]
+    if "seed_spread" in payload:
+        body += seed_spread_part(payload["seed_spread"])
     return "\n\n".join(body)
+
+
+def seed_spread_part(rows: list[dict]) -> list[str]:
+    """The ``--seed-spread`` table of the main job: each source's start minus its probe, per token seed."""
+    others = rows[1:]
+    within = sum(r["worst_test_gap"] >= -1.0 for r in others)
+    return [
+        "### How much of a source's margin is its token's draw (a diagnostic: nothing is chosen from it)",
+        "`--seed-spread`: each source's probe-initialised start (the prompt before tuning, which the selection keeps "
+        "unless the source's validation split shows that tuning helps) minus its linear probe, in points, on the "
+        "test images and on the validation images, for the product's token seed (from the source's name, the "
+        "first row) and for other seeds.",
+        table(["token seed", "test: start − probe, per source", "worst (test)",
+               "validation: start − probe, per source"],
+              [[r["token_seed"], r["test_gaps"], f"{r['worst_test_gap']:+.1f}", r["val_gaps"]] for r in rows]),
+        f"Every source within 1 point of its probe on the test images: {within} of {len(others)} other seeds.",
+    ]
 
 
 def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:

@@ -205,7 +205,8 @@ def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
 
 
 def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
-    payload = run_profile("main_job", "tiny", results, tmp_path, "--data-dir", str(data_dir), "--sweep")
+    payload = run_profile("main_job", "tiny", results, tmp_path, "--data-dir", str(data_dir), "--sweep",
+                          "--seed-spread")
     assert [r["source"] for r in payload["sources"]] == [f"source-{i}" for i in range(5)]
     n = payload["setup"]["test_images"]
     for row in payload["sources"]:
@@ -223,6 +224,13 @@ def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
         assert len(alone) == 5 and all(0 <= a <= 100 for a in alone)
         assert row["val_alone_mean"] == pytest.approx(sum(alone) / 500, abs=1e-3)
         assert 0.0 <= row["val_composed_uniform"] <= 1.0 and 0.0 <= row["val_composed_density"] <= 1.0
+    spread = payload["seed_spread"]
+    assert [r["token_seed"] for r in spread] == ["source name", *main_job.TINY.spread_seeds]
+    for row in spread:
+        test_gaps = [float(g) for g in row["test_gaps"].split()]
+        assert len(test_gaps) == len(row["val_gaps"].split()) == 5
+        assert row["worst_test_gap"] == min(test_gaps) and all(-100 <= g <= 100 for g in test_gaps)
+    assert len({r["test_gaps"] + r["val_gaps"] for r in spread}) > 1  # the seeds draw different tokens
 
 
 def test_probe_curve_tiny(data_dir, results, tmp_path):
