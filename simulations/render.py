@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from simulations.common import RESULTS_ROOT, SIGNIFICANCE
 
 GOAL_POINTS = 3.0
@@ -114,9 +116,7 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
 
 def seed_spread_part(rows: list[dict]) -> list[str]:
     """The ``--seed-spread`` table of the main job: each source's start minus its probe, per token seed."""
-    others = rows[1:]
-    within = sum(r["worst_test_gap"] >= -1.0 for r in others)
-    return [
+    body = [
         "### How much of a source's margin is its token's draw (a diagnostic: nothing is chosen from it)",
         "`--seed-spread`: each source's probe-initialised start (the prompt before tuning, which the selection keeps "
         "unless the source's validation split shows that tuning helps) minus its linear probe, in points, on the "
@@ -125,8 +125,16 @@ def seed_spread_part(rows: list[dict]) -> list[str]:
         table(["token seed", "test: start − probe, per source", "worst (test)",
                "validation: start − probe, per source"],
               [[r["token_seed"], r["test_gaps"], f"{r['worst_test_gap']:+.1f}", r["val_gaps"]] for r in rows]),
-        f"Every source within 1 point of its probe on the test images: {within} of {len(others)} other seeds.",
     ]
+    others = rows[1:]
+    if others:
+        within = sum(r["worst_test_gap"] >= -1.0 for r in others)
+        means = {split: " ".join(f"{m:+.1f}" for m in np.mean(
+            [[float(g) for g in r[f"{split}_gaps"].split()] for r in others], axis=0)) for split in ("test", "val")}
+        body.append(f"Every source within 1 point of its probe on the test images: {within} of {len(others)} other "
+                    f"seeds. Mean over those seeds, per source: {means['test']} on the test images, {means['val']} "
+                    "on the validation images.")
+    return body
 
 
 def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:

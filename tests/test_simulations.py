@@ -231,6 +231,10 @@ def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
         assert len(test_gaps) == len(row["val_gaps"].split()) == 5
         assert row["worst_test_gap"] == min(test_gaps) and all(-100 <= g <= 100 for g in test_gaps)
     assert len({r["test_gaps"] + r["val_gaps"] for r in spread}) > 1  # the seeds draw different tokens
+    text = render(results, tmp_path / "RESULTS.md")
+    assert f"| source name | {spread[0]['test_gaps']} |" in text
+    within = sum(r["worst_test_gap"] >= -1 for r in spread[1:])
+    assert f"within 1 point of its probe on the test images: {within} of 2 other seeds" in text
 
 
 def test_probe_curve_tiny(data_dir, results, tmp_path):
