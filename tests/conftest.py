@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 from timm.models.vision_transformer import VisionTransformer
 
 from common.config import AppConfig, build_model
@@ -102,3 +106,32 @@ def app_config(run_config: dict) -> AppConfig:
 def app_model(app_config: AppConfig) -> APTViT:
     """The backbone ``app_config`` names, built on CPU as the apps build it."""
     return build_model(app_config, device="cpu")
+
+
+@dataclass
+class FlwrLog:
+    """What the ``flwr`` logger printed during a test."""
+
+    records: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "\n".join(self.records)
+
+
+@pytest.fixture
+def flwr_log() -> Iterator[FlwrLog]:
+    captured = FlwrLog()
+    handler = logging.Handler()
+    handler.emit = lambda record: captured.records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    yield captured
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower's Message needs the run/node identity a ServerApp or SuperNode process normally has
+    (modules that build Messages use it: ``pytestmark = pytest.mark.usefixtures("task_identity")``)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield

@@ -14,7 +14,6 @@ and every wait has a deadline.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -32,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from synthetic import IDX_FILES, separable_images
 
 from client.client_app import identify, train
@@ -55,6 +53,8 @@ BASE_CONFIG = {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-siz
 START_TIMEOUT_S = 90.0  # a process is up (port open / SuperNode connected)
 RUN_TIMEOUT_S = 420.0  # one `flwr run` on a busy 2-core machine
 STOP_GRACE_S = 3.0
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 # ---------------------------------------------------------------------------- data
@@ -147,34 +147,6 @@ def stub_train(msg: Message, model: APTViT, source: str) -> Message:
 def silent_in_training(handler: Handler) -> Handler:
     """A node that identifies itself, then dies (or times out) during training."""
     return lambda msg: None if msg.metadata.message_type == MessageType.TRAIN else handler(msg)
-
-
-@dataclass
-class FlwrLog:
-    """What the ``flwr`` logger printed during a test."""
-
-    records: list[str] = field(default_factory=list)
-
-    def text(self) -> str:
-        return "\n".join(self.records)
-
-
-@pytest.fixture
-def flwr_log() -> Iterator[FlwrLog]:
-    captured = FlwrLog()
-    handler = logging.Handler()
-    handler.emit = lambda record: captured.records.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield captured
-    logger.removeHandler(handler)
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Flower's Message needs the run/node identity a ServerApp process normally has."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from server.pool import PromptPool, StaleVersionError
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 
 @pytest.fixture(scope="module")
 def run_config(tmp_path_factory) -> dict:
@@ -29,13 +31,6 @@ def run_config(tmp_path_factory) -> dict:
     return {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-size": 32, "data-dir": str(data),
             "examples-per-source": 40, "local-epochs": 1, "min-steps": 2, "batch-size": 16, "test-examples": 40,
             "pool-dir": str(tmp_path_factory.mktemp("pool")), "partitioner": "classes"}
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower's Message needs the run/node identity a SuperNode normally sets."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
 
 
 def context(run_config: dict, partition: int = 0, partitions: int = 3) -> Context:

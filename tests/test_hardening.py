@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from test_deployment import FakeGrid, flwr_log, task_identity  # noqa: F401  (fixtures)
+from test_deployment import FakeGrid
 
 from common.config import AppConfig
 from common.density import SourceDensity
@@ -38,6 +38,7 @@ from server.server_app import federated_evaluate
 
 SOURCES = {10: "src-a", 11: "src-b", 12: "src-c"}
 NUM_CLASSES = 10
+pytestmark = pytest.mark.usefixtures("task_identity")
 RUN_CONFIG = {"backbone": "vit_tiny_patch16_224", "pretrained": False, "img-size": 32, "test-examples": 0,
               "federated-eval": False, "reply-timeout": 30.0}
 
