@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +32,7 @@ from common.prompt import (
     PromptVersionError,
     read_metadata,
     read_metadata_bytes,
+    source_seed,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -462,3 +467,14 @@ def test_oversized_density_is_rejected(prompt, model, monkeypatch):
 def test_out_of_range_metadata_is_rejected(prompt, changes):
     with pytest.raises(PromptFormatError):
         Prompt.from_bytes(bad_bytes(prompt, **changes))
+
+
+def test_source_seed_is_the_same_in_another_process_and_differs_between_sources():
+    """A source's fresh tokens must not depend on the process (``hash`` would: PYTHONHASHSEED)."""
+    seeds = [source_seed(f"source-{i}") for i in range(5)]
+    assert len(set(seeds)) == 5 and all(0 <= s < 2**32 for s in seeds)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": repo}
+    code = "from common.prompt import source_seed; print(source_seed('source-0'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert int(out.stdout) == seeds[0]
