@@ -135,7 +135,7 @@ def train_prompts(model: APTViT, bank: Bank, sources: list[Source], config: AppC
     plan = recipe(epochs, lr, config.min_steps, selection_level=level, head_lr_scale=head_lr_scale)
     for src in sources:
         labels = sorted(set(bank.labels_of(src.train).tolist()))
-        prompt = fresh_prompt(model, NUM_CLASSES, source_seed(src.name) if seed is None else seed, labels, src.name)
+        prompt = fresh_prompt(model, NUM_CLASSES, _token_seed(src, seed), labels, src.name)
         metrics.append(train_on_bank(model, prompt, bank, src.train, plan, config.batch_size,
                                      config.partition_seed, src.val))
         prompt.density = bank.density_of(src.train)
@@ -152,9 +152,14 @@ def composed(logits: torch.Tensor, densities: list, bank: Bank, indices: np.ndar
             "density": accuracy(compose_probs(logits, density_weights(densities, feats)), labels)}
 
 
-def comparison(model: APTViT, train: Bank, test: Bank, sources: list[Source], prompts: list[Prompt]) -> dict:
-    """Per-source prompt vs probe (fitted on ``train``), and every composition, on the ``test`` bank."""
-    probes = [BankProbe.fit(train, s.train) for s in sources]
+def source_probes(bank: Bank, sources: list[Source]) -> list[BankProbe]:
+    """Each source's reference: a linear probe on the pooled features of its training images."""
+    return [BankProbe.fit(bank, s.train) for s in sources]
+
+
+def comparison(model: APTViT, train: Bank, test: Bank, sources: list[Source], prompts: list[Prompt],
+               probes: list[BankProbe]) -> dict:
+    """Per-source prompt vs its probe (``source_probes`` of ``train``), and every composition, on the ``test`` bank."""
     densities = [train.density_of(s.train) for s in sources]
     prompt_logits = bank_logits(model, test, prompts)
     probe_logits = torch.stack([p.logits(test, NUM_CLASSES) for p in probes])
@@ -195,12 +200,11 @@ def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], con
 
 
 def token_inits(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
-                s: Settings) -> list[dict]:
+                s: Settings, probes: list[BankProbe]) -> list[dict]:
     """The five probe-initialised prompts (before tuning) for each tokens' start of ``s.token_inits``
     (several random tokens: the head reads the mean of their outputs), and the probes on the
     pooled feature alone, scored on the validation images."""
     densities = [bank.density_of(src.train) for src in sources]
-    probes = [BankProbe.fit(bank, src.train) for src in sources]
     rows = [_init_row("none (linear probe on the pooled feature)", "", 0, torch.stack(
         [p.logits(bank, NUM_CLASSES, val) for p in probes]), densities, bank, val)]
     for init, seed, count in s.token_inits:
@@ -215,8 +219,7 @@ def started_prompt(model: APTViT, bank: Bank, src: Source, config: AppConfig, se
     """``src``'s fresh prompt of ``count`` tokens drawn with ``seed`` (``None``: the product's seed), or
     started at ``tokens [D]``, with its head made a probe on its training images: the recipe before tuning."""
     labels = sorted(set(bank.labels_of(src.train).tolist()))
-    prompt = fresh_prompt(model, NUM_CLASSES, source_seed(src.name) if seed is None else seed, labels, src.name,
-                          n_prompt=count)
+    prompt = fresh_prompt(model, NUM_CLASSES, _token_seed(src, seed), labels, src.name, n_prompt=count)
     if tokens is not None:
         with torch.no_grad():
             prompt.tokens.copy_(tokens.expand_as(prompt.tokens))
@@ -225,10 +228,9 @@ def started_prompt(model: APTViT, bank: Bank, src: Source, config: AppConfig, se
 
 
 def seed_spread(model: APTViT, bank: Bank, test: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
-                s: Settings) -> list[dict]:
+                s: Settings, probes: list[BankProbe]) -> list[dict]:
     """Each source's start minus its probe (points), on the test and on the validation images, for
     the product's token seed and every seed of ``s.spread_seeds`` (module doc; nothing is chosen here)."""
-    probes = [BankProbe.fit(bank, src.train) for src in sources]
     val_labels = bank.labels_of(val)
     probe_test = [accuracy(p.logits(test, NUM_CLASSES).softmax(-1), test.labels) for p in probes]
     probe_val = [accuracy(p.logits(bank, NUM_CLASSES, val).softmax(-1), val_labels) for p in probes]
@@ -242,6 +244,11 @@ def seed_spread(model: APTViT, bank: Bank, test: Bank, val: np.ndarray, sources:
                      "test_gaps": " ".join(f"{g:+.1f}" for g in test_gaps), "worst_test_gap": min(test_gaps),
                      "val_gaps": " ".join(f"{100 * (a - p):+.1f}" for a, p in zip(on_val, probe_val))})
     return rows
+
+
+def _token_seed(src: Source, seed: int | None) -> int:
+    """``seed``, or the product's token seed of ``src`` when ``None``."""
+    return source_seed(src.name) if seed is None else seed
 
 
 def _init_row(init: str, seed: int | str, count: int, logits: torch.Tensor, densities: list, bank: Bank,
@@ -288,17 +295,18 @@ def main(argv: list[str] | None = None) -> dict:
         prompts, _ = train_prompts(model, bank, sources, config, config.learning_rate, config.head_lr_scale,
                                    config.local_epochs, config.selection_level)
         how = "trained here with the product's recipe and defaults"
+    probes = source_probes(bank, sources)
     payload = {"experiment": NAME,
                "setup": setup_record(spec, s, label, args, prompts=how, test_images=len(test),
                                      seconds=clock.seconds()),
-               **comparison(model, bank, test_bank, sources, prompts), "plots": []}
+               **comparison(model, bank, test_bank, sources, prompts, probes), "plots": []}
     if args.sweep:
-        payload["token_inits"] = token_inits(model, bank, val, sources, config, s)
+        payload["token_inits"] = token_inits(model, bank, val, sources, config, s, probes)
         write_csv(args.out / "token_inits.csv", payload["token_inits"])
         payload["sweep"] = sweep(model, bank, val, sources, config, s)
         write_csv(args.out / "sweep.csv", payload["sweep"])
     if args.seed_spread:
-        payload["seed_spread"] = seed_spread(model, bank, test_bank, val, sources, config, s)
+        payload["seed_spread"] = seed_spread(model, bank, test_bank, val, sources, config, s, probes)
         write_csv(args.out / "seed_spread.csv", payload["seed_spread"])
     payload["setup"]["seconds"] = clock.seconds()
     write_csv(args.out / "sources.csv", payload["sources"])
