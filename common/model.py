@@ -12,8 +12,9 @@ Structured attention, as implemented here:
 * the tokens of prompt ``i`` attend to the backbone tokens of the same layer, to their own
   tokens and to their own memory tokens, never to another prompt's.
 
-Each prompt's head reads its prompt output (mean of its tokens after the final norm) next to
-the backbone's own pooled feature, ``[prompt ; pooled] -> logits`` (``common.prompt``).
+Each prompt's head reads the outputs of its tokens (each after the final norm, concatenated)
+next to the backbone's own pooled feature, ``[out_1 ; … ; out_P ; pooled] -> logits``
+(``common.prompt``).
 
 All ``k`` prompts run in one batched pass per layer: their queries are stacked and scored
 against the *shared* backbone keys/values (no k-fold copy) and against their own
@@ -262,28 +263,42 @@ class APTViT(nn.Module):
 
         with torch.no_grad():
             pooled = self.pooled(self._run_backbone(images, run_layer))
-        features = self._assemble([self._group_features(x) for x, _ in states], groups)
-        return self.head_logits(features, pooled, prompts), pooled
+        logits = [self.head_logits(self._group_features(x), pooled, [p for _, p in members])
+                  for (x, _), members in zip(states, groups)]
+        return self._assemble(logits, groups), pooled
 
     def forward_kv(self, kv: Tensor, pooled: Tensor, prompts: Sequence[Prompt]) -> Tensor:
         """Like ``forward`` but from precomputed backbone keys/values ``[L, 2, B, heads, N, hd]``
         and pooled features ``[B, D]`` (e.g. a cache's ``fetch``)."""
-        return self.head_logits(self.features_kv(kv, prompts), pooled.to(self.device), prompts)
-
-    def features_kv(self, kv: Tensor, prompts: Sequence[Prompt]) -> Tensor:
-        """Each prompt's output features ``[k, B, D]`` (what its head reads) from backbone keys/values."""
         groups = self._groups(prompts)
+        pooled = pooled.to(self.device)
+        logits = [self.head_logits(features, pooled, [p for _, p in members])
+                  for features, members in zip(self._features_kv(kv, groups), groups)]
+        return self._assemble(logits, groups)
+
+    def features_kv(self, kv: Tensor, prompts: Sequence[Prompt]) -> list[Tensor]:
+        """Each prompt's output features ``[B, P·D]`` (its tokens' outputs, concatenated: what its
+        head reads besides the pooled feature) from backbone keys/values, in prompt order."""
+        groups = self._groups(prompts)
+        by_prompt: dict[int, Tensor] = {}
+        for features, members in zip(self._features_kv(kv, groups), groups):
+            by_prompt |= {i: features[g] for g, (i, _) in enumerate(members)}
+        return [by_prompt[i] for i in range(len(prompts))]
+
+    def _features_kv(self, kv: Tensor, groups: list[list]) -> list[Tensor]:
+        """Each group's output features ``[G, B, P·D]`` from backbone keys/values."""
         kv = kv.to(device=self.device, dtype=self.backbone.patch_embed.proj.weight.dtype)
-        return self._assemble([self._forward_group(kv, members) for members in groups], groups)
+        return [self._forward_group(kv, members) for members in groups]
 
     @staticmethod
     def head_logits(features: Tensor, pooled: Tensor, prompts: Sequence[Prompt]) -> Tensor:
-        """Each prompt's head on ``[its features [k, B, D] ; pooled [B, D]]``, label-masked: logits ``[k, B, C]``."""
-        D = features.shape[-1]
-        weight = torch.stack([p.head.weight for p in prompts])  # [k, C, 2D]
+        """The heads of ``k`` prompts of one shape on ``[their features [k, B, P·D] ; pooled [B, D]]``,
+        label-masked: logits ``[k, B, C]``."""
+        F = features.shape[-1]
+        weight = torch.stack([p.head.weight for p in prompts])  # [k, C, P·D + D]
         bias = torch.stack([p.head.bias for p in prompts])  # [k, C]
-        logits = (torch.einsum("kbd,kcd->kbc", features, weight[..., :D])  # [k, B, C]
-                  + torch.einsum("bd,kcd->kbc", pooled.to(features.dtype), weight[..., D:]) + bias[:, None])
+        logits = (torch.einsum("kbf,kcf->kbc", features, weight[..., :F])  # [k, B, C]
+                  + torch.einsum("bd,kcd->kbc", pooled.to(features.dtype), weight[..., F:]) + bias[:, None])
         mask = torch.stack([p.label_mask.to(logits.device) for p in prompts])  # [k, C]
         return logits.masked_fill(~mask[:, None], float("-inf"))
 
@@ -318,7 +333,7 @@ class APTViT(nn.Module):
 
     @staticmethod
     def _assemble(outputs: list[Tensor], groups: list[list]) -> Tensor:
-        """Per-group outputs ``[G, B, *]`` back into prompt order ``[k, B, *]``."""
+        """Per-group logits ``[G, B, C]`` back into prompt order ``[k, B, C]``."""
         if len(outputs) == 1:
             return outputs[0]
         k = sum(len(members) for members in groups)
@@ -328,7 +343,7 @@ class APTViT(nn.Module):
         return out
 
     def _forward_group(self, kv: Tensor, members: list) -> Tensor:
-        """All prompts share (n_prompt, n_memory): stack them and run every layer once; ``[G, B, D]``."""
+        """All prompts share (n_prompt, n_memory): stack them and run every layer once; ``[G, B, P·D]``."""
         x, memory = self._group_tokens(members, kv.shape[2])
         for layer, blk in enumerate(self.backbone.blocks):
             x = _prompt_block(blk, x, memory[:, layer], kv[layer])
@@ -342,8 +357,8 @@ class APTViT(nn.Module):
         return tokens[:, None].expand(-1, batch, -1, -1), torch.stack([p.memory for p in prompts])
 
     def _group_features(self, x: Tensor) -> Tensor:
-        """Final norm and mean over prompt tokens: ``[G, B, P, D] -> [G, B, D]``."""
-        return self.backbone.norm(x).mean(dim=2)
+        """Final norm of every prompt token, concatenated: ``[G, B, P, D] -> [G, B, P·D]``."""
+        return self.backbone.norm(x).flatten(2)
 
     def compose(
         self,

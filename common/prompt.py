@@ -7,14 +7,15 @@ name            shape                 role
 ==============  ====================  ===========================================
 ``tokens``      ``[P, D]``            input prompt tokens (``P = n_prompt``)
 ``memory``      ``[L, M, D]``         memory tokens of every layer (``M = n_memory``)
-``head.weight`` ``[C, 2D]``           linear head over the global label space, reading
-                                      ``[prompt output ; backbone pooled feature]``
+``head.weight`` ``[C, (P + 1) D]``    linear head over the global label space, reading
+                                      ``[out_1 ; … ; out_P ; backbone pooled feature]``
 ``head.bias``   ``[C]``
 ==============  ====================  ===========================================
 
-The head reads the prompt's output features next to the frozen backbone's own pooled
-feature (its class token), so a prompt whose prompt-side columns are zero *is* a linear
-probe on the backbone; a fresh prompt starts as a probe on both (``common.train``).
+The head reads the output of each prompt token (``out_t``, after the backbone's final norm)
+next to the frozen backbone's own pooled feature (its class token), so a prompt whose
+prompt-side columns are zero *is* a linear probe on the backbone; a fresh prompt starts as a
+probe on all of them (``common.train``).
 
 plus, optionally (format version >= 2), the source's :class:`~common.density.SourceDensity`
 (arrays ``density.<field>``: per-class counts, means, top principal directions and variances
@@ -60,12 +61,13 @@ __all__ = [
     "PromptShapeError",
     "PromptValueError",
     "PromptVersionError",
+    "head_width",
     "source_seed",
 ]
 
 FORMAT_NAME = "alacarte-prompt"
-FORMAT_VERSION = 3  # 2 added the optional source density, 3 the pooled-feature half of the head
-READABLE_VERSIONS = (1, 2, 3)  # a version-1/2 head [C, D] loads with zero pooled-feature columns
+FORMAT_VERSION = 4  # 2: optional source density; 3: the head's pooled-feature block; 4: a head block per token
+READABLE_VERSIONS = (1, 2, 3, 4)  # older heads are upgraded exactly on load (``_upgrade_head``)
 TENSOR_NAMES = ("tokens", "memory", "head.weight", "head.bias")
 DENSITY_PREFIX = "density."
 MAX_INT_FIELD = 2**53  # dimensions and example counts above this are not real prompts
@@ -165,7 +167,7 @@ class Prompt(nn.Module):
         D = config.embed_dim
         self.tokens = nn.Parameter(torch.zeros(config.n_prompt, D))  # [P, D]
         self.memory = nn.Parameter(torch.zeros(config.depth, config.n_memory, D))  # [L, M, D]
-        self.head = nn.Linear(2 * D, config.num_classes)  # [C, 2D] over [prompt output ; pooled], [C]
+        self.head = nn.Linear(head_width(config), config.num_classes)  # [C, (P+1)D] over [out_1;…;out_P;pooled]
         self.density: SourceDensity | None = None  # the source's feature density, if it shares one
 
     @classmethod
@@ -184,9 +186,10 @@ class Prompt(nn.Module):
         Prompt tokens start as standard normal vectors, memory tokens at small noise, and the
         head at zero (uniform predictions). A random token, far from the class token, attends to
         the backbone's tokens in its own way, so its output holds features the class token's
-        lacks; on the main job's validation images a probe on ``[prompt output ; pooled]``
-        beats one on the pooled feature alone by 1.0 to 2.5 points composed (three seeds), where
-        a token started at the class token gained at most 0.6 (``simulations/RESULTS.md`` §0).
+        lacks, and the head reads each token's output: on the main job's validation images a
+        probe on ``[out_1 ; … ; out_P ; pooled]`` beats one on the pooled feature alone, more
+        with four tokens than with one, where a token started at the class token gained little
+        (``simulations/RESULTS.md`` §0). The Flower apps use ``n-prompt`` tokens (run config).
         """
         prompt = cls(PromptConfig(
             embed_dim=model.embed_dim, depth=model.depth, num_classes=num_classes, n_prompt=n_prompt,
@@ -232,7 +235,7 @@ class Prompt(nn.Module):
         tensors = {k: v for k, v in arrays.items() if not k.startswith(DENSITY_PREFIX)}
         density = {k[len(DENSITY_PREFIX):]: v for k, v in arrays.items() if k.startswith(DENSITY_PREFIX)}
         _check_arrays(tensors, config, version)  # before allocating anything the config asks for
-        tensors = _upgrade_head(tensors, version)
+        tensors = _upgrade_head(tensors, config, version)
         if density and version < 2:
             raise PromptVersionError(f"a version-{version} prompt cannot carry a density; re-export it")
         prompt = cls(config)
@@ -274,6 +277,11 @@ class Prompt(nn.Module):
         c = self.config
         return (f"source={c.source!r}, n_prompt={c.n_prompt}, n_memory={c.n_memory}, "
                 f"classes={len(c.labels)}/{c.num_classes}, backbone={c.backbone}:{c.fingerprint[:12]}")
+
+
+def head_width(config: PromptConfig) -> int:
+    """The head's input width ``(P + 1) · D``: one block per prompt token, one for the pooled feature."""
+    return (config.n_prompt + 1) * config.embed_dim
 
 
 def source_seed(source: str) -> int:
@@ -411,8 +419,9 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], config: PromptConfig, versio
     if set(arrays) != set(TENSOR_NAMES):
         raise PromptShapeError(f"prompt tensors must be exactly {list(TENSOR_NAMES)}, got {sorted(arrays)}")
     D, C = config.embed_dim, config.num_classes
+    width = head_width(config) if version >= 4 else 2 * D if version == 3 else D
     expected = {"tokens": (config.n_prompt, D), "memory": (config.depth, config.n_memory, D),
-                "head.weight": (C, 2 * D if version >= 3 else D), "head.bias": (C,)}
+                "head.weight": (C, width), "head.bias": (C,)}
     for name in TENSOR_NAMES:
         arr = arrays[name]
         if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
@@ -424,12 +433,19 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], config: PromptConfig, versio
             raise PromptValueError(f"prompt tensor {name!r} contains NaN or Inf; the training diverged")
 
 
-def _upgrade_head(arrays: Mapping[str, np.ndarray], version: int) -> dict[str, np.ndarray]:
-    """Version < 3 heads ``[C, D]`` read only the prompt's output: append zero pooled-feature columns."""
+def _upgrade_head(arrays: Mapping[str, np.ndarray], config: PromptConfig, version: int) -> dict[str, np.ndarray]:
+    """An older head as the version-4 head ``[C, (P + 1) D]`` that gives the same logits.
+
+    Versions 1–3 read the *mean* of the ``P`` token outputs through one block ``W`` ``[C, D]``,
+    which equals reading each token's output through ``W / P``; versions 1–2 had no
+    pooled-feature block (it is zero).
+    """
     arrays = dict(arrays)
-    if version < 3:
+    if version < 4:
+        D, P = config.embed_dim, config.n_prompt
         weight = arrays["head.weight"]
-        arrays["head.weight"] = np.concatenate([weight, np.zeros_like(weight)], axis=1)
+        pooled = weight[:, D:] if version == 3 else np.zeros_like(weight)
+        arrays["head.weight"] = np.concatenate([*[weight[:, :D] / np.float32(P)] * P, pooled], axis=1)
     return arrays
 
 

@@ -3,12 +3,12 @@
 The recipe of a source's prompt (LP-FT with selection on validation loss):
 
 1. **Probe initialisation.** When the prompt's head is still zero (a fresh prompt), the whole
-   head ``[C, 2D]`` is set to a linear probe (``common.probe``) fitted on the features it
-   reads, ``[prompt output ; backbone pooled feature]``, of the training images: the prompt
-   starts as exactly that probe. A fresh prompt's random tokens (``Prompt.init``) read the
-   backbone differently from its class token, so this probe sees more than the reference
-   probe on the pooled feature alone (+1.0 to +2.5 points composed on the main job's
-   validation images, ``simulations/main_job.py --sweep``).
+   head ``[C, (P + 1) D]`` is set to a linear probe (``common.probe``) fitted on the features it
+   reads, ``[out_1 ; … ; out_P ; backbone pooled feature]`` (each prompt token's output, then the
+   class token's), of the training images: the prompt starts as exactly that probe. A fresh
+   prompt's random tokens (``Prompt.init``) read the backbone differently from its class token,
+   and from each other, so this probe sees more than the reference probe on the pooled feature
+   alone (measured on the main job's validation images: ``simulations/main_job.py --sweep``).
 2. **Prompt tuning.** Tokens, memory and head are tuned with AdamW and a cosine schedule
    for ``epochs`` epochs but at least ``min_steps`` optimiser steps, so small shards are not
    starved of steps. A head that starts fitted (probe-initialised, or trained in an earlier
@@ -99,7 +99,7 @@ def _local_targets(prompt: Prompt, labels: Tensor) -> Tensor:
 @torch.no_grad()
 def probe_init_head(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Tensor]],
                     cache: KVCache | None = None) -> float:
-    """Make the head a linear probe on what it reads, ``[prompt output ; pooled feature]`` of
+    """Make the head a linear probe on what it reads, ``[out_1 ; … ; out_P ; pooled feature]`` of
     ``loader``'s images; returns the probe's L2.
 
     The rows of classes outside the prompt's label set stay zero, so the prompt's logits are
@@ -108,8 +108,8 @@ def probe_init_head(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[Ten
     features, targets = [], []
     for batch in loader:
         kv, pooled, labels = _batch_inputs(model, batch, cache)
-        reads = model.features_kv(kv, [prompt])[0]  # [B, D]
-        features.append(torch.cat([reads, pooled.to(reads)], dim=-1))  # [B, 2D]
+        reads = model.features_kv(kv, [prompt])[0]  # [B, P·D]
+        features.append(torch.cat([reads, pooled.to(reads)], dim=-1))  # [B, (P + 1)·D]
         targets.append(_local_targets(prompt, labels))
     if not features:
         raise ValueError("the training loader is empty; this source has no examples")

@@ -344,8 +344,8 @@ def _compute_bank(model: APTViT, shard: Shard, root: Path, batch_size: int, key:
 
 
 def fresh_prompt(model: APTViT, num_classes: int, seed: int, labels: Iterable[int] | None = None,
-                 source: str = "", n_prompt: int = 1, n_memory: int = 4) -> Prompt:
-    """``Prompt.init`` with the product's default shape."""
+                 source: str = "", n_prompt: int = AppConfig.n_prompt, n_memory: int = AppConfig.n_memory) -> Prompt:
+    """``Prompt.init`` with the product's default shape (the run-config's ``n-prompt`` and ``n-memory``)."""
     return Prompt.init(model, num_classes, n_prompt=n_prompt, n_memory=n_memory, seed=seed, labels=labels,
                        source=source)
 

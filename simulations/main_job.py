@@ -18,7 +18,7 @@ server's 1,000 test images it compares
 scale, epochs, selection level) of a small grid trains the five prompts, scored on 1,000
 *validation* images drawn from the training split outside every source's shard (never on
 the test images); on the same images it compares the prompt tokens' initialisation (the
-class token against one or four random tokens, three seeds each) before any tuning.
+class token against one, two or four random tokens, three seeds each) before any tuning.
 
 ``--seed-spread`` measures how much of a source's margin over its probe is the draw of its
 random token: each source's probe-initialised start (the prompt before tuning, which the
@@ -96,7 +96,8 @@ class Settings:
 
 TINY = Settings((3e-3,), (0.01,), (1,), (0.05,), 32, 2, 20, (0,), (1, 2), (0, 1))
 QUICK = Settings((3e-3,), (0.01,), (10,), (0.05,), 200, -1, -1, (0,), (1,), (0,))
-FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (0.05, 0.5), 1000, -1, -1, (0, 1, 2), (1, 4), tuple(range(10)))
+FULL = Settings((1e-3, 3e-3, 1e-2), (1.0, 0.01), (5,), (0.05, 0.5), 1000, -1, -1, (0, 1, 2), (1, 2, 4),
+                tuple(range(10)))
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def train_prompts(model: APTViT, bank: Bank, sources: list[Source], config: AppC
     plan = recipe(epochs, lr, config.min_steps, selection_level=level, head_lr_scale=head_lr_scale)
     for src in sources:
         labels = sorted(set(bank.labels_of(src.train).tolist()))
-        prompt = fresh_prompt(model, NUM_CLASSES, _token_seed(src, seed), labels, src.name)
+        prompt = fresh_prompt(model, NUM_CLASSES, _token_seed(src, seed), labels, src.name, n_prompt=config.n_prompt)
         metrics.append(train_on_bank(model, prompt, bank, src.train, plan, config.batch_size,
                                      config.partition_seed, src.val))
         prompt.density = bank.density_of(src.train)
@@ -202,7 +203,7 @@ def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], con
 def token_inits(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
                 s: Settings, probes: list[BankProbe]) -> list[dict]:
     """The five probe-initialised prompts (before tuning) for each tokens' start of ``s.token_inits``
-    (several random tokens: the head reads the mean of their outputs), and the probes on the
+    (several random tokens: the head reads each one's output), and the probes on the
     pooled feature alone, scored on the validation images."""
     densities = [bank.density_of(src.train) for src in sources]
     rows = [_init_row("none (linear probe on the pooled feature)", "", 0, torch.stack(
@@ -214,12 +215,14 @@ def token_inits(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source
     return rows
 
 
-def started_prompt(model: APTViT, bank: Bank, src: Source, config: AppConfig, seed: int | None, count: int = 1,
-                   tokens: torch.Tensor | None = None) -> Prompt:
-    """``src``'s fresh prompt of ``count`` tokens drawn with ``seed`` (``None``: the product's seed), or
-    started at ``tokens [D]``, with its head made a probe on its training images: the recipe before tuning."""
+def started_prompt(model: APTViT, bank: Bank, src: Source, config: AppConfig, seed: int | None,
+                   count: int | None = None, tokens: torch.Tensor | None = None) -> Prompt:
+    """``src``'s fresh prompt of ``count`` tokens (``None``: the run config's ``n-prompt``) drawn with
+    ``seed`` (``None``: the product's seed), or started at ``tokens [D]``, with its head made a probe on
+    its training images: the recipe before tuning."""
     labels = sorted(set(bank.labels_of(src.train).tolist()))
-    prompt = fresh_prompt(model, NUM_CLASSES, _token_seed(src, seed), labels, src.name, n_prompt=count)
+    prompt = fresh_prompt(model, NUM_CLASSES, _token_seed(src, seed), labels, src.name,
+                          n_prompt=config.n_prompt if count is None else count)
     if tokens is not None:
         with torch.no_grad():
             prompt.tokens.copy_(tokens.expand_as(prompt.tokens))

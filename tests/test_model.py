@@ -62,7 +62,7 @@ def reference_logits(model: APTViT, images: torch.Tensor, prompts) -> tuple[torc
     pooled = bb.forward_head(seq[:, :N], pre_logits=True)  # the backbone's own pooled feature
     out, start = [], N
     for p in prompts:
-        feats = seq[:, start:start + p.config.n_prompt].mean(1)
+        feats = seq[:, start:start + p.config.n_prompt].flatten(1)  # [B, P·D]: each token's output
         start += p.config.n_prompt
         out.append(p.head(torch.cat([feats, pooled], -1)).masked_fill(~p.label_mask, float("-inf")))
     return torch.stack(out), seq[:, :N]

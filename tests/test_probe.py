@@ -94,3 +94,25 @@ def test_same_images_in_any_order_give_the_same_probe_bit_for_bit():
         first, shuffled = fit_probe(x, y, 9, l2=l2), fit_probe(x[order], y[order], 9, l2=l2)
         assert first.l2 == shuffled.l2
         assert torch.equal(first.weight, shuffled.weight) and torch.equal(first.bias, shuffled.bias)
+
+
+def test_fewer_examples_than_features_fits_in_their_span_to_the_same_probe(monkeypatch):
+    """With n < D the fit runs on the n coordinates of the examples' span: the same L2 is chosen and
+    the probe agrees with the fit on all D features to the solver's tolerance."""
+    x, y = gaussian_classes(10, 120, 4, spread=4.0, seed=6)  # 40 examples, 120 features
+    in_span = fit_probe(x, y, 4)
+    basis = probe_mod._row_basis(torch.randn(40, 120, dtype=torch.float64))
+    torch.testing.assert_close(basis.T @ basis, torch.eye(40, dtype=torch.float64))  # orthonormal [D, n]
+    assert probe_mod._row_basis(torch.randn(120, 40, dtype=torch.float64)) is None  # n >= D: no projection
+    monkeypatch.setattr(probe_mod, "_row_basis", lambda z: None)
+    full = fit_probe(x, y, 4)
+    assert in_span.l2 == full.l2
+    std = x.double().std(0, unbiased=False)
+
+    def objective(probe) -> float:  # the regularised loss in standardised coordinates
+        w = probe.weight.double() * std
+        return float(F.cross_entropy(probe.logits(x).double(), y) + 0.5 * probe.l2 * w.pow(2).sum())
+
+    assert objective(in_span) == pytest.approx(objective(full), rel=1e-4)
+    assert torch.equal(in_span.logits(x).argmax(-1), full.logits(x).argmax(-1))
+    torch.testing.assert_close(in_span.logits(x).softmax(-1), full.logits(x).softmax(-1), rtol=0, atol=1e-3)

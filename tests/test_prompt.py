@@ -78,7 +78,7 @@ def test_init_shapes_and_binding(model):
     p = Prompt.init(model, num_classes=NUM_CLASSES, n_prompt=2, n_memory=3, seed=0)
     assert p.tokens.shape == (2, model.embed_dim)
     assert p.memory.shape == (model.depth, 3, model.embed_dim)
-    assert p.head.weight.shape == (NUM_CLASSES, 2 * model.embed_dim) and p.head.bias.shape == (NUM_CLASSES,)
+    assert p.head.weight.shape == (NUM_CLASSES, 3 * model.embed_dim) and p.head.bias.shape == (NUM_CLASSES,)
     assert p.config.fingerprint == model.fingerprint and p.config.backbone == model.backbone_name
     assert p.config.labels == tuple(range(NUM_CLASSES))
     assert {n for n, _ in p.named_parameters()} == set(TENSORS)
@@ -294,7 +294,7 @@ def test_corrupted_tensor_offsets(prompt):
         Prompt.from_bytes(len(raw).to_bytes(8, "little") + raw + body)
 
 
-@pytest.mark.parametrize("version", ["4", "0", "999"])
+@pytest.mark.parametrize("version", ["5", "0", "999"])
 def test_unknown_format_version(prompt, version):
     with pytest.raises(PromptVersionError, match="version"):
         Prompt.from_bytes(bad_bytes(prompt, format_version=version))
@@ -303,7 +303,7 @@ def test_unknown_format_version(prompt, version):
 def test_future_version_with_different_fields_reports_version(prompt):
     # a future format may rename fields: the version must be what is reported
     with pytest.raises(PromptVersionError):
-        Prompt.from_bytes(bad_bytes(prompt, format_version="4", n_memory=None, depth=None))
+        Prompt.from_bytes(bad_bytes(prompt, format_version="5", n_memory=None, depth=None))
 
 
 @pytest.mark.parametrize("changes", [
@@ -399,28 +399,38 @@ def test_round_trip_with_and_without_density(prompt, model):
     assert again.density is not None and prompt.to_bytes() == again.to_bytes()
     for name, value in prompt.density.to_arrays().items():
         assert np.array_equal(again.density.to_arrays()[name], value), name
-    assert again.config.to_metadata()["format_version"] == str(FORMAT_VERSION) == "3"
+    assert again.config.to_metadata()["format_version"] == str(FORMAT_VERSION) == "4"
 
 
 def old_bytes(prompt: Prompt, version: str) -> bytes:
-    """``prompt`` as a version-1/2 artefact: its head reads the prompt output only (``[C, D]``)."""
-    arrays = prompt.arrays()
-    arrays["head.weight"] = arrays["head.weight"][:, :prompt.config.embed_dim].copy()
+    """An artefact of ``version`` < 4 for ``prompt``'s tensors: its head reads the *mean* of the token
+    outputs through the first ``D`` columns of ``prompt``'s head (``[C, D]`` before version 3),
+    then, from version 3, the pooled feature through the last ``D`` columns (``[C, 2D]``)."""
+    arrays, D = prompt.arrays(), prompt.config.embed_dim
+    weight = arrays["head.weight"]
+    blocks = [weight[:, :D]] + ([weight[:, -D:]] if version == "3" else [])
+    arrays["head.weight"] = np.concatenate(blocks, axis=1)
     return bad_bytes(prompt, arrays, format_version=version)
 
 
-@pytest.mark.parametrize("version", ["1", "2"])
-def test_old_artefact_loads_with_a_prompt_only_head(prompt, model, images, version):
+@pytest.mark.parametrize("version", ["1", "2", "3"])
+def test_old_artefact_loads_as_the_same_function(prompt, model, images, version):
+    """An older head read the mean of the P token outputs: it loads as one block ``W / P`` per token
+    (and zero pooled-feature columns before version 3), giving the old logits."""
     loaded = Prompt.from_bytes(old_bytes(prompt, version), model)
-    D = model.embed_dim
-    assert torch.equal(loaded.head.weight[:, :D], prompt.head.weight[:, :D]) and not loaded.head.weight[:, D:].any()
+    D, P = model.embed_dim, prompt.config.n_prompt
+    assert P > 1 and loaded.head.weight.shape == (NUM_CLASSES, (P + 1) * D)
+    weight = prompt.head.weight.detach()
+    pooled_block = weight[:, -D:] if version == "3" else torch.zeros_like(weight[:, -D:])
     features, kv = model.backbone_forward(images)
-    with torch.no_grad():  # same function as the old head: the pooled-feature columns read nothing
-        zero = torch.zeros_like(model.pooled(features))
-        expected = APTViT.head_logits(model.features_kv(kv, [prompt]), zero, [prompt])
-        torch.testing.assert_close(model(images, [loaded]), expected)
-    with pytest.raises(PromptShapeError, match="head.weight"):  # a version-3 head must have 2D columns
-        Prompt.from_bytes(old_bytes(prompt, "3"), model)
+    with torch.no_grad():
+        mean_output = model.features_kv(kv, [prompt])[0].reshape(len(images), P, D).mean(1)  # [B, D]
+        old = mean_output @ weight[:, :D].T + model.pooled(features) @ pooled_block.T + prompt.head.bias
+        old = old.masked_fill(~prompt.label_mask, float("-inf"))
+        torch.testing.assert_close(model(images, [loaded])[0], old, rtol=1e-5, atol=1e-5)
+    two_blocks = prompt.arrays() | {"head.weight": weight[:, :2 * D].numpy().copy()}
+    with pytest.raises(PromptShapeError, match="head.weight"):  # a version-4 head has a block per token
+        Prompt.from_bytes(bad_bytes(prompt, two_blocks), model)
 
 
 def test_version_1_artefact_still_loads_and_composes_uniformly(prompt, model, images):
