@@ -112,8 +112,9 @@ def _row_basis(z: Tensor) -> Tensor | None:
     logit and only adds to the penalty), and LBFGS started at zero never leaves it: its steps
     combine gradients, which lie in it. Fitting on the coordinates ``z @ basis`` is therefore the
     same problem in ``n`` instead of ``D`` dimensions (the probe agrees to the solver's tolerance:
-    LBFGS's first step and stopping test are not rotation invariant), ``D / n`` times cheaper;
-    e.g. 360 images of 1,920 features (four prompt tokens and the pooled feature).
+    LBFGS's first step and stopping test are not rotation invariant). On 360 images it fitted
+    4.2x faster with 1,920 features (four prompt tokens and the pooled feature) and about as
+    fast with 768 (one token), where LBFGS's per-iteration overhead dominates.
     """
     n, dim = z.shape
     if n >= dim:

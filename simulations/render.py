@@ -100,9 +100,9 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
         body += [
             "### Choosing where the prompt tokens start (validation images, never the test images)",
             "Each row is the five probe-initialised prompts *before any tuning*: the head is a linear probe on "
-            "`[prompt output ; pooled feature]` of the source's training images, with the prompt token started "
-            "at the backbone's class token or at random (standard normal, several seeds; with several tokens the "
-            "prompt output is the mean of theirs); the first row is the "
+            "`[out_1 ; … ; out_P ; pooled feature]` (each prompt token's output) of the source's training images, "
+            "with the prompt token started at the backbone's class token or at random (standard normal, several "
+            "seeds, one to four tokens); the first row is the "
             "linear probe on the pooled feature alone. Scored on the same validation images as the grid above.",
             table(["prompt tokens start at", "seed", "tokens", "per-source val. accuracy", "mean",
                    "composed uniform (val.)", "composed density (val.)"],
@@ -144,7 +144,7 @@ def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:
         "## 0b. Where prompt tuning starts to beat a linear probe",
         "`python -m simulations.probe_curve` — one IID source of n images (10% its validation split) trains a "
         "linear probe on the pooled feature, a prompt with the product's recipe (random token, head started as a "
-        "probe on `[prompt output ; pooled feature]`, tuning kept only where the validation loss improves: "
+        "probe on `[token output ; pooled feature]`, tuning kept only where the validation loss improves: "
         "*kept epoch* 0 means that start was kept), and the same "
         f"prompt's last tuning epoch without that selection; {s['settings']['epochs']} epochs, at least "
         f"{s['settings']['min_steps']} steps, lr {s['settings']['lr']}. *Train accuracy* is on the source's own "
