@@ -58,6 +58,7 @@ class KVCache:
         self._store: np.memmap | None = None
         self._pooled: np.ndarray | None = None  # [capacity, D] float32, row = slot
         self._path: Path | None = None  # the file while it has a name (not on POSIX, see the module doc)
+        self._buffer: Tensor | None = None  # the output of all-hit batches, reused (see ``fetch``)
         self.hits = 0
         self.misses = 0
 
@@ -74,7 +75,12 @@ class KVCache:
         return self.fetch(indices, images)[0]
 
     def fetch(self, indices: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys/values ``[L, 2, B, H, N, hd]`` and pooled features ``[B, D]`` of a batch (see ``kv``)."""
+        """Keys/values ``[L, 2, B, H, N, hd]`` and pooled features ``[B, D]`` of a batch (see ``kv``).
+
+        The keys/values of a batch that is all hits are written into one buffer the cache
+        reuses (a fresh 76 MB tensor per step would cost more in page faults than the copy):
+        they are valid until the next ``fetch``/``kv`` call; ``clone()`` them to keep them.
+        """
         keys = [int(i) for i in indices]
         miss = [b for b, key in enumerate(keys) if key not in self._slots]
         hit = [b for b, key in enumerate(keys) if key in self._slots]
@@ -91,8 +97,7 @@ class KVCache:
             for j, b in enumerate(miss):
                 out[:, :, b], out_pooled[b] = computed[:, :, j], pooled[j]
         else:
-            L, two, *rest = self._store.shape[1:]
-            out = torch.empty(L, two, len(keys), *rest, dtype=torch.float32, device=device)
+            out = self._hit_buffer(len(keys), device)
             out_pooled = torch.empty(len(keys), self._pooled.shape[1], dtype=torch.float32, device=device)
         if hit:
             slots = [self._slots[keys[b]] for b in hit]
@@ -101,6 +106,14 @@ class KVCache:
                 out[:, :, b] = torch.from_numpy(rows[j])
             out_pooled[hit] = torch.from_numpy(self._pooled[slots]).to(out_pooled)
         return out, out_pooled
+
+    def _hit_buffer(self, batch: int, device: torch.device) -> Tensor:
+        """The reused ``[L, 2, batch, H, N, hd]`` float32 output of all-hit batches: a slice of the
+        leading batch rows, so every layer's keys and values stay contiguous."""
+        L, two, *rest = self._store.shape[1:]
+        if self._buffer is None or self._buffer.shape[2] < batch or self._buffer.device != device:
+            self._buffer = torch.empty(L, two, batch, *rest, dtype=torch.float32, device=device)
+        return self._buffer[:, :, :batch]
 
     def _write(self, keys: list[int], kv: Tensor, pooled: Tensor) -> None:
         rows = kv.movedim(2, 0).to("cpu", self.dtype).numpy()  # [m, L, 2, H, N, hd]
@@ -135,7 +148,7 @@ class KVCache:
 
     def close(self) -> None:
         """Drop the memory map and delete the cache file."""
-        self._store = self._pooled = None
+        self._store = self._pooled = self._buffer = None
         self._slots.clear()
         if self._path is not None:
             self._path.unlink(missing_ok=True)

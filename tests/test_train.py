@@ -183,6 +183,22 @@ def test_cache_mixed_hits_and_misses_keep_batch_order(model, images):
     torch.testing.assert_close(got, model.backbone_kv(images[order]), rtol=0, atol=1e-5)
 
 
+def test_cache_reuses_one_buffer_for_all_hit_batches(model, images):
+    cache = KVCache(model, dtype=torch.float32)
+    cache.kv(torch.arange(5), images)
+    expected = model.backbone_kv(images)  # [L, 2, 5, H, N, hd]
+    first = cache.kv(torch.tensor([4, 3, 2, 1, 0]), images)
+    torch.testing.assert_close(first, expected.flip(2), rtol=0, atol=0)
+    pointer = first.data_ptr()
+    second = cache.kv(torch.tensor([1, 3]), images[:2])  # a smaller batch: the leading rows of the same buffer
+    assert second.data_ptr() == pointer and second.shape[2] == 2
+    assert torch.equal(second, expected[:, :, [1, 3]])
+    assert all(second[layer, i].is_contiguous() for layer in range(model.depth) for i in range(2))
+    third = cache.kv(torch.arange(5), images)
+    assert third.data_ptr() == pointer and torch.equal(third, expected)
+    cache.close()
+
+
 def test_cache_float16_is_close(model, images, prompts):
     cache = KVCache(model)  # fp16 by default
     indices = torch.arange(len(images))
