@@ -11,12 +11,18 @@ On POSIX the file is unlinked as soon as it is mapped: nothing else can open it,
 space goes back when the cache is closed or its process ends, however it ends (a Flower
 simulation kills its Ray actors, so a finaliser would never run and each run would leave its
 caches behind in the temporary folder).
+
+``Prefetch`` fills a cache in a background thread at the lowest CPU priority, so a backbone
+pass can use cores that would otherwise idle (the server's test split while the clients train).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,7 @@ from torch import Tensor
 
 from common.model import APTViT
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "Prefetch"]
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 
@@ -64,6 +70,11 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+    @property
+    def full(self) -> bool:
+        """No further image fits under the size cap (False until the first image is stored)."""
+        return self._store is not None and len(self._slots) >= len(self._store)
 
     def kv(self, indices: Tensor, images: Tensor) -> Tensor:
         """Keys/values ``[L, 2, B, H, N, hd]`` of a batch, from the cache where present.
@@ -153,3 +164,63 @@ class KVCache:
         if self._path is not None:
             self._path.unlink(missing_ok=True)
             self._path = None
+
+
+class Prefetch:
+    """Fill ``cache`` with the images of ``loader`` in a background thread.
+
+    The thread runs torch on one intra-op thread and, on Linux, under ``SCHED_IDLE``, so it
+    takes only cores nothing else wants: started before a Flower round, it computes the
+    server's test-split keys/values while the clients train. (Nice 19 is not enough: Ray runs
+    simulated clients at nice 15, and a nice-19 thread still takes ~30% of a core from one.) It stops when the
+    loader is exhausted, the cache is full, or ``result``/``close`` is called.
+
+    Args:
+        cache: the cache to fill; not to be used by anyone else until ``result`` returns.
+        loader: batches of ``(images, labels, indices)`` (``common.data.Shard``).
+    """
+
+    def __init__(self, cache: KVCache, loader: Iterable[Sequence[Tensor]]) -> None:
+        self.cache = cache
+        self._threads = torch.get_num_threads()  # the caller's count, restored by close()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fill, args=(loader,), name="kv-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self, loader: Iterable[Sequence[Tensor]]) -> None:
+        try:
+            torch.set_num_threads(1)
+            if sys.platform.startswith("linux"):  # per-thread idle scheduling is Linux's
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            for batch in loader:
+                if self._stop.is_set() or self.cache.full:
+                    break
+                self.cache.fetch(batch[2], batch[0])
+        except BaseException as err:  # handed to result(), which re-raises it in the caller's thread
+            self._error = err
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (forever if None) for the fill to end on its own; True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def result(self) -> KVCache:
+        """Stop the fill after its current batch and return the cache: the images it did not
+        reach are computed by whoever fetches them, on every core. Raises the fill's error."""
+        self.close()
+        if self._error is not None:
+            raise RuntimeError(f"prefetching backbone keys/values failed: {self._error}") from self._error
+        return self.cache
+
+    def close(self) -> None:
+        """Stop the fill after its current batch and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+        torch.set_num_threads(self._threads)  # in case the thread count is process-wide in this build
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -152,6 +152,16 @@ def _validation_losses(model: APTViT, prompt: Prompt, loader: Iterable[Sequence[
     return torch.cat(losses) if losses else torch.zeros(0)
 
 
+def _batch_logits(model: APTViT, prompts: Sequence[Prompt], batch: Sequence[Tensor],
+                  cache: KVCache | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits ``[k, B, C]`` of ``prompts``, pooled features ``[B, D]`` and labels ``[B]`` of a batch."""
+    if cache is None:
+        logits, pooled = model.forward_with_pooled(batch[0].to(model.device), prompts)
+        return logits, pooled, batch[1].to(model.device)
+    kv, pooled, labels = _batch_inputs(model, batch, cache)
+    return model.forward_kv(kv, pooled, prompts), pooled.to(model.device), labels
+
+
 def _head_is_zero(prompt: Prompt) -> bool:
     return not bool(prompt.head.weight.any()) and not bool(prompt.head.bias.any())
 
@@ -262,8 +272,10 @@ def evaluate(
     loader: Iterable[Sequence[Tensor]],
     weights: Weighting | str | Tensor | None = None,
     progress: bool = False,
+    cache: KVCache | None = None,
 ) -> dict[str, float | list[float] | dict[str, float]]:
-    """Accuracy of each prompt alone and of their composition, one backbone pass per batch.
+    """Accuracy of each prompt alone and of their composition, one backbone pass per batch
+    (none for the images ``cache`` holds).
 
     ``weights`` is how the composition is weighted (``APTViT.compose``; ``None``: density when
     every prompt carries one, else uniform). Returns ``accuracy`` and ``nll`` of that
@@ -282,8 +294,7 @@ def evaluate(
     scorer = PooledDensities([p.density for p in prompts]) if Weighting.DENSITY in compared else None
     chosen_correct, nll, seen = 0, 0.0, 0
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-        images, labels = batch[0].to(model.device), batch[1].to(model.device)
-        logits, pooled = model.forward_with_pooled(images, prompts)  # [k, B, C], [B, D]
+        logits, pooled, labels = _batch_logits(model, prompts, batch, cache)  # [k, B, C], [B, D], [B]
         hits = logits.argmax(-1) == labels  # [k, B]
         own = masks[:, labels]  # [k, B]: the example's label is in the prompt's label set
         correct += hits.sum(dim=1).cpu()

@@ -4,15 +4,18 @@
 ``mode = "fedavg"`` is the standard baseline (one shared prompt, Flower's FedAvg). At the
 end the server evaluates each participating source's prompt and their composition on its
 own test split (``test-examples`` > 0) and, with ``federated-eval``, on every node's
-validation split, and prints the tables.
+validation split, and prints the tables. The test split's backbone pass runs on idle cores
+while the clients train (``prefetch_test_split``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from logging import INFO, WARNING
 
 import numpy as np
+import torch
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -20,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from common.config import AppConfig, build_model
 from common.data import Shard, backbone_transform, limit_per_partition, load_split
+from common.kv_cache import KVCache, Prefetch
 from common.model import APTViT
 from common.prompt import Prompt
 from common.records import prompts_records
@@ -29,6 +33,8 @@ from server.pool import PromptPool
 from server.table import format_table
 
 app = ServerApp()
+
+_TEST_CACHE_BYTES = 4 << 30  # the test split's prefetched keys/values: ~2.4 MB per 112 px image in float32
 
 
 @app.main()
@@ -40,22 +46,25 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "mode %s, backbone %s:%s at %d px, pool %s", config.mode, model.backbone_name,
         model.fingerprint[:12], config.img_size, pool.root)
     test = server_test_split(config, model)
-    if config.mode == "fedavg":
-        num_classes = len(test.classes) if test is not None else len(load_split(
-            config.dataset, config.data_path(), "train").classes)
-        run_fedavg(grid, pool, model, config, num_classes)
-        nodes, sources = {}, [FEDAVG_SOURCE]
-    else:
-        nodes = AlaCarteFederation(pool, model, config).start(grid)
-        sources = sorted(set(nodes.values()))
-    stored = set(pool.sources())
-    prompts = {s: pool.get(s, model=model) for s in sources if s in stored}
-    if not prompts:
-        log(WARNING, "no prompt was stored; nothing to evaluate")
-        return
-    if test is not None:
-        print(accuracy_table(f"Server test split ({len(test)} images)", prompts,
-                             evaluate(model, list(prompts.values()), DataLoader(test, batch_size=config.batch_size))))
+    test_loader = DataLoader(test, batch_size=config.batch_size) if test is not None else None
+    with prefetch_test_split(model, test_loader, config) as prefetch:
+        if config.mode == "fedavg":
+            num_classes = len(test.classes) if test is not None else len(load_split(
+                config.dataset, config.data_path(), "train").classes)
+            run_fedavg(grid, pool, model, config, num_classes)
+            nodes, sources = {}, [FEDAVG_SOURCE]
+        else:
+            nodes = AlaCarteFederation(pool, model, config).start(grid)
+            sources = sorted(set(nodes.values()))
+        stored = set(pool.sources())
+        prompts = {s: pool.get(s, model=model) for s in sources if s in stored}
+        if not prompts:
+            log(WARNING, "no prompt was stored; nothing to evaluate")
+            return
+        if test_loader is not None:
+            cache = _prefetched(prefetch)
+            print(accuracy_table(f"Server test split ({len(test)} images)", prompts,
+                                 evaluate(model, list(prompts.values()), test_loader, cache=cache)))
     if config.federated_eval and nodes:
         federated_evaluate(grid, config, prompts, nodes)
 
@@ -67,6 +76,36 @@ def server_test_split(config: AppConfig, model: APTViT) -> Shard | None:
     raw = load_split(config.dataset, config.data_path(), "test")
     indices = limit_per_partition(np.arange(len(raw)), config.test_examples, config.partition_seed)
     return Shard(raw, indices, backbone_transform(model.backbone))
+
+
+@contextmanager
+def prefetch_test_split(model: APTViT, loader: DataLoader | None, config: AppConfig) -> Iterator[Prefetch | None]:
+    """While the block runs (the rounds), compute the test split's backbone keys/values on idle
+    cores (``common.kv_cache.Prefetch``); the evaluation then runs the backbone only on the
+    images the prefetch did not reach. ``None``
+    without a test split or with ``kv-cache = false``. Keys/values are kept in float32, so the
+    accuracies are those of a direct evaluation; the cache (``_TEST_CACHE_BYTES`` at most, the
+    rest is computed at evaluation) is deleted on leaving the block."""
+    if loader is None or not config.kv_cache:
+        yield None
+        return
+    cache = KVCache(model, max_bytes=_TEST_CACHE_BYTES, dtype=torch.float32)
+    try:
+        with Prefetch(cache, loader) as prefetch:
+            yield prefetch
+    finally:
+        cache.close()
+
+
+def _prefetched(prefetch: Prefetch | None) -> KVCache | None:
+    """The prefetched test cache; None (evaluate from the images) if there is none or the prefetch failed."""
+    if prefetch is None:
+        return None
+    try:
+        return prefetch.result()
+    except RuntimeError as err:
+        log(WARNING, "%s; the test split is evaluated from its images", err)
+        return None
 
 
 def federated_evaluate(grid: Grid, config: AppConfig, prompts: dict[str, Prompt], nodes: dict[int, str]) -> None:

@@ -8,17 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from synthetic import make_idx_dataset
+from torch.utils.data import DataLoader
 
 from client.client_app import evaluate_prompts, identify, train, use_kv_cache
 from common.config import AppConfig, ConfigError, build_model
-from common.kv_cache import KVCache
+from common.kv_cache import KVCache, Prefetch
 from common.prompt import TENSOR_NAMES, BackboneMismatchError, PromptShapeError, PromptValueError
 from common.records import TRAIN_METRICS, ReplyError, check_train_reply, prompt_from_records, prompts_records
+from common.train import evaluate
 from server.federation import AlaCarteFederation
 from server.pool import PromptPool, StaleVersionError
+from server.server_app import _prefetched, prefetch_test_split, server_test_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,3 +193,33 @@ def test_server_stores_valid_reply_and_refuses_stale_duplicate(train_reply, app_
 def test_check_train_reply_rejects_missing_records():
     with pytest.raises(ReplyError, match="exactly"):
         check_train_reply(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), 1 << 20)
+
+
+def test_server_prefetches_its_test_split_and_evaluates_the_same(train_reply, app_model, app_config):
+    test = server_test_split(app_config, app_model)
+    loader = DataLoader(test, batch_size=16)
+    prompts = [prompt_from_records(train_reply.content, app_model)]
+    direct = evaluate(app_model, prompts, loader)
+    with prefetch_test_split(app_model, loader, app_config) as prefetch:
+        assert prefetch.wait(timeout=300)
+        cache = _prefetched(prefetch)
+        assert len(cache) == len(test)
+        cached = evaluate(app_model, prompts, loader, cache=cache)
+    assert cache.misses == len(test) and cache.hits == len(test)  # evaluate ran no backbone pass
+    assert cached["composed"] == direct["composed"] and cached["prompt_accuracy"] == direct["prompt_accuracy"]
+    assert cached["nll"] == pytest.approx(direct["nll"], rel=1e-5)
+    with prefetch_test_split(app_model, loader, replace(app_config, kv_cache=False)) as prefetch:
+        assert prefetch is None
+    with prefetch_test_split(app_model, None, app_config) as prefetch:  # no test split
+        assert prefetch is None
+
+
+def test_a_failed_prefetch_is_logged_and_the_test_split_evaluated_from_images(app_model, flwr_log):
+    def failing():
+        raise OSError("no space left on device")
+        yield
+
+    prefetch = Prefetch(KVCache(app_model, dtype=torch.float32), failing())
+    assert prefetch.wait(timeout=60)
+    assert _prefetched(prefetch) is None
+    assert "prefetching backbone keys/values failed: no space left on device" in flwr_log.text()

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from conftest import IMG, NUM_CLASSES, make_vit, random_prompt
 
 import common.train as train_mod
 from common.compose import compose_probs, density_weights
-from common.kv_cache import KVCache
+from common.kv_cache import KVCache, Prefetch
 from common.model import APTViT
 from common.probe import L2_GRID, fit_probe
 from common.prompt import Prompt
@@ -529,6 +530,67 @@ def test_source_density_uses_the_cached_pooled_features(model):
     torch.testing.assert_close(density.mean, direct.mean)
     assert density.classes.tolist() == list(CLASSES) and density.num_images == 16
     torch.testing.assert_close(direct.mean[0], pooled[0::2].double().mean(0))
+
+
+def test_evaluate_from_a_prefetched_cache_equals_evaluate_from_images(model):
+    batches = toy_batches(24, batch=8)
+    prompts = [random_prompt(model, seed=s, labels=CLASSES) for s in range(2)]
+    for p, seed in zip(prompts, (0, 1)):
+        p.density = train_mod.source_density(model, toy_batches(16, seed=seed))
+    threads = torch.get_num_threads()
+    with Prefetch(KVCache(model, dtype=torch.float32), batches) as prefetch:
+        assert prefetch.wait(timeout=60)  # the loader is exhausted: the fill ended on its own
+        cache = prefetch.result()
+    assert len(cache) == 24 and torch.get_num_threads() == threads
+    direct, cached = evaluate(model, prompts, batches), evaluate(model, prompts, batches, cache=cache)
+    assert cache.hits == 24 and cache.misses == 24  # evaluate ran no backbone pass: every image was a hit
+    assert cached["composed"] == direct["composed"] and cached["prompt_accuracy"] == direct["prompt_accuracy"]
+    assert cached["nll"] == pytest.approx(direct["nll"], rel=1e-5)
+    cache.close()
+
+
+def test_prefetch_runs_on_one_idle_priority_thread_and_stops_when_asked(model):
+    seen, started = [], threading.Event()
+
+    def endless():  # runs in the fill's thread
+        seen.append((torch.get_num_threads(), os.sched_getscheduler(0) if sys.platform.startswith("linux") else None))
+        for i in range(10_000):
+            images, labels, _ = toy_batches(2, batch=2)[0]
+            if i == 1:  # the first batch is cached
+                started.set()
+            yield images, labels, torch.tensor([2 * i, 2 * i + 1])
+
+    cache = KVCache(model, dtype=torch.float32)
+    prefetch = Prefetch(cache, endless())
+    assert started.wait(timeout=60)
+    assert prefetch.result() is cache and prefetch.wait(timeout=0)
+    assert 0 < len(cache) < 20_000  # stopped long before the loader's end
+    assert seen == [(1, os.SCHED_IDLE if sys.platform.startswith("linux") else None)]
+    cache.close()
+
+
+def test_prefetch_stops_when_the_cache_is_full(model, images):
+    item_bytes = model.backbone_kv(images[:1]).numel() * 4  # one image's float32 keys/values
+    cache = KVCache(model, dtype=torch.float32, max_bytes=3 * item_bytes)
+    batches = ((images[:1], torch.zeros(1, dtype=torch.long), torch.tensor([i])) for i in range(10_000))
+    with Prefetch(cache, batches) as prefetch:
+        assert prefetch.wait(timeout=60)
+    assert cache.full and len(cache) == 3
+    cache.close()
+
+
+def test_prefetch_hands_its_error_to_the_caller_and_keeps_what_it_cached(model):
+    def failing():
+        yield toy_batches(4, batch=4)[0]
+        raise OSError("disk full")
+
+    cache = KVCache(model, dtype=torch.float32)
+    prefetch = Prefetch(cache, failing())
+    assert prefetch.wait(timeout=60)  # the error ended the fill
+    with pytest.raises(RuntimeError, match="prefetching backbone keys/values failed: disk full"):
+        prefetch.result()
+    assert len(cache) == 4
+    cache.close()
 
 
 def test_evaluate_reports_uniform_and_density_composition(model):
