@@ -72,7 +72,7 @@ class AppConfig:
     batch_size: int = _key(32, "batch size of training and evaluation")
     learning_rate: float = _key(1e-3, "AdamW learning rate (cosine schedule) of tokens, memory and head")
     label_smoothing: float = _key(0.0, "label smoothing of the training loss")
-    n_prompt: int = _key(1, "input prompt tokens (the head reads each one's output)")
+    n_prompt: int = _key(4, "input prompt tokens (the head reads each one's output)")
     n_memory: int = _key(4, "memory tokens per layer")
     kv_cache: bool = _key(True, "cache the backbone's keys/values after the first epoch")
     pool_dir: str = _key("", "the durable prompt pool; empty = $ALACARTE_POOL, else $ALACARTE_HOME/pool")

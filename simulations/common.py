@@ -656,8 +656,9 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 def setup_record(spec: BackboneSpec, profile: Any, label: str, args: argparse.Namespace,
                  **extra: Any) -> dict[str, Any]:
-    """What every result file states: backbone, resolution, profile, seeds and more."""
+    """What every result file states: backbone, resolution, prompt shape, profile, seeds and more."""
     return {"backbone": spec.label, "backbone_name": spec.name, "resolution": spec.img_size,
+            "n_prompt": AppConfig.n_prompt, "n_memory": AppConfig.n_memory,
             "profile": label, "settings": dataclasses.asdict(profile), "seed": args.seed,
             "overrides": list(args.set), **extra}
 

@@ -294,12 +294,15 @@ def test_reply_trained_from_a_forgotten_prompt_never_returns(app_config, app_mod
 
 
 def test_fedavg_rejects_a_nan_reply_per_node(app_config, app_model, tmp_path, flwr_log):
+    fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 2})
+    shape = {"n_prompt": fedavg.n_prompt, "n_memory": fedavg.n_memory}
+
     def fedavg_node(corrupt: bool) -> Callable[[Message], Message]:
         def handle(msg: Message) -> Message:
             arrays = {k: v.numpy() + 1.0 for k, v in msg.content["arrays"].items()}  # one "training" step
             if corrupt:
                 arrays["tokens"][0, 0] = math.nan
-            metadata = ConfigRecord(Prompt.init(app_model, NUM_CLASSES, source="fedavg").config.to_metadata())
+            metadata = ConfigRecord(Prompt.init(app_model, NUM_CLASSES, source="fedavg", **shape).config.to_metadata())
             metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1,
                                     "parent-version": 0})
             return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
@@ -308,11 +311,10 @@ def test_fedavg_rejects_a_nan_reply_per_node(app_config, app_model, tmp_path, fl
         return handle
 
     grid = FakeGrid({10: fedavg_node(False), 11: fedavg_node(True), 12: fedavg_node(False)})
-    fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 2})
     pool = PromptPool(tmp_path / "pool")
     assert run_fedavg(grid, pool, app_model, fedavg, NUM_CLASSES) == 1
     shared = pool.get("fedavg", model=app_model)
-    initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg")
+    initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg", **shape)
     np.testing.assert_allclose(shared.arrays()["tokens"], initial.arrays()["tokens"] + 2.0, atol=1e-5)
     rejected = [line for line in flwr_log.records if "reply of node 11 rejected" in line]
     assert len(rejected) == 2 and "NaN" in rejected[0]
