@@ -171,9 +171,9 @@ class Prefetch:
 
     The thread runs torch on one intra-op thread and, on Linux, under ``SCHED_IDLE``, so it
     takes only cores nothing else wants: started before a Flower round, it computes the
-    server's test-split keys/values while the clients train. (Nice 19 is not enough: Ray runs
-    simulated clients at nice 15, and a nice-19 thread still takes ~30% of a core from one.) It stops when the
-    loader is exhausted, the cache is full, or ``result``/``close`` is called.
+    server's test-split keys/values while the clients train (a nice-19 thread would still take
+    a share of a busy core). It stops when the loader is exhausted, the cache is full, or
+    ``result``/``close`` is called.
 
     Args:
         cache: the cache to fill; not to be used by anyone else until ``result`` returns.

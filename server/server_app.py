@@ -82,10 +82,10 @@ def server_test_split(config: AppConfig, model: APTViT) -> Shard | None:
 def prefetch_test_split(model: APTViT, loader: DataLoader | None, config: AppConfig) -> Iterator[Prefetch | None]:
     """While the block runs (the rounds), compute the test split's backbone keys/values on idle
     cores (``common.kv_cache.Prefetch``); the evaluation then runs the backbone only on the
-    images the prefetch did not reach. ``None``
-    without a test split or with ``kv-cache = false``. Keys/values are kept in float32, so the
-    accuracies are those of a direct evaluation; the cache (``_TEST_CACHE_BYTES`` at most, the
-    rest is computed at evaluation) is deleted on leaving the block."""
+    images the prefetch did not reach. Yields ``None`` without a test split or with
+    ``kv-cache = false``. Keys/values are kept in float32, so the accuracies are those of a
+    direct evaluation; the cache (``_TEST_CACHE_BYTES`` at most, the rest is computed at
+    evaluation) is deleted on leaving the block."""
     if loader is None or not config.kv_cache:
         yield None
         return
