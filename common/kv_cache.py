@@ -181,7 +181,7 @@ class Prefetch:
     """
 
     def __init__(self, cache: KVCache, loader: Iterable[Sequence[Tensor]]) -> None:
-        self.cache = cache
+        self._cache = cache
         self._threads = torch.get_num_threads()  # the caller's count, restored by close()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -194,9 +194,9 @@ class Prefetch:
             if sys.platform.startswith("linux"):  # per-thread idle scheduling is Linux's
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             for batch in loader:
-                if self._stop.is_set() or self.cache.full:
+                if self._stop.is_set() or self._cache.full:
                     break
-                self.cache.fetch(batch[2], batch[0])
+                self._cache.fetch(batch[2], batch[0])
         except BaseException as err:  # handed to result(), which re-raises it in the caller's thread
             self._error = err
 
@@ -211,7 +211,7 @@ class Prefetch:
         self.close()
         if self._error is not None:
             raise RuntimeError(f"prefetching backbone keys/values failed: {self._error}") from self._error
-        return self.cache
+        return self._cache
 
     def close(self) -> None:
         """Stop the fill after its current batch and wait for the thread."""
