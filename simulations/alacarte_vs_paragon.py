@@ -26,6 +26,10 @@ composition with a paragon trained on exactly that subset's data.
 Every method reads the backbone keys/values of the same precomputed fp16 bank (the Flower
 clients too: all clients run in one Ray worker, which gets the bank as its KV cache), and
 every accuracy is measured on the same held-out test images; no choice is made on them.
+The density compositions (prompts and probes) and the paragon are also scored on held-out
+*training-split* images that no source, paragon or probe trains on (``held_out_images``,
+validation images): a second, larger sample for the comparisons the test images decide by a
+handful of images.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from simulations.common import (
     base_parser,
     composed_accuracy,
     fresh_prompt,
+    held_out_bank,
     paired_comparison,
     partition_shards,
     pool_prompts,
@@ -91,12 +96,13 @@ class Settings:
     subset_pool: int  # N of the IID pool the subset curve draws from
     subset_sizes: tuple[int, ...]
     subset_draws: int
+    held_out_images: int  # training-split images outside the subset: the validation comparison
 
 
-TINY = Settings(48, 32, (2,), ("iid",), 1, 0, 16, LR, 2, (1,), 1)
-QUICK = Settings(200, 200, (1, 4), ("iid", "dirichlet-0.1"), 5, 20, 32, LR, 4, (1, 2), 1)
+TINY = Settings(48, 32, (2,), ("iid",), 1, 0, 16, LR, 2, (1,), 1, 16)
+QUICK = Settings(200, 200, (1, 4), ("iid", "dirichlet-0.1"), 5, 20, 32, LR, 4, (1, 2), 1, 200)
 FULL = Settings(2000, 1000, (1, 2, 5, 10, 20), ("iid", "dirichlet-0.1", "dirichlet-1"), 5, 50, 32, LR,
-                10, (1, 2, 5), 1)
+                10, (1, 2, 5), 1, 4000)
 
 
 @dataclass(frozen=True)
@@ -159,25 +165,56 @@ def density_probs(logits: torch.Tensor, densities: list, test: Bank) -> torch.Te
     return compose_probs(logits, density_weights(densities, torch.as_tensor(test.features)))
 
 
-def probe_rows(train: Bank, test: Bank, shards: list[tuple[np.ndarray, np.ndarray]],
-               density: torch.Tensor) -> dict[str, float]:
+@dataclass
+class SourceProbes:
+    """The per-source linear probes of one configuration, their densities and one probe on the union."""
+
+    probes: list[BankProbe]
+    densities: list
+    union: BankProbe
+
+    @classmethod
+    def fit(cls, train: Bank, shards: list[tuple[np.ndarray, np.ndarray]]) -> SourceProbes:
+        return cls([BankProbe.fit(train, x) for x, _ in shards], [train.density_of(x) for x, _ in shards],
+                   BankProbe.fit(train, np.concatenate([x for x, _ in shards])))
+
+    def logits(self, bank: Bank) -> torch.Tensor:
+        """Each source probe's logits ``[k, n, C]`` on every image of ``bank``."""
+        return torch.stack([p.logits(bank, NUM_CLASSES) for p in self.probes])
+
+
+def probe_rows(probes: SourceProbes, test: Bank, density: torch.Tensor) -> dict[str, float]:
     """Per-source linear probes composed (uniform, density) and one probe on the union; the
     pool's ``density`` composition ``[n, C]`` against the probes' (images won, lost, sign-test p)."""
-    logits = torch.stack([BankProbe.fit(train, x).logits(test, NUM_CLASSES) for x, _ in shards])
-    probes = density_probs(logits, [train.density_of(x) for x, _ in shards], test)
-    union = BankProbe.fit(train, np.concatenate([x for x, _ in shards]))
-    paired = paired_comparison(density, probes, test.labels)
+    logits = probes.logits(test)
+    composed = density_probs(logits, probes.densities, test)
+    paired = paired_comparison(density, composed, test.labels)
     return {"probes_composed": composed_accuracy(logits, test.labels),
-            "probes_composed_density": accuracy(probes, test.labels),
-            "union_probe": accuracy(union.logits(test, NUM_CLASSES).softmax(-1), test.labels),
+            "probes_composed_density": accuracy(composed, test.labels),
+            "union_probe": accuracy(probes.union.logits(test, NUM_CLASSES).softmax(-1), test.labels),
             **{f"density_vs_probes_{k}": v for k, v in paired.items()}}
 
 
+def held_out_row(model: APTViT, held_out: Bank, prompts: list, probes: SourceProbes, para) -> dict[str, float]:
+    """The density compositions of the pool's prompts and of the per-source probes, and the
+    paragon, on the held-out training-split images (validation: no test image)."""
+    density = density_probs(bank_logits(model, held_out, prompts), [p.density for p in prompts], held_out)
+    composed = density_probs(probes.logits(held_out), probes.densities, held_out)
+    paragon_acc = accuracy(bank_logits(model, held_out, [para])[0].softmax(-1), held_out.labels)
+    density_acc = accuracy(density, held_out.labels)
+    return {"held_out_density": density_acc,
+            "held_out_probes_density": accuracy(composed, held_out.labels), "held_out_paragon": paragon_acc,
+            "held_out_gap_density_points": round(100 * (paragon_acc - density_acc), 2),
+            **{f"held_out_density_vs_probes_{k}": v
+               for k, v in paired_comparison(density, composed, held_out.labels).items()}}
+
+
 def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_dir: Path, train: Bank,
-                    test: Bank, seed: int) -> list[dict]:
-    """One row per (partitioning, N): accuracies of every method, gaps to the paragon, step counts."""
+                    test: Bank, held_out: Bank, seed: int) -> list[dict]:
+    """One row per (partitioning, N): accuracies of every method, gaps to the paragon, step counts;
+    the density compositions and the paragon again on the held-out (validation) images."""
     rows = []
-    paragons: dict[bytes, float] = {}  # test accuracy by the sorted training images it was trained on
+    paragons: dict[bytes, tuple] = {}  # (paragon, test accuracy) by the sorted training images it was trained on
     for label in s.partitions:
         part = Partitioning.parse(label)
         for n in s.sources:
@@ -195,8 +232,9 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
             trained_on = union.tobytes()
             if trained_on not in paragons:
                 para = paragon(model, train, shards, s, seed)
-                paragons[trained_on] = accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)
-            paragon_acc = paragons[trained_on]
+                paragons[trained_on] = para, accuracy(bank_logits(model, test, [para])[0].softmax(-1), test.labels)
+            para, paragon_acc = paragons[trained_on]
+            probes = SourceProbes.fit(train, shards)
             rows.append({
                 "partition": label, "sources": n, "prompts_in_pool": len(prompts),
                 "train_images_per_source_mean": float(np.mean(sizes)), "train_images_per_source_min": min(sizes),
@@ -204,13 +242,14 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
                 "composed": composed, "composed_density": density_acc, "paragon": paragon_acc,
                 "fedavg": composed_accuracy(bank_logits(model, test, shared), test.labels),
                 "alone_mean": float(np.mean(alone)), "alone_min": min(alone), "alone_max": max(alone),
-                **probe_rows(train, test, shards, density),
+                **probe_rows(probes, test, density),
                 "gap_points": round(100 * (paragon_acc - composed), 2),
                 "gap_density_points": round(100 * (paragon_acc - density_acc), 2),
                 "steps_alacarte": sum(steps(x, s) for x in sizes), "steps_paragon": steps(len(union), s),
                 "steps_fedavg": s.epochs * sum(steps(x, s, epochs=1, min_steps=0) for x in sizes),
                 "alacarte_seconds": round(runs[f"{key}-alacarte"].seconds, 1),
                 "fedavg_seconds": round(runs[f"{key}-fedavg"].seconds, 1),
+                **held_out_row(model, held_out, prompts, probes, para),
             })
     return rows
 
@@ -283,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = federations(s, spec, data_dir, args.work_dir, args.seed)
     run_federations(runs, max(s.sources), train.root)
     by_name = {r.name: r for r in runs}
-    rows = comparison_rows(s, by_name, model, data_dir, train, test, args.seed)
+    held_out = held_out_bank(args, model, s.train_images, s.held_out_images)
+    rows = comparison_rows(s, by_name, model, data_dir, train, test, held_out, args.seed)
     subsets = subset_rows(s, by_name, model, data_dir, train, test, args.seed)
     uploads = [b for r in runs for b in r.uploads]
     payload = {
@@ -299,6 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
         "density_significantly_below_probes": sum(r["composed_density"] < r["probes_composed_density"]
                                                   and r["density_vs_probes_p"] < SIGNIFICANCE for r in rows),
         "paragon_not_below_union_probe": sum(r["paragon"] >= r["union_probe"] for r in rows),
+        "held_out_density_not_below_probes": sum(r["held_out_density"] >= r["held_out_probes_density"]
+                                                 for r in rows),
+        "held_out_density_within_3_points": sum(r["held_out_gap_density_points"] <= 3 for r in rows),
         "plots": [plot_comparison(rows, s, args.out / "accuracy_vs_sources.png").name,
                   plot_subsets(subsets, args.out / "subsets.png").name],
     }

@@ -222,14 +222,30 @@ def shared_subset(args: argparse.Namespace, model: APTViT, n_train: int, n_test:
     split's size (a split's subset depends only on its size and the seed), so experiments
     that use the same sizes share one backbone pass.
     """
-    source = str(Path(args.data_dir).resolve()) if args.data_dir else "default"
-    key = hashlib.sha256(source.encode()).hexdigest()[:10]
-    root = args.work_dir.parent / "shared" / f"fashion_mnist-seed{args.seed}-{key}"
+    root = _shared_root(args)
     data_dir = write_idx_subset(args.data_dir, n_train, n_test, args.seed, root / f"data-{n_train}-{n_test}")
     banks = [build_bank(model, load_split("fashion_mnist", str(data_dir), split), np.arange(n),
                         root / f"bank-{model.backbone_name}-{split}-{n}")
              for split, n in (("train", n_train), ("test", n_test))]
     return data_dir, banks[0], banks[1]
+
+
+def held_out_bank(args: argparse.Namespace, model: APTViT, n_train: int, n_held_out: int) -> Bank:
+    """The bank of ``n_held_out`` random training-split images outside the ``n_train``-image
+    subset of :func:`shared_subset` (same seed): validation images no source, paragon or probe
+    trains on, for comparisons that must not read test images. Stored beside that subset's banks."""
+    raw = load_split("fashion_mnist", args.data_dir or None, "train")
+    outside = np.setdiff1d(np.arange(len(raw)), limit_per_partition(np.arange(len(raw)), n_train, args.seed))
+    chosen = limit_per_partition(outside, n_held_out, args.seed + 1)
+    return build_bank(model, raw, chosen,
+                      _shared_root(args) / f"bank-{model.backbone_name}-held-out-{n_train}-{n_held_out}")
+
+
+def _shared_root(args: argparse.Namespace) -> Path:
+    """Where the banks shared between experiments live: ``<work-dir>/../shared``, by data folder and seed."""
+    source = str(Path(args.data_dir).resolve()) if args.data_dir else "default"
+    key = hashlib.sha256(source.encode()).hexdigest()[:10]
+    return args.work_dir.parent / "shared" / f"fashion_mnist-seed{args.seed}-{key}"
 
 
 # --------------------------------------------------------------------------- KV bank

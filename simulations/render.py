@@ -229,6 +229,7 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         f"{SIGNIFICANCE:.0%}, in {payload['density_significantly_below_probes']}; "
         f"{won_lost_sum(rows)}); paragon ≥ the union probe (same images) in "
         f"{payload['paragon_not_below_union_probe']} of {len(rows)}.**",
+        *held_out_part(payload),
         "### À-la-carte subsets",
         f"Random subsets of the IID pool of {st['subset_pool']} sources, composed, vs a paragon trained with the "
         "same recipe on exactly the union of the chosen sources' data.",
@@ -240,6 +241,31 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         figures(folder, payload, output),
     ]
     return "\n\n".join(body)
+
+
+def held_out_part(payload: dict) -> list[str]:
+    """The density compositions and the paragon on held-out training-split images (absent from
+    records made before the experiment scored them)."""
+    rows = payload["comparison"]
+    if "held_out_density" not in rows[0]:
+        return []
+    n = payload["setup"]["settings"]["held_out_images"]
+    return [
+        "### The same comparisons on held-out training-split images (validation)",
+        f"{n} training-split images outside the experiment's subset: no source, paragon or probe trains on "
+        "them, and they are not test images. A second, larger sample for the comparisons the test images "
+        "decide by a few images.",
+        table(["partition", "N", "density", "probes composed (density)", "density − probes (points)",
+               "density vs probes: won / lost (p)", "paragon", "gap, density"],
+              [[r["partition"], r["sources"], pct(r["held_out_density"]), pct(r["held_out_probes_density"]),
+                f"{100 * (r['held_out_density'] - r['held_out_probes_density']):+.1f}",
+                f"{r['held_out_density_vs_probes_won']} / {r['held_out_density_vs_probes_lost']} "
+                f"({r['held_out_density_vs_probes_p']:.2f})", pct(r["held_out_paragon"]),
+                f"{r['held_out_gap_density_points']:+.1f}"] for r in rows]),
+        f"**On these images: density composition of the prompts ≥ composed per-source probes (density) in "
+        f"{payload['held_out_density_not_below_probes']} of {len(rows)}; within {GOAL_POINTS:.0f} points of the "
+        f"paragon in {payload['held_out_density_within_3_points']} of {len(rows)}.**",
+    ]
 
 
 def class_incremental_section(folder: Path, payload: dict, output: Path) -> str:

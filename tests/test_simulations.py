@@ -10,6 +10,7 @@ takes tens of seconds (tiny) to a few minutes (quick).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -24,15 +25,17 @@ from synthetic import make_cifar100_folder, make_idx_dataset
 
 from common.assets import default_checkpoint, default_data_dir
 from common.config import ConfigError
-from common.data import load_split
+from common.data import limit_per_partition, load_split
 from simulations import main_job
 from simulations.common import (
     apply_overrides,
     backbone_spec,
     base_parser,
     build_bank,
+    held_out_bank,
     paired_comparison,
     select_profile,
+    shared_subset,
 )
 from simulations.render import main as render_main
 from simulations.render import render
@@ -193,13 +196,30 @@ def test_bank_cache_matches_the_backbone(data_dir, tmp_path):
     assert bank.cache.misses == 0 and bank.features.shape == (6, model.embed_dim)
 
 
+def test_held_out_bank_is_outside_the_subset(data_dir, tmp_path):
+    model = backbone_spec(tiny=True).load()
+    args = argparse.Namespace(data_dir=str(data_dir), work_dir=tmp_path / "work", seed=0)
+    _, train, _ = shared_subset(args, model, 120, 20)
+    held_out = held_out_bank(args, model, 120, 50)
+    raw = load_split("fashion_mnist", str(data_dir), "train")
+    subset = limit_per_partition(np.arange(len(raw)), 120, 0)  # the training images shared_subset wrote
+    assert len(held_out.index) == 50 and not set(held_out.index) & set(subset)
+    np.testing.assert_array_equal(held_out.labels, raw.labels[held_out.index])
+    assert held_out_bank(args, model, 120, 50).index.tolist() == held_out.index.tolist()  # reused, same images
+    assert train.features.shape == (120, model.embed_dim)
+
+
 def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
     payload = run_tiny("alacarte_vs_paragon", data_dir, results, tmp_path)
     row = payload["comparison"][0]
     assert row["prompts_in_pool"] == row["sources"] == 2
     for key in ("composed", "composed_density", "paragon", "fedavg", "alone_mean", "probes_composed",
-                "probes_composed_density", "union_probe"):
+                "probes_composed_density", "union_probe", "held_out_density", "held_out_probes_density",
+                "held_out_paragon"):
         assert 0.0 <= row[key] <= 1.0
+    n_held_out = 16  # TINY.held_out_images
+    assert row["held_out_density_vs_probes_won"] - row["held_out_density_vs_probes_lost"] == round(
+        n_held_out * (row["held_out_density"] - row["held_out_probes_density"]))
     assert row["steps_alacarte"] > 0 and row["steps_paragon"] > 0 and row["steps_fedavg"] > 0
     assert payload["subsets"] and payload["setup"]["upload_bytes_per_reply"] > 0
 
