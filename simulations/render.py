@@ -38,7 +38,7 @@ def pct(value: float | None) -> str:
 def setup_line(setup: dict, images: str) -> str:
     """Backbone, resolution, images, seeds and profile of a result file, as one paragraph."""
     text = (f"Backbone: {setup['backbone']} (`{setup['backbone_name']}`) at {setup['resolution']} px · "
-            f"{images} · seed {setup['seed']} · profile **{setup['profile']}** · wall time "
+            f"{images} · {prompt_shape(setup)}seed {setup['seed']} · profile **{setup['profile']}** · wall time "
             f"{setup['seconds']:.0f} s.")
     if setup["profile"] != "full":
         changes = ", ".join(setup["overrides"]) or "the built-in small settings"
@@ -47,6 +47,14 @@ def setup_line(setup: dict, images: str) -> str:
     if "earlier_code" in setup:
         text += f"\n\n> **Run with earlier code**: {setup['earlier_code']}"
     return text
+
+
+def prompt_shape(setup: dict) -> str:
+    """``"4 prompt tokens and 4 memory tokens per layer · "``, or nothing for records made before
+    result files carried the prompt shape."""
+    if "n_prompt" not in setup:
+        return ""
+    return f"{setup['n_prompt']} prompt tokens and {setup['n_memory']} memory tokens per layer · "
 
 
 def figures(folder: Path, payload: dict, output: Path) -> str:
@@ -143,8 +151,8 @@ def probe_curve_section(folder: Path, payload: dict, output: Path) -> str:
     body = [
         "## 0b. Where prompt tuning starts to beat a linear probe",
         "`python -m simulations.probe_curve` — one IID source of n images (10% its validation split) trains a "
-        "linear probe on the pooled feature, a prompt with the product's recipe (random token, head started as a "
-        "probe on `[token output ; pooled feature]`, tuning kept only where the validation loss improves: "
+        "linear probe on the pooled feature, a prompt with the product's recipe (random tokens, head started as a "
+        "probe on `[token outputs ; pooled feature]`, tuning kept only where the validation loss improves: "
         "*kept epoch* 0 means that start was kept), and the same "
         f"prompt's last tuning epoch without that selection; {s['settings']['epochs']} epochs, at least "
         f"{s['settings']['min_steps']} steps, lr {s['settings']['lr']}. *Train accuracy* is on the source's own "
