@@ -34,6 +34,10 @@ from common.model import APTViT
 __all__ = ["KVCache", "Prefetch"]
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
+# The output of all-hit batches (see ``KVCache.fetch``): one per thread, shared by every cache
+# the thread reads, so a process that keeps a cache per simulated client holds one buffer, not
+# one per client (76 MB each at batch 32 and 112 px).
+_HIT_BUFFER = threading.local()
 
 
 class KVCache:
@@ -64,7 +68,6 @@ class KVCache:
         self._store: np.memmap | None = None
         self._pooled: np.ndarray | None = None  # [capacity, D] float32, row = slot
         self._path: Path | None = None  # the file while it has a name (not on POSIX, see the module doc)
-        self._buffer: Tensor | None = None  # the output of all-hit batches, reused (see ``fetch``)
         self.hits = 0
         self.misses = 0
 
@@ -88,9 +91,10 @@ class KVCache:
     def fetch(self, indices: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
         """Keys/values ``[L, 2, B, H, N, hd]`` and pooled features ``[B, D]`` of a batch (see ``kv``).
 
-        The keys/values of a batch that is all hits are written into one buffer the cache
-        reuses (a fresh 76 MB tensor per step would cost more in page faults than the copy):
-        they are valid until the next ``fetch``/``kv`` call; ``clone()`` them to keep them.
+        The keys/values of a batch that is all hits are written into one buffer that every
+        cache of the calling thread reuses (a fresh 76 MB tensor per step would cost more in page
+        faults than the copy): they are valid until the thread's next ``fetch``/``kv`` call on
+        any cache; ``clone()`` them to keep them.
         """
         keys = [int(i) for i in indices]
         miss = [b for b, key in enumerate(keys) if key not in self._slots]
@@ -119,12 +123,15 @@ class KVCache:
         return out, out_pooled
 
     def _hit_buffer(self, batch: int, device: torch.device) -> Tensor:
-        """The reused ``[L, 2, batch, H, N, hd]`` float32 output of all-hit batches: a slice of the
-        leading batch rows, so every layer's keys and values stay contiguous."""
+        """The thread's reused ``[L, 2, batch, H, N, hd]`` float32 output of all-hit batches: a
+        slice of the leading batch rows, so every layer's keys and values stay contiguous."""
         L, two, *rest = self._store.shape[1:]
-        if self._buffer is None or self._buffer.shape[2] < batch or self._buffer.device != device:
-            self._buffer = torch.empty(L, two, batch, *rest, dtype=torch.float32, device=device)
-        return self._buffer[:, :, :batch]
+        buffer = getattr(_HIT_BUFFER, "tensor", None)
+        fits = (buffer is not None and buffer.shape[:2] == (L, two) and buffer.shape[3:] == tuple(rest)
+                and buffer.shape[2] >= batch and buffer.device == device)
+        if not fits:
+            buffer = _HIT_BUFFER.tensor = torch.empty(L, two, batch, *rest, dtype=torch.float32, device=device)
+        return buffer[:, :, :batch]
 
     def _write(self, keys: list[int], kv: Tensor, pooled: Tensor) -> None:
         rows = kv.movedim(2, 0).to("cpu", self.dtype).numpy()  # [m, L, 2, H, N, hd]
@@ -159,7 +166,7 @@ class KVCache:
 
     def close(self) -> None:
         """Drop the memory map and delete the cache file."""
-        self._store = self._pooled = self._buffer = None
+        self._store = self._pooled = None
         self._slots.clear()
         if self._path is not None:
             self._path.unlink(missing_ok=True)

@@ -200,6 +200,25 @@ def test_cache_reuses_one_buffer_for_all_hit_batches(model, images):
     cache.close()
 
 
+def test_caches_of_one_thread_share_the_all_hit_buffer(model, images):
+    """A process with a cache per simulated client holds one output buffer per thread, not one per cache."""
+    caches = [KVCache(model, dtype=torch.float32) for _ in range(3)]
+    for cache in caches:
+        cache.kv(torch.arange(5), images)
+    expected = model.backbone_kv(images)
+    outputs = [cache.kv(torch.arange(5), images) for cache in caches]
+    assert len({out.data_ptr() for out in outputs}) == 1
+    assert torch.equal(outputs[-1], expected)
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(caches[0].kv(torch.arange(5), images)))
+    thread.start()
+    thread.join()
+    assert elsewhere[0].data_ptr() != outputs[0].data_ptr() and torch.equal(elsewhere[0], expected)
+    assert torch.equal(caches[1].kv(torch.tensor([2]), images[:1]), expected[:, :, [2]])  # refilled, not stale
+    for cache in caches:
+        cache.close()
+
+
 def test_cache_float16_is_close(model, images, prompts):
     cache = KVCache(model)  # fp16 by default
     indices = torch.arange(len(images))
