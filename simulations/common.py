@@ -201,6 +201,11 @@ def stratified_indices(labels: np.ndarray, per_class: int, classes: Iterable[int
     return np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
 
 
+def subset_indices(split_size: int, n: int, seed: int) -> np.ndarray:
+    """The images of a split (of ``split_size``) that :func:`write_idx_subset` keeps for ``n`` and ``seed``."""
+    return limit_per_partition(np.arange(split_size), n, seed)
+
+
 def write_idx_subset(data_dir: str, n_train: int, n_test: int, seed: int, dest: Path) -> Path:
     """Write a random ``n_train``/``n_test`` subset of Fashion-MNIST as IDX files in ``dest``.
 
@@ -209,7 +214,7 @@ def write_idx_subset(data_dir: str, n_train: int, n_test: int, seed: int, dest: 
     """
     for split, n, stem in (("train", n_train, "train"), ("test", n_test, "t10k")):
         raw = load_split("fashion_mnist", data_dir or None, split)
-        idx = limit_per_partition(np.arange(len(raw)), n, seed)
+        idx = subset_indices(len(raw), n, seed)
         write_idx_gz(np.ascontiguousarray(raw.images[idx]), dest / f"{stem}-images-idx3-ubyte.gz")
         write_idx_gz(raw.labels[idx].astype(np.uint8), dest / f"{stem}-labels-idx1-ubyte.gz")
     return dest
@@ -235,7 +240,7 @@ def held_out_bank(args: argparse.Namespace, model: APTViT, n_train: int, n_held_
     subset of :func:`shared_subset` (same seed): validation images no source, paragon or probe
     trains on, for comparisons that must not read test images. Stored beside that subset's banks."""
     raw = load_split("fashion_mnist", args.data_dir or None, "train")
-    outside = np.setdiff1d(np.arange(len(raw)), limit_per_partition(np.arange(len(raw)), n_train, args.seed))
+    outside = np.setdiff1d(np.arange(len(raw)), subset_indices(len(raw), n_train, args.seed))
     chosen = limit_per_partition(outside, n_held_out, args.seed + 1)
     return build_bank(model, raw, chosen,
                       _shared_root(args) / f"bank-{model.backbone_name}-held-out-{n_train}-{n_held_out}")

@@ -252,11 +252,8 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
 
 
 def held_out_part(payload: dict) -> list[str]:
-    """The density compositions and the paragon on held-out training-split images (absent from
-    records made before the experiment scored them)."""
+    """The density compositions and the paragon on held-out training-split images."""
     rows = payload["comparison"]
-    if "held_out_density" not in rows[0]:
-        return []
     n = payload["setup"]["settings"]["held_out_images"]
     return [
         "### The same comparisons on held-out training-split images (validation)",

@@ -25,7 +25,7 @@ from synthetic import make_cifar100_folder, make_idx_dataset
 
 from common.assets import default_checkpoint, default_data_dir
 from common.config import ConfigError
-from common.data import limit_per_partition, load_split
+from common.data import load_split
 from simulations import main_job
 from simulations.common import (
     apply_overrides,
@@ -36,6 +36,7 @@ from simulations.common import (
     paired_comparison,
     select_profile,
     shared_subset,
+    subset_indices,
 )
 from simulations.render import main as render_main
 from simulations.render import render
@@ -202,7 +203,7 @@ def test_held_out_bank_is_outside_the_subset(data_dir, tmp_path):
     _, train, _ = shared_subset(args, model, 120, 20)
     held_out = held_out_bank(args, model, 120, 50)
     raw = load_split("fashion_mnist", str(data_dir), "train")
-    subset = limit_per_partition(np.arange(len(raw)), 120, 0)  # the training images shared_subset wrote
+    subset = subset_indices(len(raw), 120, 0)  # the training images shared_subset wrote
     assert len(held_out.index) == 50 and not set(held_out.index) & set(subset)
     np.testing.assert_array_equal(held_out.labels, raw.labels[held_out.index])
     assert held_out_bank(args, model, 120, 50).index.tolist() == held_out.index.tolist()  # reused, same images
