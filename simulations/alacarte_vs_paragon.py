@@ -55,6 +55,7 @@ from simulations.common import (
     Federation,
     Stopwatch,
     accuracy,
+    add_threads_option,
     backbone_spec,
     bank_logits,
     base_parser,
@@ -312,6 +313,7 @@ def plot_subsets(rows: list[dict], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment; returns the JSON payload it wrote."""
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
+    add_threads_option(parser)
     args, s, label = start_experiment(parser, argv, TINY, QUICK, FULL)
     if s.subset_pool not in s.sources or "iid" not in s.partitions:
         raise SystemExit("settings: subset_pool must be one of sources and 'iid' among partitions")
