@@ -144,13 +144,18 @@ def train_prompts(model: APTViT, bank: Bank, sources: list[Source], config: AppC
     return prompts, metrics
 
 
+def density_composition(logits: torch.Tensor, densities: list, bank: Bank, indices: np.ndarray) -> torch.Tensor:
+    """``logits [k, n, C]`` of the images ``indices`` of ``bank`` composed with ``densities``' weights: ``[n, C]``."""
+    feats = torch.as_tensor(bank.features[bank.slots_of(indices)])
+    return compose_probs(logits, density_weights(densities, feats))
+
+
 def composed(logits: torch.Tensor, densities: list, bank: Bank, indices: np.ndarray | None = None) -> dict[str, float]:
     """Uniform and density-weighted accuracy of ``logits [k, n, C]`` on ``indices`` of ``bank`` (default: all)."""
     indices = bank.index if indices is None else indices
     labels = bank.labels_of(indices)
-    feats = torch.as_tensor(bank.features[bank.slots_of(indices)])
     return {"uniform": accuracy(compose_probs(logits), labels),
-            "density": accuracy(compose_probs(logits, density_weights(densities, feats)), labels)}
+            "density": accuracy(density_composition(logits, densities, bank, indices), labels)}
 
 
 def source_probes(bank: Bank, sources: list[Source]) -> list[BankProbe]:
@@ -181,23 +186,42 @@ def comparison(model: APTViT, train: Bank, test: Bank, sources: list[Source], pr
 
 def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
           s: Settings) -> list[dict]:
-    """Every (lr, head lr scale, epochs, selection level) of the grid scored on the held-out validation
-    images (token seed 0 for every source, as recorded)."""
-    rows = []
+    """Every (lr, head lr scale, epochs, selection level) of the grid, and the product's defaults
+    (``config``'s, listed last when the grid lacks them), scored on the held-out validation images
+    (token seed 0 for every source, as recorded) and compared image by image with the defaults:
+    ``vs_defaults_*`` over every (source, image) prediction of the prompts alone, and
+    ``density_vs_defaults_*`` for their density composition (won, lost, sign-test p)."""
+    defaults = (config.learning_rate, config.head_lr_scale, config.local_epochs, config.selection_level)
+    grid = itertools.product(s.sweep_lrs, s.sweep_head_lr_scales, s.sweep_epochs, s.sweep_levels)
+    points = {point: _sweep_point(model, bank, val, sources, config, point)
+              for point in dict.fromkeys([*grid, defaults])}
     labels = bank.labels_of(val)
-    for lr, scale, epochs, level in itertools.product(s.sweep_lrs, s.sweep_head_lr_scales, s.sweep_epochs,
-                                                      s.sweep_levels):
-        prompts, metrics = train_prompts(model, bank, sources, config, lr, scale, epochs, level, seed=0)
-        logits = bank_logits(model, bank, prompts, val)
-        alone = [accuracy(logits[i].softmax(-1), labels) for i in range(len(prompts))]
-        both = composed(logits, [p.density for p in prompts], bank, val)
+    reference_logits, reference_density, _ = points[defaults]
+    rows = []
+    for (lr, scale, epochs, level), (logits, density, metrics) in points.items():
+        versus = paired_comparison(logits.flatten(0, 1), reference_logits.flatten(0, 1), np.tile(labels, len(logits)))
+        density_versus = paired_comparison(density, reference_density, labels)
         rows.append({"lr": lr, "head_lr_scale": scale, "epochs": epochs, "selection_level": level,
-                     "min_steps": config.min_steps,
-                     "val_alone_mean": float(np.mean(alone)),
-                     "val_composed_uniform": both["uniform"], "val_composed_density": both["density"],
+                     "min_steps": config.min_steps, "defaults": (lr, scale, epochs, level) == defaults,
+                     "val_alone_mean": float(np.mean([accuracy(x, labels) for x in logits])),
+                     "val_composed_uniform": accuracy(compose_probs(logits), labels),
+                     "val_composed_density": accuracy(density, labels),
+                     **{f"vs_defaults_{key}": v for key, v in versus.items()},
+                     **{f"density_vs_defaults_{key}": v for key, v in density_versus.items()},
                      "kept_epochs": " ".join(str(m["selected_epoch"]) for m in metrics),
                      "steps": " ".join(str(m["steps"]) for m in metrics)})
     return rows
+
+
+def _sweep_point(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,
+                 point: tuple[float, float, int, float]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """The five prompts trained at ``point`` (lr, head lr scale, epochs, level) with token seed 0:
+    their logits ``[k, n, C]`` and density-composed probabilities ``[n, C]`` on the validation
+    images ``val``, and their training metrics."""
+    prompts, metrics = train_prompts(model, bank, sources, config, *point, seed=0)
+    logits = bank_logits(model, bank, prompts, val)
+    density = density_composition(logits, [p.density for p in prompts], bank, val)
+    return logits, density, metrics
 
 
 def token_inits(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], config: AppConfig,

@@ -93,14 +93,20 @@ def main_job_section(folder: Path, payload: dict, output: Path) -> str:
             "### Choosing the recipe's defaults (validation images, never the test images)",
             "Every (learning rate, head learning-rate scale, epochs, selection level) of the grid trains the "
             "five prompts (at least the profile's minimum of steps); each is scored on images of the training "
-            "split outside every source's shard. The product's defaults are chosen from these rows by mean "
-            "per-source validation accuracy (rows within noise of each other keep the existing default).",
+            "split outside every source's shard, and compared image by image with the product's defaults "
+            "(marked *): won / lost over every (source, image) prediction of the prompts alone, and of their "
+            "density composition, with the sign test's p. A row replaces the defaults only if it beats them on "
+            "the per-source predictions at p < 0.05; otherwise the defaults stay.",
             table(["lr", "head lr scale", "epochs", "min. steps", "selection level",
                    "per-source val. accuracy (mean)", "composed uniform (val.)", "composed density (val.)",
+                   "per-source vs defaults: won / lost (p)", "density vs defaults: won / lost (p)",
                    "kept epochs", "steps"],
-                  [[r["lr"], r["head_lr_scale"], r["epochs"], r["min_steps"], r["selection_level"],
+                  [[r["lr"], r["head_lr_scale"], r["epochs"], r["min_steps"],
+                    f"{r['selection_level']}{' *' if r['defaults'] else ''}",
                     pct(r["val_alone_mean"]), pct(r["val_composed_uniform"]), pct(r["val_composed_density"]),
-                    r["kept_epochs"], r["steps"]]
+                    f"{r['vs_defaults_won']} / {r['vs_defaults_lost']} ({r['vs_defaults_p']:.2f})",
+                    f"{r['density_vs_defaults_won']} / {r['density_vs_defaults_lost']} "
+                    f"({r['density_vs_defaults_p']:.2f})", r["kept_epochs"], r["steps"]]
                    for r in payload["sweep"]]),
             payload.get("sweep_note", ""),
         ]

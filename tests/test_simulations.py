@@ -235,7 +235,14 @@ def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
         assert row["vs_probe_won"] - row["vs_probe_lost"] == round(n * (row["prompt"] - row["probe"]))
         assert 0.0 < row["vs_probe_p"] <= 1.0
     assert set(payload["composed_prompts"]) == set(payload["composed_probes"]) == {"uniform", "density"}
-    assert len(payload["sweep"]) == 1 and payload["sweep"][0]["steps"]
+    grid_row, defaults_row = payload["sweep"]  # TINY's grid lacks the defaults: they are trained and listed last
+    assert [grid_row["defaults"], defaults_row["defaults"]] == [False, True] and grid_row["steps"]
+    assert [defaults_row[f"vs_defaults_{k}"] for k in ("won", "lost", "p")] == [0, 0, 1]
+    n_val = main_job.TINY.validation_images
+    assert grid_row["vs_defaults_won"] - grid_row["vs_defaults_lost"] == round(
+        5 * n_val * (grid_row["val_alone_mean"] - defaults_row["val_alone_mean"]))
+    assert grid_row["density_vs_defaults_won"] - grid_row["density_vs_defaults_lost"] == round(
+        n_val * (grid_row["val_composed_density"] - defaults_row["val_composed_density"]))
     inits = payload["token_inits"]
     starts = [[r["tokens_init"], r["seed"], r["n_prompt"]] for r in inits[1:]]
     assert starts == [list(x) for x in main_job.TINY.token_inits]
