@@ -43,7 +43,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from common.compose import compose_probs, density_weights
 from common.model import APTViT
 from common.train import planned_epochs
 from simulations.common import (
@@ -60,6 +59,7 @@ from simulations.common import (
     bank_logits,
     base_parser,
     composed_accuracy,
+    density_probs,
     fresh_prompt,
     held_out_bank,
     paired_comparison,
@@ -159,11 +159,6 @@ def paragon(model: APTViT, bank: Bank, shards: list[tuple[np.ndarray, np.ndarray
     prompt = fresh_prompt(model, NUM_CLASSES, seed=seed, source="paragon")
     train_on_bank(model, prompt, bank, train, recipe(s.epochs, s.lr, s.min_steps), s.batch_size, seed, val)
     return prompt
-
-
-def density_probs(logits: torch.Tensor, densities: list, test: Bank) -> torch.Tensor:
-    """``logits [k, n, C]`` composed with these source densities' weights: ``[n, C]``."""
-    return compose_probs(logits, density_weights(densities, torch.as_tensor(test.features)))
 
 
 @dataclass

@@ -51,7 +51,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from common.assets import default_checkpoint, write_idx_gz  # noqa: E402
-from common.compose import compose_probs  # noqa: E402
+from common.compose import compose_probs, density_weights  # noqa: E402
 from common.config import AppConfig, ConfigError, build_model, coerce_value  # noqa: E402
 from common.data import RawDataset, Shard, backbone_transform, limit_per_partition, load_split  # noqa: E402
 from common.density import SourceDensity  # noqa: E402
@@ -440,6 +440,13 @@ def paired_comparison(probs: torch.Tensor, reference: torch.Tensor, labels: np.n
     won, lost = int((right & ~reference_right).sum()), int((~right & reference_right).sum())
     tail = sum(math.comb(won + lost, i) for i in range(min(won, lost) + 1)) / 2 ** (won + lost)
     return {"won": won, "lost": lost, "p": min(1.0, 2 * tail)}
+
+
+def density_probs(logits: torch.Tensor, densities: list, bank: Bank, indices: np.ndarray | None = None) -> torch.Tensor:
+    """``logits [k, n, C]`` of the images ``indices`` of ``bank`` (default: all of them, in bank
+    order) composed with ``densities``' weights: ``[n, C]``."""
+    feats = bank.features if indices is None else bank.features[bank.slots_of(indices)]
+    return compose_probs(logits, density_weights(densities, torch.as_tensor(feats)))
 
 
 def composed_accuracy(logits: torch.Tensor, labels: np.ndarray, which: Sequence[int] | None = None,

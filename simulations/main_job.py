@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.compose import compose_probs, density_weights
+from common.compose import compose_probs
 from common.config import AppConfig
 from common.data import limit_per_partition, load_client_shard, load_split
 from common.model import APTViT
@@ -51,6 +51,7 @@ from simulations.common import (
     bank_logits,
     base_parser,
     build_bank,
+    density_probs,
     fresh_prompt,
     paired_comparison,
     pool_prompts,
@@ -144,18 +145,12 @@ def train_prompts(model: APTViT, bank: Bank, sources: list[Source], config: AppC
     return prompts, metrics
 
 
-def density_composition(logits: torch.Tensor, densities: list, bank: Bank, indices: np.ndarray) -> torch.Tensor:
-    """``logits [k, n, C]`` of the images ``indices`` of ``bank`` composed with ``densities``' weights: ``[n, C]``."""
-    feats = torch.as_tensor(bank.features[bank.slots_of(indices)])
-    return compose_probs(logits, density_weights(densities, feats))
-
-
 def composed(logits: torch.Tensor, densities: list, bank: Bank, indices: np.ndarray | None = None) -> dict[str, float]:
     """Uniform and density-weighted accuracy of ``logits [k, n, C]`` on ``indices`` of ``bank`` (default: all)."""
     indices = bank.index if indices is None else indices
     labels = bank.labels_of(indices)
     return {"uniform": accuracy(compose_probs(logits), labels),
-            "density": accuracy(density_composition(logits, densities, bank, indices), labels)}
+            "density": accuracy(density_probs(logits, densities, bank, indices), labels)}
 
 
 def source_probes(bank: Bank, sources: list[Source]) -> list[BankProbe]:
@@ -220,7 +215,7 @@ def _sweep_point(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Sourc
     images ``val``, and their training metrics."""
     prompts, metrics = train_prompts(model, bank, sources, config, *point, seed=0)
     logits = bank_logits(model, bank, prompts, val)
-    density = density_composition(logits, [p.density for p in prompts], bank, val)
+    density = density_probs(logits, [p.density for p in prompts], bank, val)
     return logits, density, metrics
 
 
