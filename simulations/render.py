@@ -209,8 +209,9 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
     st = s["settings"]
     rows = payload["comparison"]
     met = sum(r["gap_points"] <= GOAL_POINTS for r in rows)
+    replicate = f" (replicate: seed {s['seed']})" if s["seed"] else ""
     body = [
-        "## 1. Composed pool vs paragon vs FedAvg vs linear probes",
+        f"## 1. Composed pool vs paragon vs FedAvg vs linear probes{replicate}",
         f"`python -m simulations.alacarte_vs_paragon` — {s['dataset']}; the union of all sources is the same "
         f"{s['train_images']} images for every N (each source keeps 10% as its validation split); test accuracy "
         f"on {s['test_images']} held-out test images. Pool prompts and FedAvg come from the product's Flower apps "

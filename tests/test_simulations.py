@@ -184,6 +184,22 @@ def test_render_of_the_recorded_results_shows_their_notes(tmp_path):
     assert "> **Note.** Ran on an older recipe." in forgetting
 
 
+def test_render_shows_a_replicate_seed_as_its_own_section(tmp_path):
+    """A result in a sub-folder (another seed of the same experiment) renders after the main one,
+    its heading naming its seed."""
+    results = tmp_path / "results" / "alacarte_vs_paragon"
+    results.mkdir(parents=True)
+    payload = json.loads((REPO / "simulations/results/alacarte_vs_paragon/result.json").read_text())
+    (results / "result.json").write_text(json.dumps(payload))
+    payload["setup"]["seed"] = 3
+    (results / "seed-3").mkdir()
+    (results / "seed-3" / "result.json").write_text(json.dumps(payload))
+    text = render(tmp_path / "results", tmp_path / "RESULTS.md")
+    heading = "## 1. Composed pool vs paragon vs FedAvg vs linear probes"
+    assert text.count(heading) == 2
+    assert text.index(heading + "\n") < text.index(heading + " (replicate: seed 3)")
+
+
 def test_bank_cache_matches_the_backbone(data_dir, tmp_path):
     model = backbone_spec(tiny=True).load()
     raw = load_split("fashion_mnist", str(data_dir), "test")
