@@ -209,9 +209,8 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
     st = s["settings"]
     rows = payload["comparison"]
     met = sum(r["gap_points"] <= GOAL_POINTS for r in rows)
-    replicate = f" (replicate: seed {s['seed']})" if s["seed"] else ""
     body = [
-        f"## 1. Composed pool vs paragon vs FedAvg vs linear probes{replicate}",
+        "## 1. Composed pool vs paragon vs FedAvg vs linear probes",
         f"`python -m simulations.alacarte_vs_paragon` — {s['dataset']}; the union of all sources is the same "
         f"{s['train_images']} images for every N (each source keeps 10% as its validation split); test accuracy "
         f"on {s['test_images']} held-out test images. Pool prompts and FedAvg come from the product's Flower apps "
@@ -399,7 +398,7 @@ def render(results: Path, output: Path) -> str:
             parts.append(f"## {name}\n\nNot run yet (no `{name}/result.json`).")
         for path in files:
             payloads.append(json.loads(path.read_text()))
-            parts.append(section(path.parent, payloads[-1], output))
+            parts.append(replicate_heading(section(path.parent, payloads[-1], output), payloads[-1]["setup"]))
             if payloads[-1].get("note"):  # written by hand into result.json, e.g. what code the run predates
                 parts.append(f"> **Note.** {payloads[-1]['note']}")
     reduced = [p["experiment"] for p in payloads if p["setup"]["profile"] == "reduced"]
@@ -408,6 +407,14 @@ def render(results: Path, output: Path) -> str:
                      "full configuration of its script (see each section's profile and overrides): the full modes "
                      "did not fit the session's time budget on the shared, heavily loaded 2-core machine.")
     return "\n\n".join(parts) + "\n"
+
+
+def replicate_heading(text: str, setup: dict) -> str:
+    """A section rendered from a run at a seed other than 0 (a replicate) names its seed in its heading."""
+    if not setup["seed"]:
+        return text
+    heading, rest = text.split("\n", 1)
+    return f"{heading} (replicate: seed {setup['seed']})\n{rest}"
 
 
 INTRO = """How the numbers are made: every experiment first runs the frozen backbone once over a fixed \
