@@ -114,12 +114,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_prompts(msg: Message, context: Context) -> Message:
-    """Accuracy of the sent prompts, alone and composed, on the local validation split."""
+    """Accuracy of the sent prompts, alone and composed, on the local validation split (whose
+    backbone keys/values the recipe's selection already cached: no backbone pass for them)."""
     config = AppConfig.from_run_config(context.run_config)
     model = build_model(config)
     data = load_node_data(context, config, model)
     prompts = prompts_from_records(msg.content, model)
-    result = evaluate(model, prompts, DataLoader(data.val, batch_size=config.batch_size))
+    cache = _kv_cache(data.source, model) if config.kv_cache else None
+    result = evaluate(model, prompts, DataLoader(data.val, batch_size=config.batch_size), cache=cache)
     return Message(RecordDict({"metrics": MetricRecord({
         "num-examples": int(result["num_examples"]),
         "accuracy": float(result["accuracy"]),

@@ -132,6 +132,22 @@ def test_evaluate_reply(run_config, train_reply, app_model):
     assert len(metrics["prompt-accuracy"]) == 2 and 0.0 <= metrics["accuracy"] <= 1.0
 
 
+def test_evaluate_reuses_the_cache_the_selection_filled(run_config, train_reply, app_model):
+    """Training cached the validation images (the selection's losses), so evaluating on them
+    needs no backbone pass, and gives what an uncached evaluation gives."""
+    prompt = prompt_from_records(train_reply.content, app_model)
+    request = message(RecordDict(prompts_records([prompt])), MessageType.EVALUATE)
+    lent = KVCache(app_model)
+    use_kv_cache("source-2", app_model, lent)
+    train(message(RecordDict({"config": ConfigRecord({"parent-version": 0})})), context(run_config, partition=2))
+    hits, misses = lent.hits, lent.misses
+    cached = evaluate_prompts(request, context(run_config, partition=2)).content["metrics"]
+    assert lent.misses == misses and lent.hits - hits == cached["num-examples"] > 0
+    uncached = evaluate_prompts(request, context(run_config | {"kv-cache": False}, partition=2)).content["metrics"]
+    assert (lent.hits, lent.misses) == (hits + cached["num-examples"], misses)
+    assert cached["accuracy"] == uncached["accuracy"] and cached["prompt-accuracy"] == uncached["prompt-accuracy"]
+
+
 def _reply_with(train_reply: Message, **arrays: np.ndarray) -> Message:
     content = train_reply.content
     record = ArrayRecord({k: Array(arrays.get(k, v.numpy())) for k, v in content["arrays"].items()})
