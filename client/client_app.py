@@ -93,6 +93,8 @@ def train(msg: Message, context: Context) -> Message:
                         generator=torch.Generator().manual_seed(config.partition_seed))
     val_loader = _selection_loader(data, config)
     cache = _kv_cache(data.source, model) if config.kv_cache else None
+    log(INFO, "source %s: training its prompt on %d images (%d for validation)", data.source, len(data.train),
+        len(data.val))
     metrics = train_prompt(model, prompt, loader, config.train_config(), cache=cache, val_loader=val_loader)
     log(INFO, "source %s: %d steps on %d examples, kept epoch %d of %d (validation loss %.3f), "
         "last-epoch loss %.3f, accuracy %.3f", data.source, metrics["steps"], metrics["num_examples"],

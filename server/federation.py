@@ -251,6 +251,9 @@ class AlaCarteFederation:
     def train_round(self, grid: Grid, sources: Mapping[int, str], server_round: int) -> RoundReport:
         """One round over the identified nodes (node id -> source); failed nodes are logged and skipped."""
         train = self.configure_train(server_round, sources)
+        log(INFO, "round %d/%d: training %d source(s) (%s); replies are awaited up to reply-timeout (%g s)",
+            server_round, self.config.num_server_rounds, len(sources), ", ".join(sorted(set(sources.values()))),
+            self.config.reply_timeout)
         replies = send_and_collect(grid, train.messages, self.config.reply_timeout)
         return self.aggregate_train(train, replies)
 

@@ -239,6 +239,7 @@ def test_nodes_are_trained_only_as_their_bound_source(app_config, app_model, tmp
     log = flwr_log.text()
     assert "node 11 claims source 'src-a' but is bound to 'src-b'" in log
     assert "node 12 (claiming source 'src-c') is bound to no source" in log
+    assert "round 1/1: training 1 source(s) (src-a);" in log
 
 
 @pytest.mark.parametrize(("text", "message"), [
