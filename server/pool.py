@@ -384,6 +384,12 @@ class PromptPool:
         """
         return self._load(self.info(source, version), model)
 
+    def read_bytes(self, source: str, version: int | None = None) -> bytes:
+        """The stored artefact of a version of ``source`` (the latest by default), byte for byte,
+        checked against the index's SHA-256 (errors as in ``get``): what ``alacarte pool export``
+        writes, and ``Prompt.from_bytes`` (or another pool's ``add``) reads back."""
+        return self._read(self.info(source, version))
+
     def latest(self, model: APTViT | None = None) -> dict[str, Prompt]:
         """The latest prompt of every source, by source id, validated as in ``get``.
 

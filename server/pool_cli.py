@@ -1,24 +1,34 @@
-"""``alacarte pool ls|show|rm|repair``: inspect or edit a prompt pool on disk.
+"""``alacarte pool ls|show|rm|repair|export|import``: inspect or edit a prompt pool on disk.
 
 The pool directory is ``--pool DIR`` (before or after the action), else ``$ALACARTE_POOL``,
 else ``$ALACARTE_HOME/pool`` (as ``alacarte serve`` and the ServerApp). ``ls`` and ``show``
 open the pool read-only (they work on a read-only folder and never change a file) and read
-only the index, never the tensors; ``rm`` and ``repair`` write.
+only the index, never the tensors; ``export`` also opens it read-only and copies one stored
+artefact, byte for byte, to a file; ``rm``, ``repair`` and ``import`` write.
+
+``export`` and ``import`` move one source's prompt between pools (say, from the SuperLink's
+to a composition server on another machine): the file is the prompt artefact itself
+(safetensors: tokens, memory, head, density and metadata). An imported file is untrusted: it
+is bounded in size and validated like an upload, and stored as the next version of its
+source, or of nothing at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
+from common.files import atomic_write
+from common.prompt import Prompt
 from server.pool import POOL_ENV, PoolError, PromptPool, default_pool_dir
 from server.table import format_labels, format_metrics, format_table, format_time
 
 __all__ = ["HELP", "add_arguments", "run"]
 
-HELP = "inspect or edit a prompt pool on disk (ls, show, rm, repair)"
-READERS = ("ls", "show")
+HELP = "inspect or edit a prompt pool on disk (ls, show, rm, repair, export, import)"
+READERS = ("ls", "show", "export")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,18 +47,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rm.add_argument("source", help="source id")
     actions.add_parser("repair", parents=[pool_opt],
                        help="delete orphan files of interrupted writes, drop rows whose file is gone")
+    export = actions.add_parser("export", parents=[pool_opt], help="copy a source's stored prompt to a file")
+    export.add_argument("source", help="source id")
+    export.add_argument("--version", type=int, default=None, help="version to export (default: the latest)")
+    export.add_argument("--out", type=Path, default=None,
+                        help="file to write (default: SOURCE-vVERSION.safetensors in the current folder)")
+    export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    imp = actions.add_parser("import", parents=[pool_opt],
+                             help="store a prompt file (from `export`) as the next version of its source")
+    imp.add_argument("file", type=Path, help="prompt artefact (.safetensors)")
+    imp.add_argument("--source", default=None,
+                     help="source id for a file that names none (a file that names one keeps it)")
+    imp.add_argument("--max-bytes", type=int, default=None,
+                     help="reject larger files (default: the ServerApp's default max-prompt-bytes, 8 MiB)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``alacarte pool``: 0 on success, 1 (message on stderr) on a pool error."""
+    """Run ``alacarte pool``: 0 on success, 1 (message on stderr) on a pool error, an invalid
+    prompt file or a file that cannot be read or written."""
     root = args.pool or default_pool_dir()
+    actions = {"ls": _ls, "show": _show, "rm": _rm, "repair": _repair, "export": _export, "import": _import}
     try:
         pool = PromptPool(root, create=False, read_only=args.action in READERS)
-        {"ls": _ls, "show": _show, "rm": _rm, "repair": _repair}[args.action](pool, args)
-    except PoolError as err:
+        actions[args.action](pool, args)
+    except (PoolError, ValueError, OSError) as err:  # ValueError: PromptError, ImportRejectedError
         print(f"alacarte pool: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+class ImportRejectedError(ValueError):
+    """A file ``alacarte pool import`` refuses before parsing it, or that names no source."""
 
 
 def _ls(pool: PromptPool, _args: argparse.Namespace) -> None:
@@ -96,3 +125,37 @@ def _repair(pool: PromptPool, _args: argparse.Namespace) -> None:
     report = pool.repair()
     print(f"repaired {pool.root}: deleted {len(report.orphans)} orphan file(s), dropped "
           f"{len(report.dangling)} row(s) whose file was missing {list(report.dangling) or ''}".rstrip())
+
+
+def _export(pool: PromptPool, args: argparse.Namespace) -> None:
+    version = pool.info(args.source, args.version).version
+    out = args.out or Path(f"{args.source}-v{version}.safetensors")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --force to overwrite it")
+    atomic_write(out, pool.read_bytes(args.source, version))
+    print(f"exported source {args.source!r} version {version} to {out}")
+
+
+def _import(pool: PromptPool, args: argparse.Namespace) -> None:
+    from common.config import AppConfig  # here, not at the top: the pool's other actions start faster without
+    from server.admission import check_prompt
+
+    data = _read_bounded(args.file, AppConfig().max_prompt_bytes if args.max_bytes is None else args.max_bytes)
+    prompt = check_prompt(Prompt.from_bytes(data), None)  # an upload's checks: format, values, shape limits
+    source = args.source or prompt.config.source
+    if not source:
+        raise ImportRejectedError(f"{args.file} names no source; pass --source NAME")
+    version = pool.add(source, prompt, {"imported-sha256": hashlib.sha256(data).hexdigest()})
+    print(f"imported {args.file} as source {source!r} version {version} into {pool.root}")
+
+
+def _read_bounded(path: Path, max_bytes: int) -> bytes:
+    """``path``'s bytes, refused (unread) when there are more than ``max_bytes``."""
+    if max_bytes < 1:
+        raise ImportRejectedError(f"--max-bytes must be positive, got {max_bytes}")
+    with path.open("rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImportRejectedError(f"{path} is larger than {max_bytes} bytes (--max-bytes); it is not a prompt "
+                                  "this pool accepts")
+    return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
 import os
@@ -572,3 +573,70 @@ def test_cli_reports_an_unreadable_index(tmp_path: Path, capsys) -> None:
     (tmp_path / "pool" / "pool.sqlite").write_bytes(b"not a database" * 100)
     assert cli_main(["pool", "--pool", str(tmp_path / "pool"), "ls"]) == 1
     assert "is unreadable" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- export / import between pools
+
+
+def test_cli_export_then_import_moves_a_prompt_with_its_density_bit_for_bit(pool, bank, model, tmp_path, capsys):
+    from common.density import SourceDensity
+
+    prompt = bank["a"][1]
+    prompt.density = SourceDensity.fit(torch.randn(40, model.backbone.embed_dim), torch.arange(40) % 3)
+    pool.add("a", bank["a"][0])
+    pool.add("a", prompt, round=2)
+    prompt.density = None
+    out = tmp_path / "a.safetensors"
+    assert cli_main(["pool", "--pool", str(pool.root), "export", "a", "--out", str(out)]) == 0
+    assert "exported source 'a' version 2" in capsys.readouterr().out
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == pool.info("a").sha256  # the stored artefact itself
+
+    other = PromptPool(tmp_path / "other")
+    other.add("a", bank["a"][2])
+    assert cli_main(["pool", "--pool", str(other.root), "import", str(out)]) == 0
+    assert f"as source 'a' version 2 into {other.root}" in capsys.readouterr().out
+    imported, stored = other.get("a"), pool.get("a")
+    assert_same(imported, stored, "a")
+    assert imported.density is not None and imported.arrays().keys() == stored.arrays().keys()
+    assert all(np.array_equal(imported.arrays()[k], v) for k, v in stored.arrays().items())
+    assert other.info("a").metrics == {"imported-sha256": pool.info("a").sha256}
+
+    before = out.read_bytes()
+    assert cli_main(["pool", "--pool", str(pool.root), "export", "a", "--version", "1", "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert cli_main(["pool", "--pool", str(pool.root), "export", "a", "--version", "1", "--out", str(out),
+                     "--force"]) == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == pool.info("a", 1).sha256
+
+
+def _bad_files(data: bytes) -> dict[str, tuple[bytes, list[str], str]]:
+    """Files ``import`` must refuse: content, extra arguments, words of the message."""
+    return {
+        "garbage": (b"\x00\xffnot safetensors" * 10, [], "truncated"),
+        "truncated": (data[: len(data) // 2], [], "corrupt"),
+        "empty": (b"", [], "truncated"),
+        "oversized": (data, ["--max-bytes", str(len(data) - 1)], "larger than"),
+        "non-positive bound": (data, ["--max-bytes", "0"], "must be positive"),
+        "another source's": (data, ["--source", "b"], "belongs to source 'a'"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_files(b"x")))
+def test_cli_import_rejects_a_bad_file_and_leaves_the_pool_unchanged(case, pool, bank, tmp_path, capsys):
+    pool.add("a", bank["a"][0])
+    content, extra, message = _bad_files(pool.read_bytes("a"))[case]
+    path = tmp_path / "prompt.safetensors"
+    path.write_bytes(content)
+    files, entries = pool_files(pool.root), pool.entries()
+    assert cli_main(["pool", "--pool", str(pool.root), "import", str(path), *extra]) == 1
+    assert message in capsys.readouterr().err
+    assert pool_files(pool.root) == files and pool.entries() == entries
+
+
+def test_cli_import_names_a_sourceless_prompt_only_with_source(pool, bank, tmp_path, capsys):
+    path = bank["c"][0].save(tmp_path / "unnamed.safetensors")  # Prompt.init names no source
+    assert bank["c"][0].config.source == ""
+    assert cli_main(["pool", "--pool", str(pool.root), "import", str(path)]) == 1
+    assert "names no source; pass --source" in capsys.readouterr().err and pool.sources() == []
+    assert cli_main(["pool", "--pool", str(pool.root), "import", str(path), "--source", "c"]) == 0
+    assert_same(pool.get("c"), bank["c"][0], "c")
