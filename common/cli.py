@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "serve": "server.service_cli",
     "query": "server.query_cli",
     "pool": "server.pool_cli",
+    "evaluate": "server.evaluate_cli",
     "config": "common.config",
 }
 
@@ -24,7 +25,8 @@ HELPS: dict[str, str] = {
     "setup": "prepare the default backbone and dataset in ALACARTE_HOME (idempotent)",
     "serve": "serve composition queries over gRPC from a prompt pool",
     "query": "ask a composition server for predictions on image files",
-    "pool": "inspect or edit a prompt pool on disk (ls, show, rm, repair)",
+    "pool": "inspect or edit a prompt pool on disk (ls, show, rm, repair, export, import)",
+    "evaluate": "accuracy of a pool's prompts, alone and composed, on a labelled test split (the ServerApp's table)",
     "config": "list the Flower app's run-config keys (--run-config \"key=value ...\"), their meaning and defaults",
 }
 

@@ -167,6 +167,29 @@ def build_model(config: AppConfig, device: str | None = None) -> APTViT:
     return APTViT(backbone)
 
 
+def add_backbone_arguments(group: argparse._ActionsContainer) -> None:
+    """``--backbone``, ``--checkpoint``, ``--img-size``, ``--pretrained``/``--random-init`` and
+    ``--device`` of a command that loads the frozen ViT as the Flower app does (its defaults)."""
+    defaults = AppConfig()
+    group.add_argument("--backbone", default=defaults.backbone, help="timm ViT name (default: %(default)s)")
+    group.add_argument("--checkpoint", default="",
+                       help="backbone weights file (default: the one `alacarte setup` prepared)")
+    group.add_argument("--img-size", type=int, default=defaults.img_size,
+                       help="input resolution (default: %(default)s)")
+    init = group.add_mutually_exclusive_group()
+    init.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
+                      help="pretrained backbone weights (default)")
+    init.add_argument("--random-init", dest="pretrained", action="store_false",
+                      help="seeded random backbone (tests; prompts must have been made on it)")
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def backbone_config(args: argparse.Namespace, **fields: Any) -> AppConfig:
+    """The ``AppConfig`` of :func:`add_backbone_arguments`' options, with other ``fields`` set."""
+    return AppConfig(backbone=args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                     img_size=args.img_size, **fields)
+
+
 def coerce_value(name: str, value: Any, kind: type[T]) -> T:
     """``value`` (a TOML value or a command-line string) converted to ``kind``.
 

@@ -1,7 +1,7 @@
 """``alacarte serve``: run the composition service (``server.service``) until SIGINT/SIGTERM.
 
 ``--add-token USER --sources a,b`` and ``--revoke-token USER`` edit the ``--tokens`` file
-(``server.auth``) and exit. The backbone is configured as the Flower app's (``AppConfig``);
+(``server.auth``) and exit. The backbone is configured as the Flower app's (``AppConfig`` defaults);
 the pool is opened read-only.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from common.config import AppConfig, build_model
+from common.config import add_backbone_arguments, backbone_config, build_model
 from common.data import FASHION_MNIST_CLASSES, MNIST_CLASSES, backbone_transform
 from common.model import APTViT
 from server.auth import TokenFileError, add_user, remove_user
@@ -35,21 +35,11 @@ HELP = "serve composition queries over gRPC from a prompt pool"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``alacarte serve``."""
-    defaults, limits = AppConfig(), ServiceConfig()
+    limits = ServiceConfig()
     model = parser.add_argument_group("model and pool")
     model.add_argument("--pool", type=Path, default=None,
                        help="prompt pool directory (default: $ALACARTE_POOL, else $ALACARTE_HOME/pool)")
-    model.add_argument("--backbone", default=defaults.backbone, help="timm ViT name (default: %(default)s)")
-    model.add_argument("--checkpoint", default="",
-                       help="backbone weights file (default: the one `alacarte setup` prepared)")
-    model.add_argument("--img-size", type=int, default=defaults.img_size,
-                       help="input resolution (default: %(default)s)")
-    init = model.add_mutually_exclusive_group()
-    init.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
-                      help="pretrained backbone weights (default)")
-    init.add_argument("--random-init", dest="pretrained", action="store_false",
-                      help="seeded random backbone (tests; prompts must have been made on it)")
-    model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_backbone_arguments(model)
     model.add_argument("--classes", default=None,
                        help="class names: fashion_mnist, mnist, or a file (one per line or a JSON list)")
     net = parser.add_argument_group("network and security")
@@ -148,9 +138,8 @@ def _service_config(args: argparse.Namespace) -> ServiceConfig:
 
 
 def _load(args: argparse.Namespace) -> tuple[APTViT, PromptPool, Callable[[Image.Image], Tensor]]:
-    """The backbone (as configured by ``AppConfig``), the existing pool (read-only) and the transform."""
-    config = AppConfig(backbone=args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                       img_size=args.img_size, pool_dir=str(args.pool or ""))
+    """The backbone (as the Flower app configures it), the existing pool (read-only) and the transform."""
+    config = backbone_config(args, pool_dir=str(args.pool or ""))
     pool = PromptPool(config.pool_path(), read_only=True)
     model = build_model(config, device=args.device)
     return model, pool, backbone_transform(model.backbone)

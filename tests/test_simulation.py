@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from synthetic import make_idx_dataset
 
+from common.cli import main as cli_main
 from common.config import AppConfig, build_model
 from server.pool import PromptPool
 
@@ -44,7 +45,7 @@ def kill_processes_mentioning(text: str) -> None:
 
 
 @pytest.mark.slow
-def test_flwr_run_simulation_fills_the_pool(tmp_path):
+def test_flwr_run_simulation_fills_the_pool(tmp_path, capsys):
     flwr_home = tmp_path / "flwr"
     data = make_idx_dataset(tmp_path / "data", n_train=150, n_test=50)
     pool_dir = tmp_path / "pool"
@@ -83,3 +84,15 @@ def test_flwr_run_simulation_fills_the_pool(tmp_path):
         assert not labels & set(prompt.config.labels)  # class-group partition: disjoint label sets
         labels |= set(prompt.config.labels)
     assert labels == set(range(10))
+
+    # `alacarte evaluate` on the filled pool prints the ServerApp's rows: same images, same numbers
+    assert cli_main(["evaluate", "--pool", str(pool_dir), "--data-dir", str(data), "--examples", "50",
+                     "--backbone", "vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--device", "cpu"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 5 and rows == _table_rows(output.split("Server test split (50 images)")[1])  # 3 + 2 composed
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The rows of the first accuracy table in ``text``: the lines after its header, up to a blank line."""
+    after_header = text.split("acc (own classes)\n", 1)[1]
+    return [line.split() for line in after_header.split("\n\n", 1)[0].splitlines()]
