@@ -246,13 +246,15 @@ class Prompt(nn.Module):
         prompt.density = _parse_density(density, config) if density else None
         return prompt.to(model.device) if model is not None else prompt
 
-    def to_bytes(self) -> bytes:
-        """Serialise to safetensors bytes with the metadata in the header.
+    def to_bytes(self, config: PromptConfig | None = None) -> bytes:
+        """Serialise to safetensors bytes with the metadata (of ``config``, default the prompt's
+        own) in the header.
 
-        The bytes are a function of the prompt alone (the header's keys are sorted), so equal
-        prompts have equal checksums in the pool.
+        The bytes are a function of the tensors and the metadata alone (the header's keys are
+        sorted), so equal prompts have equal checksums in the pool.
         """
-        return _canonical_header(safetensors.numpy.save(self.arrays(), metadata=self.config.to_metadata()))
+        metadata = (config or self.config).to_metadata()
+        return _canonical_header(safetensors.numpy.save(self.arrays(), metadata=metadata))
 
     @classmethod
     def from_bytes(cls, data: bytes, model: APTViT | None = None) -> Prompt:

@@ -62,8 +62,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import safetensors.numpy
-
 from common.files import atomic_write
 from common.prompt import Prompt
 
@@ -317,7 +315,7 @@ class PromptPool:
         if prompt.config.source not in ("", source):
             raise SourceMismatchError(
                 f"prompt belongs to source {prompt.config.source!r}, not {source!r}; add it under its own source id")
-        data = safetensors.numpy.save(prompt.arrays(), metadata=replace(prompt.config, source=source).to_metadata())
+        data = prompt.to_bytes(replace(prompt.config, source=source))
         stored = Prompt.from_bytes(data)  # what readers will get: validate before storing
         _check_storable(stored)
         meta = stored.config

@@ -600,6 +600,7 @@ def test_cli_export_then_import_moves_a_prompt_with_its_density_bit_for_bit(pool
     assert imported.density is not None and imported.arrays().keys() == stored.arrays().keys()
     assert all(np.array_equal(imported.arrays()[k], v) for k, v in stored.arrays().items())
     assert other.info("a").metrics == {"imported-sha256": pool.info("a").sha256}
+    assert other.read_bytes("a") == pool.read_bytes("a")  # stored bytes are a function of the prompt alone
 
     before = out.read_bytes()
     assert cli_main(["pool", "--pool", str(pool.root), "export", "a", "--version", "1", "--out", str(out)]) == 1
