@@ -34,6 +34,7 @@ handful of images.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -214,6 +215,7 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
     for label in s.partitions:
         part = Partitioning.parse(label)
         for n in s.sources:
+            clock = Stopwatch()
             key = f"{label if n > 1 else s.partitions[0]}-{n}"
             prompts = list(pool_prompts(Path(runs[f"{key}-alacarte"].run_config["pool-dir"]), model).values())
             logits = bank_logits(model, test, prompts)
@@ -247,6 +249,9 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
                 "fedavg_seconds": round(runs[f"{key}-fedavg"].seconds, 1),
                 **held_out_row(model, held_out, prompts, probes, para),
             })
+            logging.info("evaluated %s: density %.3f, probes (density) %.3f, paragon %.3f in %.0f s (%d of %d)", key,
+                         density_acc, rows[-1]["probes_composed_density"], paragon_acc, clock.seconds(), len(rows),
+                         len(s.partitions) * len(s.sources))
     return rows
 
 
@@ -271,6 +276,7 @@ def subset_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_di
                          "composed_density": density, "paragon": para_acc,
                          "gap_points": round(100 * (para_acc - composed), 2),
                          "gap_density_points": round(100 * (para_acc - density), 2)})
+            logging.info("evaluated subset %s of iid-%d: density %.3f, paragon %.3f", chosen, n, density, para_acc)
     return rows
 
 
