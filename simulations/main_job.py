@@ -30,6 +30,7 @@ nothing is chosen from it.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,9 +188,14 @@ def sweep(model: APTViT, bank: Bank, val: np.ndarray, sources: list[Source], con
     ``vs_defaults_*`` over every (source, image) prediction of the prompts alone, and
     ``density_vs_defaults_*`` for their density composition (won, lost, sign-test p)."""
     defaults = (config.learning_rate, config.head_lr_scale, config.local_epochs, config.selection_level)
-    grid = itertools.product(s.sweep_lrs, s.sweep_head_lr_scales, s.sweep_epochs, s.sweep_levels)
-    points = {point: _sweep_point(model, bank, val, sources, config, point)
-              for point in dict.fromkeys([*grid, defaults])}
+    grid = list(dict.fromkeys([*itertools.product(s.sweep_lrs, s.sweep_head_lr_scales, s.sweep_epochs,
+                                                  s.sweep_levels), defaults]))
+    points = {}
+    for k, point in enumerate(grid, 1):
+        clock = Stopwatch()
+        points[point] = _sweep_point(model, bank, val, sources, config, point)
+        logging.info("sweep %d of %d (lr %g, head lr scale %g, epochs %d, level %g) in %.0f s", k, len(grid), *point,
+                     clock.seconds())
     labels = bank.labels_of(val)
     reference_logits, reference_density, _ = points[defaults]
     rows = []
