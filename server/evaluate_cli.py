@@ -18,6 +18,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from common.config import AppConfig, add_backbone_arguments, backbone_config, build_model
+from common.prompt import Prompt
 from common.train import evaluate
 from server.pool import PoolError, PromptPool
 from server.server_app import accuracy_table, server_test_split
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         test = server_test_split(config, model)
         if test is None:
             raise ValueError("--examples must be at least 1")
+        _check_label_space(prompts, len(test.classes), config.dataset)
         result = evaluate(model, list(prompts.values()), DataLoader(test, batch_size=config.batch_size),
                           progress=True)
     except (PoolError, ValueError, OSError, RuntimeError) as err:  # ValueError: ConfigError, PromptError
@@ -82,3 +84,11 @@ def _selected(pool: PromptPool, spec: str | None) -> list[str]:
     if not chosen or missing:
         raise ValueError(f"--sources: {missing or 'none given'} not in pool {pool.root} (it holds {stored})")
     return chosen
+
+
+def _check_label_space(prompts: dict[str, Prompt], num_classes: int, dataset: str) -> None:
+    """Raise ``ValueError`` naming the prompts whose head is over another label space than the dataset's."""
+    foreign = [source for source, prompt in prompts.items() if prompt.config.num_classes != num_classes]
+    if foreign:
+        raise ValueError(f"sources {foreign} have heads over another label space than the {num_classes} classes of "
+                         f"{dataset}; evaluate them on the dataset they were trained on")

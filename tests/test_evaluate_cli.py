@@ -89,6 +89,12 @@ def test_bad_requests_exit_1_with_the_reason(extra, message, pool, data_dir, cap
     assert pool.entries() == entries
 
 
+def test_prompts_of_another_label_space_are_refused(pool, model, data_dir, capsys):
+    pool.add("c", Prompt.init(model, 12, seed=3, labels=range(12), source="c"))
+    assert cli_main(["evaluate", "--pool", str(pool.root), "--data-dir", str(data_dir), *BACKBONE]) == 1
+    assert "sources ['c'] have heads over another label space than the 10 classes" in capsys.readouterr().err
+
+
 def test_a_missing_or_empty_pool_is_reported(tmp_path, data_dir, capsys):
     assert cli_main(["evaluate", "--pool", str(tmp_path / "nope"), *BACKBONE]) == 1
     assert "no prompt pool" in capsys.readouterr().err and not (tmp_path / "nope").exists()
