@@ -85,7 +85,7 @@ class Settings:
     images_per_client: int
 
 
-TINY = Settings(48, 32, 32, 16, 1, 2, (1, 2, 4), 8, 4, (2, 4), 4)
+TINY = Settings(48, 32, 32, 16, 1, 2, (1, 2, 4), 8, 4, (2,), 4)  # one memory probe: the quick run measures two
 QUICK = Settings(96, 96, 32, 16, 2, 4, (1, 2, 4, 8), 8, 8, (2, 4), 4)
 FULL = Settings(1000, 500, 128, 32, 10, 100, (1, 2, 4, 8, 16, 32, 64), 8, 16, (2, 10, 20), 16)
 
