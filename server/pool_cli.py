@@ -31,6 +31,10 @@ HELP = "inspect or edit a prompt pool on disk (ls, show, rm, repair, export, imp
 READERS = ("ls", "show", "export")
 
 
+class ImportRejectedError(ValueError):
+    """A file ``alacarte pool import`` refuses before parsing it, or that names no source."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``alacarte pool``."""
     pool_help = f"pool directory (default: ${POOL_ENV}, else $ALACARTE_HOME/pool)"
@@ -74,10 +78,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"alacarte pool: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-class ImportRejectedError(ValueError):
-    """A file ``alacarte pool import`` refuses before parsing it, or that names no source."""
 
 
 def _ls(pool: PromptPool, _args: argparse.Namespace) -> None:
