@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         pool = PromptPool(root, create=False, read_only=args.action in READERS)
         actions[args.action](pool, args)
+    except BrokenPipeError:  # the reader of our output left (`alacarte pool ls | head`): common.cli handles it
+        raise
     except (PoolError, ValueError, OSError) as err:  # ValueError: PromptError, ImportRejectedError
         print(f"alacarte pool: {err}", file=sys.stderr)
         return 1

@@ -9,6 +9,8 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -641,3 +643,14 @@ def test_cli_import_names_a_sourceless_prompt_only_with_source(pool, bank, tmp_p
     assert "names no source; pass --source" in capsys.readouterr().err and pool.sources() == []
     assert cli_main(["pool", "--pool", str(pool.root), "import", str(path), "--source", "c"]) == 0
     assert_same(pool.get("c"), bank["c"][0], "c")
+
+
+def test_cli_stops_quietly_when_its_reader_leaves(pool, bank):
+    """``alacarte pool ls | head``: the reader is gone before the output; exit 141 (SIGPIPE's
+    code), no traceback and no error message."""
+    pool.add("a", bank["a"][0])
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "pool", "--pool", str(pool.root), "ls"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the child has imported anything, let alone printed
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b""
