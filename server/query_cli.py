@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     except grpc.RpcError as err:
         print(f"alacarte query: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of our output left: common.cli ends quietly
+        raise
     except OSError as err:
         print(f"alacarte query: {err}", file=sys.stderr)
         return 2
