@@ -1,6 +1,6 @@
 """``alacarte evaluate``: accuracy of a pool's prompts, alone and composed, on a labelled test split.
 
-The table the ServerApp prints at the end of a run (``server.server_app.accuracy_table``), for
+The table the ServerApp prints at the end of a run (``server.table.accuracy_table``), for
 any subset of the pool's sources, at any time: one row per selected source (its accuracy on
 all images and on the images of its own classes), then one ``composed`` row per weighting
 (uniform, and density when every selected prompt carries its source's density). The images
@@ -21,7 +21,8 @@ from common.config import AppConfig, add_backbone_arguments, backbone_config, bu
 from common.prompt import Prompt
 from common.train import evaluate
 from server.pool import PoolError, PromptPool
-from server.server_app import accuracy_table, server_test_split
+from server.server_app import server_test_split
+from server.table import accuracy_table
 
 __all__ = ["HELP", "add_arguments", "run"]
 

@@ -10,7 +10,7 @@ while the clients train (``prefetch_test_split``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from logging import INFO, WARNING
 
@@ -30,7 +30,7 @@ from common.records import prompts_records
 from common.train import evaluate
 from server.federation import FEDAVG_SOURCE, AlaCarteFederation, run_fedavg, send_and_collect
 from server.pool import PromptPool
-from server.table import format_table
+from server.table import accuracy_table, format_table
 
 app = ServerApp()
 
@@ -141,22 +141,3 @@ def _evaluation_metrics(content: RecordDict) -> tuple[int, float]:
     if isinstance(n, list) or isinstance(acc, list) or not (0 <= n < 2**53 and 0.0 <= acc <= 1.0):
         raise ValueError(f"num-examples {str(n)[:20]} / accuracy {str(acc)[:20]} out of range")
     return int(n), float(acc)
-
-
-def accuracy_table(title: str, prompts: dict[str, Prompt], result: dict) -> str:
-    """Per-source accuracy, then one ``composed <weighting> (k)`` row per weighting: uniform, and
-    density when every prompt carries its source's density."""
-    rows: list[tuple[object, ...]] = [
-        (source, _shown_labels(prompt.config.labels), prompt.config.num_examples, f"{acc:.3f}", f"{own:.3f}")
-        for (source, prompt), acc, own in zip(prompts.items(), result["prompt_accuracy"],
-                                              result["prompt_accuracy_own"])]
-    total = sum(p.config.num_examples for p in prompts.values())
-    rows += [(f"composed {weighting} ({len(prompts)})", "all", total, f"{acc:.3f}", "")
-             for weighting, acc in result["composed"].items()]
-    table = format_table(("source", "labels", "train n", "acc (all)", "acc (own classes)"), rows, right={2, 3, 4})
-    return f"\n{title}\n{table}"
-
-
-def _shown_labels(labels: Sequence[int]) -> str:
-    """A prompt's classes, listed when there are few (``0,3,4``), else counted (``9 classes``)."""
-    return ",".join(map(str, labels)) if len(labels) <= 6 else f"{len(labels)} classes"

@@ -14,8 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
-__all__ = ["format_labels", "format_metrics", "format_table", "format_time"]
+if TYPE_CHECKING:
+    from common.prompt import Prompt
+
+__all__ = ["accuracy_table", "format_labels", "format_metrics", "format_table", "format_time"]
 
 SEPARATOR = "  "
 
@@ -56,3 +60,22 @@ def format_metrics(metrics: dict[str, float | int | str]) -> str:
     if not metrics:
         return "-"
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+
+
+def accuracy_table(title: str, prompts: dict[str, Prompt], result: dict) -> str:
+    """Per-source accuracy, then one ``composed <weighting> (k)`` row per weighting: uniform, and
+    density when every prompt carries its source's density."""
+    rows: list[tuple[object, ...]] = [
+        (source, _shown_labels(prompt.config.labels), prompt.config.num_examples, f"{acc:.3f}", f"{own:.3f}")
+        for (source, prompt), acc, own in zip(prompts.items(), result["prompt_accuracy"],
+                                              result["prompt_accuracy_own"])]
+    total = sum(p.config.num_examples for p in prompts.values())
+    rows += [(f"composed {weighting} ({len(prompts)})", "all", total, f"{acc:.3f}", "")
+             for weighting, acc in result["composed"].items()]
+    table = format_table(("source", "labels", "train n", "acc (all)", "acc (own classes)"), rows, right={2, 3, 4})
+    return f"\n{title}\n{table}"
+
+
+def _shown_labels(labels: Sequence[int]) -> str:
+    """A prompt's classes, listed when there are few (``0,3,4``), else counted (``9 classes``)."""
+    return ",".join(map(str, labels)) if len(labels) <= 6 else f"{len(labels)} classes"
