@@ -132,10 +132,9 @@ def evaluate_prompts(msg: Message, context: Context) -> Message:
 
 
 def _selection_loader(data: NodeData, config: AppConfig) -> DataLoader | None:
-    """The validation split the recipe selects on: à-la-carte only (a FedAvg client returns its
-    last local epoch, as FedAvg does), and only when there is one."""
-    if config.mode != "alacarte":
-        return None
+    """The validation split the recipe selects on, when there is one. A FedAvg client selects
+    too: it returns the shared prompt it received unless local tuning beats it on its own
+    validation split (without that, each round's fresh optimiser undoes the fitted head)."""
     if not len(data.val):
         log(WARNING, "source %s: no validation split (val-fraction = 0); the last epoch is kept", data.source)
         return None

@@ -12,9 +12,10 @@ split, as the product's ClientApp does) and
 * **paragon**: one prompt trained with the same recipe on the union of the sources' training
   images, selecting on the union of their validation splits (per row: the validation splits,
   and so the training images, differ with N and the partitioning);
-* **FedAvg**: one shared prompt through the same Flower apps, mode ``fedavg``: one local epoch
-  per round and as many rounds as the paragon has epochs, so the optimiser steps of all
-  clients together match the paragon's (each method's step count is reported);
+* **FedAvg**: one shared prompt through the same Flower apps, mode ``fedavg``, the same recipe
+  (selection on each client's validation split included): one local epoch per round and as
+  many rounds as the paragon has epochs, so the optimiser steps of all clients together
+  match the paragon's (each method's step count is reported);
 * **alone**: each pool prompt by itself (mean over sources);
 * **probes**: references on the frozen backbone's pooled features of the same training
   images: each source's linear probe, composed uniformly and density-weighted, and one probe
@@ -34,9 +35,13 @@ handful of images.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +152,12 @@ def federations(s: Settings, spec: BackboneSpec, data_dir: Path, work: Path, see
     return runs
 
 
+def run_key(s: Settings, partition: str, n: int) -> str:
+    """The name of the federations of (``partition``, ``n`` sources): ``n = 1`` runs once, under
+    the first partitioning."""
+    return f"{partition if n > 1 else s.partitions[0]}-{n}"
+
+
 def steps(n_images: int, s: Settings, epochs: int | None = None, min_steps: int | None = None) -> int:
     """Optimiser steps of the recipe on ``n_images`` (as ``train_prompt`` plans them)."""
     batches = math.ceil(n_images / s.batch_size)
@@ -216,7 +227,7 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
         part = Partitioning.parse(label)
         for n in s.sources:
             clock = Stopwatch()
-            key = f"{label if n > 1 else s.partitions[0]}-{n}"
+            key = run_key(s, label, n)
             prompts = list(pool_prompts(Path(runs[f"{key}-alacarte"].run_config["pool-dir"]), model).values())
             logits = bank_logits(model, test, prompts)
             alone = [accuracy(logits[i].softmax(-1), test.labels) for i in range(len(prompts))]
@@ -311,17 +322,58 @@ def plot_subsets(rows: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def recorded_result(args: argparse.Namespace, s: Settings, label: str) -> dict:
+    """The result in ``--out`` that ``--fedavg-only`` updates; it must come from the same
+    profile, settings and seed."""
+    path = args.out / "result.json"
+    if not path.is_file():
+        raise SystemExit(f"--fedavg-only updates {path}, which does not exist: run the experiment first")
+    payload = json.loads(path.read_text())
+    setup = payload["setup"]
+    if (setup["profile"], setup["settings"], setup["seed"]) != (label, json.loads(json.dumps(dataclasses.asdict(s))),
+                                                                 args.seed):
+        raise SystemExit(f"{path} is a {setup['profile']} run with seed {setup['seed']} and other settings: "
+                         "--fedavg-only needs the same profile, --set overrides and --seed")
+    return payload
+
+
+def rerun_fedavg(payload: dict, args: argparse.Namespace, s: Settings, spec: BackboneSpec, model: APTViT,
+                 data_dir: Path, train: Bank, test: Bank) -> dict:
+    """Run only the FedAvg federations again and replace the FedAvg column (``fedavg``,
+    ``fedavg_seconds``) of ``payload``, the recorded result (:func:`recorded_result`); every
+    other number in it is kept. Writes and returns the updated payload."""
+    runs = [r for r in federations(s, spec, data_dir, args.work_dir, args.seed) if r.name.endswith("-fedavg")]
+    run_federations(runs, max(s.sources), train.root)
+    by_name = {r.name: r for r in runs}
+    for row in payload["comparison"]:
+        run = by_name[f"{run_key(s, row['partition'], row['sources'])}-fedavg"]
+        shared = list(pool_prompts(Path(run.run_config["pool-dir"]), model).values())
+        row["fedavg"] = composed_accuracy(bank_logits(model, test, shared), test.labels)
+        row["fedavg_seconds"] = round(run.seconds, 1)
+    payload["fedavg_rerun"] = {"date": time.strftime("%Y-%m-%d"), "seconds": round(sum(r.seconds for r in runs), 1)}
+    plot_comparison(payload["comparison"], s, args.out / "accuracy_vs_sources.png")
+    write_csv(args.out / "comparison.csv", payload["comparison"])
+    write_json(args.out / "result.json", payload)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the experiment; returns the JSON payload it wrote."""
     parser = base_parser(NAME, __doc__.split("\n\n")[0])
     add_threads_option(parser)
+    parser.add_argument("--fedavg-only", action="store_true",
+                        help="run only the FedAvg federations again and replace the FedAvg column of the "
+                             "result already in --out (same profile, --set and --seed); all else is kept")
     args, s, label = start_experiment(parser, argv, TINY, QUICK, FULL)
     if s.subset_pool not in s.sources or "iid" not in s.partitions:
         raise SystemExit("settings: subset_pool must be one of sources and 'iid' among partitions")
+    recorded = recorded_result(args, s, label) if args.fedavg_only else None
     clock = Stopwatch()
     spec = backbone_spec(args.tiny)
     model = spec.load()
     data_dir, train, test = shared_subset(args, model, s.train_images, s.test_images)
+    if recorded is not None:
+        return rerun_fedavg(recorded, args, s, spec, model, data_dir, train, test)
     runs = federations(s, spec, data_dir, args.work_dir, args.seed)
     run_federations(runs, max(s.sources), train.root)
     by_name = {r.name: r for r in runs}

@@ -499,12 +499,16 @@ class _FederationGrid(Grid):
         return list(self._partition)
 
     def _tag(self, messages: Iterable[Message]) -> list[Message]:
+        """Give each message its own content with its node's partition: Flower's strategies
+        send one shared ``RecordDict`` to every node, so tagging it in place would give every
+        node the last node's partition."""
         out = []
         for msg in messages:
-            msg.content[SIM_RECORD] = ConfigRecord({
+            tag = ConfigRecord({
                 "run-config": json.dumps(self._fed.run_config), "bank": self._bank_dir,
                 "partition-id": self._partition[msg.metadata.dst_node_id],
                 "num-partitions": self._fed.num_partitions})
+            msg.content = RecordDict({**msg.content, SIM_RECORD: tag})
             out.append(msg)
         return out
 

@@ -218,8 +218,9 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         f"{st['min_steps']} steps, lr {st['lr']}, batch {st['batch_size']}; probe-initialised head; selection on "
         "validation loss); the paragon trains on the union of the row's training images (the same images as the "
         "union probe) and selects on the union of its validation splits; "
-        f"FedAvg runs {st['epochs']} rounds of one local epoch, so all its clients' steps together match the "
-        "paragon's (step counts in the table). *composed*: uniform mean of the pool's prompts; *density*: "
+        f"FedAvg runs {st['epochs']} rounds of one local epoch of the same recipe (each client selects on its "
+        "validation split), so all its clients' steps together match the paragon's (step counts in the "
+        f"table){fedavg_rerun_text(payload)}. *composed*: uniform mean of the pool's prompts; *density*: "
         "weighted per image by the density each source shipped with its prompt. *probes*: linear probes on the "
         "same training images (per source, composed with density weights; one on the union). Gap = paragon − "
         "composed, in points. *density vs probes*: test images the density composition of the prompts gets "
@@ -255,6 +256,15 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         figures(folder, payload, output),
     ]
     return "\n\n".join(body)
+
+
+def fedavg_rerun_text(payload: dict) -> str:
+    """Where the FedAvg column comes from when ``--fedavg-only`` replaced it after the run."""
+    rerun = payload.get("fedavg_rerun")
+    if not rerun:
+        return ""
+    return (f"; the FedAvg column was rerun on {rerun['date']} with `--fedavg-only` ({rerun['seconds']:.0f} s of "
+            "federations), every other column is from the original run")
 
 
 def held_out_part(payload: dict) -> list[str]:

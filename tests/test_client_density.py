@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -12,7 +13,8 @@ from client.client_app import train
 from common.compose import Weighting, default_weighting
 from common.config import AppConfig, build_model
 from common.data import backbone_transform, load_client_shard
-from common.records import prompt_from_records
+from common.prompt import Prompt
+from common.records import prompt_from_records, prompt_records
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +25,13 @@ def run_config(tmp_path_factory) -> dict:
             "partitioner": "classes"}
 
 
-def train_reply(run_config: dict, **overrides) -> Message:
+def train_reply(run_config: dict, sent: RecordDict | None = None, **overrides) -> Message:
+    """The ClientApp's reply to a train message (default: the first round of a fresh source)."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
                       run_config=run_config | overrides)
-    msg = Message(RecordDict({"config": ConfigRecord({"parent-version": 0})}), dst_node_id=1,
-                  message_type=MessageType.TRAIN)
-    return train(msg, context)
+    content = sent or RecordDict({"config": ConfigRecord({"parent-version": 0})})
+    return train(Message(content, dst_node_id=1, message_type=MessageType.TRAIN), context)
 
 
 def test_reply_carries_the_density_of_the_training_images(run_config):
@@ -54,3 +56,21 @@ def test_no_density_leaves_the_client_when_private_or_fedavg(run_config, overrid
     assert not any(name.startswith("density.") for name in content["arrays"].keys())
     model = build_model(AppConfig.from_run_config(run_config), device="cpu")
     assert prompt_from_records(content, model).density is None
+
+
+def test_fedavg_client_returns_the_shared_prompt_unless_tuning_wins_on_its_validation(run_config):
+    """A later FedAvg round (fitted head) whose tuning hurts (learning rate 10): the reply is the
+    prompt it received, bit for bit; without a validation split the client returns its last epoch."""
+    config = AppConfig.from_run_config(run_config)
+    model = build_model(config, device="cpu")
+    shared = Prompt.init(model, 10, n_prompt=config.n_prompt, n_memory=config.n_memory, seed=3)
+    with torch.no_grad():
+        shared.head.weight.normal_(0.0, 0.01)
+    sent = shared.arrays()
+    message = RecordDict({"arrays": prompt_records(shared)["arrays"], "config": ConfigRecord({})})
+    hurts = {"mode": "fedavg", "learning-rate": 10.0}
+    kept = prompt_from_records(train_reply(run_config, message, **hurts).content, model).arrays()
+    assert kept.keys() == sent.keys() and all(np.array_equal(kept[k], sent[k]) for k in sent)
+    last = prompt_from_records(train_reply(run_config, message, **hurts, **{"val-fraction": 0.0}).content,
+                               model).arrays()
+    assert not np.array_equal(last["tokens"], sent["tokens"])

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, Message, RecordDict
 from synthetic import make_cifar100_folder, make_idx_dataset
 
 from common.assets import default_checkpoint, default_data_dir
@@ -29,6 +30,9 @@ from common.config import ConfigError
 from common.data import load_split
 from simulations import main_job
 from simulations.common import (
+    SIM_RECORD,
+    Federation,
+    _FederationGrid,
     apply_overrides,
     backbone_spec,
     base_parser,
@@ -190,6 +194,19 @@ def test_render_of_the_recorded_results_shows_their_notes(tmp_path):
     assert "> **Note.** Ran on an older recipe." in forgetting
 
 
+def test_render_says_when_the_fedavg_column_was_rerun(tmp_path):
+    recorded = tmp_path / "results"
+    shutil.copytree(REPO / "simulations" / "results", recorded)
+    result = recorded / "alacarte_vs_paragon" / "result.json"
+    payload = json.loads(result.read_text())
+    payload.pop("fedavg_rerun", None)
+    result.write_text(json.dumps(payload))
+    assert "--fedavg-only" not in render(recorded, tmp_path / "RESULTS.md")
+    result.write_text(json.dumps(payload | {"fedavg_rerun": {"date": "2026-12-07", "seconds": 1234.5}}))
+    assert ("the FedAvg column was rerun on 2026-12-07 with `--fedavg-only` (1234 s of federations)"
+            in render(recorded, tmp_path / "RESULTS.md"))
+
+
 def test_render_shows_a_replicate_seed_as_its_own_section(tmp_path):
     """A result in a sub-folder (another seed of the same experiment) renders after the main one,
     its heading naming its seed."""
@@ -204,6 +221,33 @@ def test_render_shows_a_replicate_seed_as_its_own_section(tmp_path):
     heading = "## 1. Composed pool vs paragon vs FedAvg vs linear probes"
     assert text.count(heading) == 2
     assert text.index(heading + "\n") < text.index(heading + " (replicate: seed 3)")
+
+
+class _RecordingGrid:
+    """The part of a Grid ``_FederationGrid`` uses: three node ids, pushed messages recorded."""
+
+    def __init__(self) -> None:
+        self.pushed: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return [30, 10, 20]
+
+    def push_messages(self, messages):
+        self.pushed.extend(messages)
+        return [str(i) for i in range(len(self.pushed))]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_federation_grid_tags_each_node_with_its_own_partition():
+    """Flower's FedAvg sends one RecordDict to every node: each message must still carry its
+    own node's partition, and the strategy's RecordDict must be left as it was."""
+    inner = _RecordingGrid()
+    grid = _FederationGrid(inner, Federation("f", {"mode": "fedavg"}, [4, 5, 6], 7), "")
+    shared = RecordDict({"config": ConfigRecord({"round": 1})})
+    grid.push_messages([Message(content=shared, dst_node_id=node, message_type="train") for node in (10, 20, 30)])
+    assert [int(m.content[SIM_RECORD]["partition-id"]) for m in inner.pushed] == [4, 5, 6]
+    assert all(m.content["config"]["round"] == 1 for m in inner.pushed)
+    assert list(shared) == ["config"]
 
 
 def test_bank_cache_matches_the_backbone(data_dir, tmp_path):
@@ -245,6 +289,26 @@ def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
         n_held_out * (row["held_out_density"] - row["held_out_probes_density"]))
     assert row["steps_alacarte"] > 0 and row["steps_paragon"] > 0 and row["steps_fedavg"] > 0
     assert payload["subsets"] and payload["setup"]["upload_bytes_per_reply"] > 0
+
+    rerun = run_profile("alacarte_vs_paragon", "tiny", results, tmp_path / "rerun", "--data-dir", str(data_dir),
+                        "--fedavg-only")
+    assert rerun["fedavg_rerun"]["seconds"] > 0
+    for before, after in zip(payload["comparison"], rerun["comparison"], strict=True):
+        assert 0.0 <= after["fedavg"] <= 1.0 and after["fedavg_seconds"] > 0
+        kept = set(before) - {"fedavg", "fedavg_seconds"}
+        assert {k: after[k] for k in kept} == {k: before[k] for k in kept}
+
+
+def test_fedavg_only_needs_the_recorded_result_of_the_same_run(tmp_path, monkeypatch):
+    from simulations.alacarte_vs_paragon import main as avp_main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="does not exist: run the experiment first"):
+        avp_main(["--tiny", "--fedavg-only", "--out", str(tmp_path)])
+    setup = {"profile": "tiny", "settings": {}, "seed": 0}
+    (tmp_path / "result.json").write_text(json.dumps({"setup": setup, "comparison": []}))
+    with pytest.raises(SystemExit, match="needs the same profile, --set overrides and --seed"):
+        avp_main(["--tiny", "--fedavg-only", "--out", str(tmp_path)])
 
 
 def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
