@@ -328,11 +328,14 @@ def recorded_result(args: argparse.Namespace, s: Settings, label: str) -> dict:
     path = args.out / "result.json"
     if not path.is_file():
         raise SystemExit(f"--fedavg-only updates {path}, which does not exist: run the experiment first")
-    payload = json.loads(path.read_text())
-    setup = payload["setup"]
-    if (setup["profile"], setup["settings"], setup["seed"]) != (label, json.loads(json.dumps(dataclasses.asdict(s))),
-                                                                 args.seed):
-        raise SystemExit(f"{path} is a {setup['profile']} run with seed {setup['seed']} and other settings: "
+    try:
+        payload = json.loads(path.read_text())
+        setup = payload["setup"]
+        made = setup["profile"], setup["settings"], setup["seed"], payload["comparison"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path} is not a result of this experiment ({err!r}): run the experiment first") from None
+    if made[:3] != (label, json.loads(json.dumps(dataclasses.asdict(s))), args.seed):
+        raise SystemExit(f"{path} is a {made[0]} run with seed {made[2]} and other settings: "
                          "--fedavg-only needs the same profile, --set overrides and --seed")
     return payload
 

@@ -305,6 +305,9 @@ def test_fedavg_only_needs_the_recorded_result_of_the_same_run(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="does not exist: run the experiment first"):
         avp_main(["--tiny", "--fedavg-only", "--out", str(tmp_path)])
+    (tmp_path / "result.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="is not a result of this experiment"):
+        avp_main(["--tiny", "--fedavg-only", "--out", str(tmp_path)])
     setup = {"profile": "tiny", "settings": {}, "seed": 0}
     (tmp_path / "result.json").write_text(json.dumps({"setup": setup, "comparison": []}))
     with pytest.raises(SystemExit, match="needs the same profile, --set overrides and --seed"):
