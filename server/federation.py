@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -383,7 +383,7 @@ def run_fedavg(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig, n
     result = strategy.start(grid=grid, initial_arrays=prompt_records(init)["arrays"],
                             num_rounds=config.num_server_rounds, timeout=config.reply_timeout)
     arrays = {k: v.numpy() for k, v in result.arrays.items()}
-    shared = Prompt.from_arrays(arrays, init.config, model)
+    shared = Prompt.from_arrays(arrays, replace(init.config, num_examples=strategy.num_examples), model)
     return pool.add(FEDAVG_SOURCE, shared, {"rounds": config.num_server_rounds}, parent_sha256=start.sha256)
 
 
@@ -393,12 +393,14 @@ class CheckedFedAvg(FedAvg):
     A reply must hold the shared prompt's exact tensors (names, shapes, float32, finite),
     admissible metadata and metrics, and a positive ``num-examples``; any other reply is
     logged with its node and left out of the average (a NaN never spoils it). A round
-    without a valid reply keeps the shared prompt unchanged.
+    without a valid reply keeps the shared prompt unchanged. ``num_examples`` is the training
+    images behind the shared prompt: the sum over the last averaged round's replies.
     """
 
     def __init__(self, template: Prompt, model: APTViT, config: AppConfig, **kwargs) -> None:
         super().__init__(**kwargs)
         self.template, self.model, self.config = template, model, config
+        self.num_examples = template.config.num_examples
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -407,6 +409,9 @@ class CheckedFedAvg(FedAvg):
         valid = [reply for reply in replies if self._admitted(server_round, reply)]
         if replies and not valid:
             log(WARNING, "FedAvg round %d: no valid reply; the shared prompt is unchanged", server_round)
+        averaged = [reply for reply in valid if not reply.has_error()]
+        if averaged:
+            self.num_examples = sum(int(reply.content["metrics"]["num-examples"]) for reply in averaged)
         return super().aggregate_train(server_round, valid)
 
     def _admitted(self, server_round: int, reply: Message) -> bool:

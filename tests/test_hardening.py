@@ -317,6 +317,7 @@ def test_fedavg_rejects_a_nan_reply_per_node(app_config, app_model, tmp_path, fl
     shared = pool.get("fedavg", model=app_model)
     initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg", **shape)
     np.testing.assert_allclose(shared.arrays()["tokens"], initial.arrays()["tokens"] + 2.0, atol=1e-5)
+    assert shared.config.num_examples == 20  # the two admitted nodes' images, not the rejected one's
     rejected = [line for line in flwr_log.records if "reply of node 11 rejected" in line]
     assert len(rejected) == 2 and "NaN" in rejected[0]
 
