@@ -158,6 +158,12 @@ def run_key(s: Settings, partition: str, n: int) -> str:
     return f"{partition if n > 1 else s.partitions[0]}-{n}"
 
 
+def fedavg_accuracy(run: Federation, model: APTViT, test: Bank) -> float:
+    """Test accuracy of the shared prompt a FedAvg federation left in its pool."""
+    shared = list(pool_prompts(Path(run.run_config["pool-dir"]), model).values())
+    return composed_accuracy(bank_logits(model, test, shared), test.labels)
+
+
 def steps(n_images: int, s: Settings, epochs: int | None = None, min_steps: int | None = None) -> int:
     """Optimiser steps of the recipe on ``n_images`` (as ``train_prompt`` plans them)."""
     batches = math.ceil(n_images / s.batch_size)
@@ -231,7 +237,6 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
             prompts = list(pool_prompts(Path(runs[f"{key}-alacarte"].run_config["pool-dir"]), model).values())
             logits = bank_logits(model, test, prompts)
             alone = [accuracy(logits[i].softmax(-1), test.labels) for i in range(len(prompts))]
-            shared = list(pool_prompts(Path(runs[f"{key}-fedavg"].run_config["pool-dir"]), model).values())
             shards = partition_shards(data_dir, n, part.partitioner, part.alpha, seed, VAL_FRACTION)
             sizes = [len(x) for x, _ in shards]
             composed = composed_accuracy(logits, test.labels)
@@ -249,7 +254,7 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
                 "train_images_per_source_mean": float(np.mean(sizes)), "train_images_per_source_min": min(sizes),
                 "train_images_per_source_max": max(sizes),
                 "composed": composed, "composed_density": density_acc, "paragon": paragon_acc,
-                "fedavg": composed_accuracy(bank_logits(model, test, shared), test.labels),
+                "fedavg": fedavg_accuracy(runs[f"{key}-fedavg"], model, test),
                 "alone_mean": float(np.mean(alone)), "alone_min": min(alone), "alone_max": max(alone),
                 **probe_rows(probes, test, density),
                 "gap_points": round(100 * (paragon_acc - composed), 2),
@@ -330,12 +335,12 @@ def recorded_result(args: argparse.Namespace, s: Settings, label: str) -> dict:
         raise SystemExit(f"--fedavg-only updates {path}, which does not exist: run the experiment first")
     try:
         payload = json.loads(path.read_text())
-        setup = payload["setup"]
-        made = setup["profile"], setup["settings"], setup["seed"], payload["comparison"]
+        profile, settings, seed = (payload["setup"][k] for k in ("profile", "settings", "seed"))
+        payload["comparison"]  # KeyError unless the result holds its table
     except (ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"{path} is not a result of this experiment ({err!r}): run the experiment first") from None
-    if made[:3] != (label, json.loads(json.dumps(dataclasses.asdict(s))), args.seed):
-        raise SystemExit(f"{path} is a {made[0]} run with seed {made[2]} and other settings: "
+    if (profile, settings, seed) != (label, json.loads(json.dumps(dataclasses.asdict(s))), args.seed):
+        raise SystemExit(f"{path} is a {profile} run with seed {seed} and other settings: "
                          "--fedavg-only needs the same profile, --set overrides and --seed")
     return payload
 
@@ -350,8 +355,7 @@ def rerun_fedavg(payload: dict, args: argparse.Namespace, s: Settings, spec: Bac
     by_name = {r.name: r for r in runs}
     for row in payload["comparison"]:
         run = by_name[f"{run_key(s, row['partition'], row['sources'])}-fedavg"]
-        shared = list(pool_prompts(Path(run.run_config["pool-dir"]), model).values())
-        row["fedavg"] = composed_accuracy(bank_logits(model, test, shared), test.labels)
+        row["fedavg"] = fedavg_accuracy(run, model, test)
         row["fedavg_seconds"] = round(run.seconds, 1)
     payload["fedavg_rerun"] = {"date": time.strftime("%Y-%m-%d"), "seconds": round(sum(r.seconds for r in runs), 1)}
     plot_comparison(payload["comparison"], s, args.out / "accuracy_vs_sources.png")

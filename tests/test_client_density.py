@@ -30,7 +30,7 @@ def train_reply(run_config: dict, sent: RecordDict | None = None, **overrides) -
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
                       run_config=run_config | overrides)
-    content = sent or RecordDict({"config": ConfigRecord({"parent-version": 0})})
+    content = sent if sent is not None else RecordDict({"config": ConfigRecord({"parent-version": 0})})
     return train(Message(content, dst_node_id=1, message_type=MessageType.TRAIN), context)
 
 
