@@ -19,7 +19,9 @@ split, as the product's ClientApp does) and
 * **alone**: each pool prompt by itself (mean over sources);
 * **probes**: references on the frozen backbone's pooled features of the same training
   images: each source's linear probe, composed uniformly and density-weighted, and one probe
-  on the union (``common.probe``, L2 by cross-validation on the training images).
+  on the union (``common.probe``, L2 by cross-validation on the training images); and per
+  source, whether its prompt is at least as accurate as its probe on the images of its own
+  classes (``sources_not_below_probe``: how many are).
 
 The "à-la-carte subset" curve takes random subsets of one pool and compares their
 composition with a paragon trained on exactly that subset's data.
@@ -197,28 +199,48 @@ class SourceProbes:
         return torch.stack([p.logits(bank, NUM_CLASSES) for p in self.probes])
 
 
-def probe_rows(probes: SourceProbes, test: Bank, density: torch.Tensor) -> dict[str, float]:
+def sources_not_below_probe(prompt_logits: torch.Tensor, probe_logits: torch.Tensor, labels: np.ndarray) -> int:
+    """How many sources' prompts are at least as accurate as their own probes on the images of
+    their own classes. ``prompt_logits`` and ``probe_logits`` are ``[k, n, C]``, ``-inf``
+    outside a source's classes (as both give them), in the same source order; so a source is
+    right only on images of its own classes, and comparing its images right over all ``n``
+    compares its accuracies there."""
+    if prompt_logits.shape != probe_logits.shape:
+        raise ValueError(f"prompt logits {tuple(prompt_logits.shape)} and probe logits {tuple(probe_logits.shape)} "
+                         "must cover the same sources, images and classes")
+    y = torch.as_tensor(np.asarray(labels))  # [n]
+    prompt_right = (prompt_logits.argmax(-1) == y).sum(1)  # [k]
+    probe_right = (probe_logits.argmax(-1) == y).sum(1)
+    return int((prompt_right >= probe_right).sum())
+
+
+def probe_rows(probes: SourceProbes, test: Bank, prompt_logits: torch.Tensor,
+               density: torch.Tensor) -> dict[str, float]:
     """Per-source linear probes composed (uniform, density) and one probe on the union; the
-    pool's ``density`` composition ``[n, C]`` against the probes' (images won, lost, sign-test p)."""
+    pool's ``density`` composition ``[n, C]`` against the probes' (images won, lost, sign-test p),
+    and how many of its prompts (``prompt_logits [k, n, C]``) are not below their own probes."""
     logits = probes.logits(test)
     composed = density_probs(logits, probes.densities, test)
     paired = paired_comparison(density, composed, test.labels)
     return {"probes_composed": composed_accuracy(logits, test.labels),
             "probes_composed_density": accuracy(composed, test.labels),
             "union_probe": accuracy(probes.union.logits(test, NUM_CLASSES).softmax(-1), test.labels),
+            "sources_not_below_probe": sources_not_below_probe(prompt_logits, logits, test.labels),
             **{f"density_vs_probes_{k}": v for k, v in paired.items()}}
 
 
 def held_out_row(model: APTViT, held_out: Bank, prompts: list, probes: SourceProbes, para) -> dict[str, float]:
     """The density compositions of the pool's prompts and of the per-source probes, and the
     paragon, on the held-out training-split images (validation: no test image)."""
-    density = density_probs(bank_logits(model, held_out, prompts), [p.density for p in prompts], held_out)
-    composed = density_probs(probes.logits(held_out), probes.densities, held_out)
+    prompt_logits, probe_logits = bank_logits(model, held_out, prompts), probes.logits(held_out)
+    density = density_probs(prompt_logits, [p.density for p in prompts], held_out)
+    composed = density_probs(probe_logits, probes.densities, held_out)
     paragon_acc = accuracy(bank_logits(model, held_out, [para])[0].softmax(-1), held_out.labels)
     density_acc = accuracy(density, held_out.labels)
     return {"held_out_density": density_acc,
             "held_out_probes_density": accuracy(composed, held_out.labels), "held_out_paragon": paragon_acc,
             "held_out_gap_density_points": round(100 * (paragon_acc - density_acc), 2),
+            "held_out_sources_not_below_probe": sources_not_below_probe(prompt_logits, probe_logits, held_out.labels),
             **{f"held_out_density_vs_probes_{k}": v
                for k, v in paired_comparison(density, composed, held_out.labels).items()}}
 
@@ -256,7 +278,7 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
                 "composed": composed, "composed_density": density_acc, "paragon": paragon_acc,
                 "fedavg": fedavg_accuracy(runs[f"{key}-fedavg"], model, test),
                 "alone_mean": float(np.mean(alone)), "alone_min": min(alone), "alone_max": max(alone),
-                **probe_rows(probes, test, density),
+                **probe_rows(probes, test, logits, density),
                 "gap_points": round(100 * (paragon_acc - composed), 2),
                 "gap_density_points": round(100 * (paragon_acc - density_acc), 2),
                 "steps_alacarte": sum(steps(x, s) for x in sizes), "steps_paragon": steps(len(union), s),
@@ -404,6 +426,9 @@ def main(argv: list[str] | None = None) -> dict:
         "held_out_density_not_below_probes": sum(r["held_out_density"] >= r["held_out_probes_density"]
                                                  for r in rows),
         "held_out_density_within_3_points": sum(r["held_out_gap_density_points"] <= 3 for r in rows),
+        "sources_not_below_probe": sum(r["sources_not_below_probe"] for r in rows),
+        "held_out_sources_not_below_probe": sum(r["held_out_sources_not_below_probe"] for r in rows),
+        "sources_with_probe": sum(r["prompts_in_pool"] for r in rows),
         "plots": [plot_comparison(rows, s, args.out / "accuracy_vs_sources.png").name,
                   plot_subsets(subsets, args.out / "subsets.png").name],
     }

@@ -207,6 +207,37 @@ def test_render_says_when_the_fedavg_column_was_rerun(tmp_path):
             in render(recorded, tmp_path / "RESULTS.md"))
 
 
+def test_sources_not_below_probe_counts_own_class_images_only():
+    from simulations.alacarte_vs_paragon import sources_not_below_probe
+
+    inf = float("-inf")
+    labels = np.array([0, 1, 2, 2])
+    # source 0 covers classes 0 and 1, source 1 covers 1 and 2 ([k, n, C] logits, -inf outside)
+    probe = torch.tensor([[[1, 0, inf], [1, 0, inf], [1, 0, inf], [1, 0, inf]],  # right on image 0 only
+                          [[inf, 1, 0], [inf, 1, 0], [inf, 0, 1], [inf, 0, 1]]])  # right on images 1, 2, 3
+    better = torch.tensor([[[1, 0, inf], [0, 1, inf], [1, 0, inf], [1, 0, inf]],  # images 0 and 1
+                           [[inf, 1, 0], [inf, 1, 0], [inf, 0, 1], [inf, 1, 0]]])  # images 1 and 2
+    assert sources_not_below_probe(probe, probe, labels) == 2  # a tie counts
+    assert sources_not_below_probe(better, probe, labels) == 1  # source 1 lost image 3
+    assert sources_not_below_probe(probe, better, labels) == 1
+    with pytest.raises(ValueError, match="same sources"):
+        sources_not_below_probe(better[:1], probe, labels)
+
+
+def test_render_shows_the_sources_against_their_probes_when_recorded(tmp_path):
+    recorded = tmp_path / "results"
+    shutil.copytree(REPO / "simulations" / "results", recorded)
+    result = recorded / "alacarte_vs_paragon" / "result.json"
+    payload = json.loads(result.read_text())
+    payload.pop("sources_not_below_probe", None)
+    result.write_text(json.dumps(payload))
+    assert "against its own linear probe" not in render(recorded, tmp_path / "RESULTS.md")
+    counts = {"sources_not_below_probe": 101, "held_out_sources_not_below_probe": 105, "sources_with_probe": 113}
+    result.write_text(json.dumps(payload | counts))
+    assert ("at least as accurate for 101 of 113 sources on the test images, and 105 of 113 on the held-out "
+            "images" in render(recorded, tmp_path / "RESULTS.md"))
+
+
 def test_render_shows_a_replicate_seed_as_its_own_section(tmp_path):
     """A result in a sub-folder (another seed of the same experiment) renders after the main one,
     its heading naming its seed."""
@@ -288,6 +319,10 @@ def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
     assert row["held_out_density_vs_probes_won"] - row["held_out_density_vs_probes_lost"] == round(
         n_held_out * (row["held_out_density"] - row["held_out_probes_density"]))
     assert row["steps_alacarte"] > 0 and row["steps_paragon"] > 0 and row["steps_fedavg"] > 0
+    for key in ("sources_not_below_probe", "held_out_sources_not_below_probe"):
+        assert 0 <= row[key] <= row["sources"]
+        assert payload[key] == sum(r[key] for r in payload["comparison"])
+    assert payload["sources_with_probe"] == sum(r["prompts_in_pool"] for r in payload["comparison"])
     assert payload["subsets"] and payload["setup"]["upload_bytes_per_reply"] > 0
 
     rerun = run_profile("alacarte_vs_paragon", "tiny", results, tmp_path / "rerun", "--data-dir", str(data_dir),
