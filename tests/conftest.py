@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -44,6 +45,14 @@ def random_prompt(model: APTViT, seed: int, **kwargs) -> Prompt:
         prompt.head.weight.copy_(torch.randn(prompt.head.weight.shape, generator=gen))
         prompt.head.bias.copy_(torch.randn(prompt.head.bias.shape, generator=gen))
     return prompt
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``addopts``: two workers) each worker and the processes it starts run
+    torch on one thread, so two workers share two cores without oversubscribing them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,10 @@ def run_profile(name: str, profile: str, results: Path, work: Path, *extra: str)
     for png in payload["plots"]:
         assert (found[0].parent / png).stat().st_size > 1000
     assert payload["setup"]["profile"] == profile
+    text = render(results, work / f"{name}-RESULTS.md")  # this run's section, among the session's results
+    assert f"simulations.{payload['experiment']}" in text and payload["setup"]["backbone"] in text
+    assert all(f"{plot})" in text for plot in payload["plots"])
+    assert "Not the full configuration" in text
     return payload
 
 
@@ -489,16 +493,3 @@ def test_cost_quick(results, quick_work):
     assert [r["prompts"] for r in payload["training"]] == [1, 2, 4, 8]
     assert [r["clients"] for r in payload["memory"]] == [2, 4]
     assert all(r["batched_s"] > 0 and r["one_by_one_s"] > 0 for r in payload["inference"])
-
-
-def test_render_mentions_every_experiment(results, tmp_path):
-    """Runs last: renders what the runs above wrote (skipped when run alone)."""
-    written = sorted(results.glob("*/**/result.json"))
-    if not written:
-        pytest.skip("no results in this session; run the whole module")
-    text = render(results, tmp_path / "RESULTS.md")
-    payloads = [json.loads(path.read_text()) for path in written]
-    for payload in payloads:
-        assert f"simulations.{payload['experiment']}" in text and payload["setup"]["backbone"] in text
-        assert all(f"{plot})" in text for plot in payload["plots"])
-    assert "Not the full configuration" in text
