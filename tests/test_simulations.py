@@ -198,20 +198,24 @@ def test_render_of_the_recorded_results_shows_their_notes(tmp_path):
     assert "> **Note.** Ran on an older recipe." in forgetting
 
 
-def test_render_says_when_the_fedavg_column_was_rerun(tmp_path):
+@pytest.mark.parametrize(("recorded_fields", "shown"), [
+    ({"fedavg_rerun": {"date": "2026-12-07", "seconds": 1234.5}},
+     "the FedAvg column was rerun on 2026-12-07 with `--fedavg-only` (1234 s of federations)"),
+    ({"sources_not_below_probe": 101, "held_out_sources_not_below_probe": 105, "sources_with_probe": 113},
+     "at least as accurate for 101 of 113 sources on the test images, and 105 of 113 on the held-out images"),
+])
+def test_render_shows_optional_alacarte_vs_paragon_fields_only_when_recorded(tmp_path, recorded_fields, shown):
     recorded = tmp_path / "results"
     shutil.copytree(REPO / "simulations" / "results", recorded)
     result = recorded / "alacarte_vs_paragon" / "result.json"
-    payload = json.loads(result.read_text())
-    payload.pop("fedavg_rerun", None)
+    payload = {k: v for k, v in json.loads(result.read_text()).items() if k not in recorded_fields}
     result.write_text(json.dumps(payload))
-    assert "--fedavg-only" not in render(recorded, tmp_path / "RESULTS.md")
-    result.write_text(json.dumps(payload | {"fedavg_rerun": {"date": "2026-12-07", "seconds": 1234.5}}))
-    assert ("the FedAvg column was rerun on 2026-12-07 with `--fedavg-only` (1234 s of federations)"
-            in render(recorded, tmp_path / "RESULTS.md"))
+    assert shown not in render(recorded, tmp_path / "RESULTS.md")
+    result.write_text(json.dumps(payload | recorded_fields))
+    assert shown in render(recorded, tmp_path / "RESULTS.md")
 
 
-def test_sources_not_below_probe_counts_own_class_images_only():
+def test_sources_not_below_probe_counts_sources_at_least_as_accurate_as_their_probe():
     from simulations.alacarte_vs_paragon import sources_not_below_probe
 
     inf = float("-inf")
@@ -226,20 +230,6 @@ def test_sources_not_below_probe_counts_own_class_images_only():
     assert sources_not_below_probe(probe, better, labels) == 1
     with pytest.raises(ValueError, match="same sources"):
         sources_not_below_probe(better[:1], probe, labels)
-
-
-def test_render_shows_the_sources_against_their_probes_when_recorded(tmp_path):
-    recorded = tmp_path / "results"
-    shutil.copytree(REPO / "simulations" / "results", recorded)
-    result = recorded / "alacarte_vs_paragon" / "result.json"
-    payload = json.loads(result.read_text())
-    payload.pop("sources_not_below_probe", None)
-    result.write_text(json.dumps(payload))
-    assert "against its own linear probe" not in render(recorded, tmp_path / "RESULTS.md")
-    counts = {"sources_not_below_probe": 101, "held_out_sources_not_below_probe": 105, "sources_with_probe": 113}
-    result.write_text(json.dumps(payload | counts))
-    assert ("at least as accurate for 101 of 113 sources on the test images, and 105 of 113 on the held-out "
-            "images" in render(recorded, tmp_path / "RESULTS.md"))
 
 
 def test_render_shows_a_replicate_seed_as_its_own_section(tmp_path):
