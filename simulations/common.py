@@ -688,11 +688,18 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 def setup_record(spec: BackboneSpec, profile: Any, label: str, args: argparse.Namespace,
                  **extra: Any) -> dict[str, Any]:
-    """What every result file states: backbone, resolution, prompt shape, profile, seeds and more."""
+    """What every result file states: backbone, resolution, prompt shape, profile, seeds, the
+    data folder (:func:`data_folder`) and more."""
     return {"backbone": spec.label, "backbone_name": spec.name, "resolution": spec.img_size,
             "n_prompt": AppConfig.n_prompt, "n_memory": AppConfig.n_memory,
             "profile": label, "settings": dataclasses.asdict(profile), "seed": args.seed,
-            "overrides": list(args.set), **extra}
+            "overrides": list(args.set), "data_dir": data_folder(args), **extra}
+
+
+def data_folder(args: argparse.Namespace) -> str:
+    """``--data-dir`` as a result records it: the resolved folder, or ``"prepared"`` for the
+    Fashion-MNIST that ``alacarte setup`` prepared (the default)."""
+    return str(Path(args.data_dir).resolve()) if args.data_dir else "prepared"
 
 
 @dataclass

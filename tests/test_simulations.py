@@ -11,6 +11,7 @@ takes tens of seconds (tiny) to a few minutes (quick).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import runpy
@@ -329,6 +330,7 @@ def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
 
 
 def test_fedavg_only_needs_the_recorded_result_of_the_same_run(tmp_path, monkeypatch):
+    from simulations.alacarte_vs_paragon import TINY
     from simulations.alacarte_vs_paragon import main as avp_main
 
     monkeypatch.chdir(tmp_path)
@@ -341,6 +343,10 @@ def test_fedavg_only_needs_the_recorded_result_of_the_same_run(tmp_path, monkeyp
     (tmp_path / "result.json").write_text(json.dumps({"setup": setup, "comparison": []}))
     with pytest.raises(SystemExit, match="needs the same profile, --set overrides and --seed"):
         avp_main(["--tiny", "--fedavg-only", "--out", str(tmp_path)])
+    setup = {"profile": "tiny", "settings": dataclasses.asdict(TINY), "seed": 0}  # no data_dir: the prepared one
+    (tmp_path / "result.json").write_text(json.dumps({"setup": setup, "comparison": []}))
+    with pytest.raises(SystemExit, match=f"run on the data in prepared, not {tmp_path.resolve()}: .*same --data-dir"):
+        avp_main(["--tiny", "--fedavg-only", "--out", str(tmp_path), "--data-dir", str(tmp_path)])
 
 
 def test_main_job_tiny_with_sweep(data_dir, results, tmp_path):
