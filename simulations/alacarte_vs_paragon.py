@@ -353,7 +353,7 @@ def plot_subsets(rows: list[dict], path: Path) -> Path:
 def recorded_result(args: argparse.Namespace, s: Settings, label: str) -> dict:
     """The result in ``--out`` that ``--fedavg-only`` updates; it must come from the same
     profile, settings, seed and data folder (results recorded before the data folder was
-    recorded used the prepared one)."""
+    recorded used the default one)."""
     path = args.out / "result.json"
     if not path.is_file():
         raise SystemExit(f"--fedavg-only updates {path}, which does not exist: run the experiment first")
@@ -366,10 +366,10 @@ def recorded_result(args: argparse.Namespace, s: Settings, label: str) -> dict:
     if (profile, settings, seed) != (label, json.loads(json.dumps(dataclasses.asdict(s))), args.seed):
         raise SystemExit(f"{path} is a {profile} run with seed {seed} and other settings: "
                          "--fedavg-only needs the same profile, --set overrides and --seed")
-    recorded_data = payload["setup"].get("data_dir", "prepared")
+    recorded_data = payload["setup"].get("data_dir", "default")
     if recorded_data != data_folder(args):
-        raise SystemExit(f"{path} was run on the data in {recorded_data}, not {data_folder(args)}: "
-                         "--fedavg-only needs the same --data-dir")
+        raise SystemExit(f"{path} was run on data folder {recorded_data!r}, not {data_folder(args)!r} ('default': "
+                         "the prepared Fashion-MNIST): --fedavg-only needs the same --data-dir")
     return payload
 
 

@@ -248,8 +248,7 @@ def held_out_bank(args: argparse.Namespace, model: APTViT, n_train: int, n_held_
 
 def _shared_root(args: argparse.Namespace) -> Path:
     """Where the banks shared between experiments live: ``<work-dir>/../shared``, by data folder and seed."""
-    source = str(Path(args.data_dir).resolve()) if args.data_dir else "default"
-    key = hashlib.sha256(source.encode()).hexdigest()[:10]
+    key = hashlib.sha256(data_folder(args).encode()).hexdigest()[:10]
     return args.work_dir.parent / "shared" / f"fashion_mnist-seed{args.seed}-{key}"
 
 
@@ -697,9 +696,9 @@ def setup_record(spec: BackboneSpec, profile: Any, label: str, args: argparse.Na
 
 
 def data_folder(args: argparse.Namespace) -> str:
-    """``--data-dir`` as a result records it: the resolved folder, or ``"prepared"`` for the
-    Fashion-MNIST that ``alacarte setup`` prepared (the default)."""
-    return str(Path(args.data_dir).resolve()) if args.data_dir else "prepared"
+    """``--data-dir`` as results and bank folders name it: the resolved folder, or ``"default"``
+    for the Fashion-MNIST that ``alacarte setup`` prepared."""
+    return str(Path(args.data_dir).resolve()) if args.data_dir else "default"
 
 
 @dataclass

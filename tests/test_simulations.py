@@ -343,9 +343,9 @@ def test_fedavg_only_needs_the_recorded_result_of_the_same_run(tmp_path, monkeyp
     (tmp_path / "result.json").write_text(json.dumps({"setup": setup, "comparison": []}))
     with pytest.raises(SystemExit, match="needs the same profile, --set overrides and --seed"):
         avp_main(["--tiny", "--fedavg-only", "--out", str(tmp_path)])
-    setup = {"profile": "tiny", "settings": dataclasses.asdict(TINY), "seed": 0}  # no data_dir: the prepared one
+    setup = {"profile": "tiny", "settings": dataclasses.asdict(TINY), "seed": 0}  # no data_dir: the default one
     (tmp_path / "result.json").write_text(json.dumps({"setup": setup, "comparison": []}))
-    with pytest.raises(SystemExit, match=f"run on the data in prepared, not {tmp_path.resolve()}: .*same --data-dir"):
+    with pytest.raises(SystemExit, match=f"run on data folder 'default', not '{tmp_path.resolve()}'.*same --data-dir"):
         avp_main(["--tiny", "--fedavg-only", "--out", str(tmp_path), "--data-dir", str(tmp_path)])
 
 
