@@ -366,9 +366,9 @@ def recorded_result(args: argparse.Namespace, s: Settings, label: str) -> dict:
     if (profile, settings, seed) != (label, json.loads(json.dumps(dataclasses.asdict(s))), args.seed):
         raise SystemExit(f"{path} is a {profile} run with seed {seed} and other settings: "
                          "--fedavg-only needs the same profile, --set overrides and --seed")
-    recorded_data = payload["setup"].get("data_dir", "default")
-    if recorded_data != data_folder(args):
-        raise SystemExit(f"{path} was run on data folder {recorded_data!r}, not {data_folder(args)!r} ('default': "
+    recorded_data, asked = payload["setup"].get("data_dir", "default"), data_folder(args)
+    if recorded_data != asked:
+        raise SystemExit(f"{path} was run on data folder {recorded_data!r}, not {asked!r} ('default': "
                          "the prepared Fashion-MNIST): --fedavg-only needs the same --data-dir")
     return payload
 
