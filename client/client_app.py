@@ -121,12 +121,14 @@ def evaluate_prompts(msg: Message, context: Context) -> Message:
     config = AppConfig.from_run_config(context.run_config)
     model = build_model(config)
     data = load_node_data(context, config, model)
-    prompts = prompts_from_records(msg.content, model)
+    shared = config.mode == "fedavg"
+    prompts = [_shared_prompt(msg.content, model, data, config)] if shared else prompts_from_records(msg.content, model)
     cache = _kv_cache(data.source, model) if config.kv_cache else None
     result = evaluate(model, prompts, DataLoader(data.val, batch_size=config.batch_size), cache=cache)
     return Message(RecordDict({"metrics": MetricRecord({
         "num-examples": int(result["num_examples"]),
         "accuracy": float(result["accuracy"]),
+        "loss": float(result["nll"]),
         "prompt-accuracy": [float(a) for a in result["prompt_accuracy"]],
     })}), reply_to=msg)
 
@@ -151,14 +153,20 @@ def _starting_prompt(content: RecordDict, model: APTViT, data: NodeData, config:
             return prompt
         log(WARNING, "source %s: its stored prompt covers %s but the data has %s; starting afresh",
             data.source, list(prompt.config.labels), labels)
+    elif "arrays" in content:
+        return _shared_prompt(content, model, data, config)
     shared = config.mode == "fedavg"
-    fresh = Prompt.init(model, data.num_classes, n_prompt=config.n_prompt, n_memory=config.n_memory,
-                        seed=0 if shared else source_seed(data.source),
-                        labels=None if shared else labels, source=data.source)
-    if "arrays" in content:
-        arrays = {k: v.numpy() for k, v in content["arrays"].items()}
-        return Prompt.from_arrays(arrays, fresh.config, model)
-    return fresh
+    return Prompt.init(model, data.num_classes, n_prompt=config.n_prompt, n_memory=config.n_memory,
+                       seed=0 if shared else source_seed(data.source),
+                       labels=None if shared else labels, source=data.source)
+
+
+def _shared_prompt(content: RecordDict, model: APTViT, data: NodeData, config: AppConfig) -> Prompt:
+    """The shared prompt of a FedAvg message (its ``arrays`` record: tensors only, over every class)."""
+    template = Prompt.init(model, data.num_classes, n_prompt=config.n_prompt, n_memory=config.n_memory, seed=0,
+                           source=data.source)
+    arrays = {k: v.numpy() for k, v in content["arrays"].items()}
+    return Prompt.from_arrays(arrays, template.config, model)
 
 
 def use_kv_cache(source: str, model: APTViT, cache: KVCache) -> None:

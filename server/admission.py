@@ -14,6 +14,10 @@ A reply is checked in this order, each step before anything the next one would a
 5. the prompt itself (``common.prompt.Prompt.from_arrays``) and, once built, its label
    space (``check_prompt``).
 
+An evaluate reply (``check_evaluation``) must hold a ``metrics`` record with a positive
+integer ``num-examples`` (at most 2**53), an ``accuracy`` in [0, 1] and a finite,
+non-negative ``loss``.
+
 Prompt shape limits (``MAX_N_PROMPT``, ``MAX_N_MEMORY``) keep the cost of composing any
 admitted prompt bounded: a prompt's ``P`` tokens attend, per layer and head, to the ``N``
 backbone tokens, the ``P`` prompt tokens and the ``M`` memory tokens, so one prompt over a
@@ -29,9 +33,10 @@ from __future__ import annotations
 import io
 import math
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
 from common.prompt import Prompt, PromptError
@@ -41,7 +46,9 @@ __all__ = [
     "COMPOSE_BUDGET_BYTES",
     "MAX_N_MEMORY",
     "MAX_N_PROMPT",
+    "Evaluation",
     "PromptLimitError",
+    "check_evaluation",
     "check_metadata",
     "check_metrics",
     "check_prompt",
@@ -162,6 +169,33 @@ def check_metrics(metrics: MetricRecord) -> dict[str, int | float]:
         else:
             out[name] = float(value)
     return out
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one node's evaluate reply says about the prompt(s) it was sent, on its validation split."""
+
+    num_examples: int
+    accuracy: float  # of the composition (one prompt: that prompt)
+    loss: float  # mean cross-entropy of the composition
+
+
+def check_evaluation(content: RecordDict) -> Evaluation:
+    """The :class:`Evaluation` of an evaluate reply's ``metrics``; raises ``ReplyError`` if malformed."""
+    metrics = content.get("metrics")
+    if not isinstance(metrics, MetricRecord):
+        raise ReplyError("the evaluate reply has no 'metrics' MetricRecord")
+    try:
+        n, acc, loss = (metrics[k] for k in ("num-examples", "accuracy", "loss"))
+    except KeyError as err:
+        raise ReplyError(f"the evaluate reply's metrics lack {err}") from None
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= int(n) <= MAX_METRIC_INT:
+        raise ReplyError(f"num-examples must be an integer in 1..{MAX_METRIC_INT}, got {str(n)[:20]}")
+    for name, value, top in (("accuracy", acc, 1.0), ("loss", loss, math.inf)):
+        number = not isinstance(value, bool) and isinstance(value, numbers.Real)
+        if not number or not math.isfinite(float(value)) or not 0.0 <= float(value) <= top:
+            raise ReplyError(f"{name} must be a finite number in [0, {top:g}], got {str(value)[:20]}")
+    return Evaluation(int(n), float(acc), float(loss))
 
 
 def check_prompt(prompt: Prompt, num_classes: int | None) -> Prompt:

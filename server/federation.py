@@ -3,7 +3,8 @@
 À-la-carte round (``AlaCarteFederation``): every node gets its own source's latest prompt
 from the pool (or none), trains it in isolation, and sends it back; each reply is validated
 and stored as a new version of that source. Nothing is averaged. FedAvg (``run_fedavg``)
-is Flower's own strategy (``CheckedFedAvg``).
+is Flower's own strategy (``CheckedFedAvg``); with validation splits it keeps the round whose
+shared prompt has the lowest validation loss over the nodes' splits (federated evaluation).
 
 Failures (deployment: SuperNodes on other machines come and go):
 
@@ -47,7 +48,14 @@ from common.data import load_split
 from common.model import APTViT
 from common.prompt import Prompt, PromptError
 from common.records import ReplyError, check_train_reply, parent_sha256, prompt_records
-from server.admission import check_metadata, check_metrics, check_prompt, decode_arrays, known_label_space
+from server.admission import (
+    check_evaluation,
+    check_metadata,
+    check_metrics,
+    check_prompt,
+    decode_arrays,
+    known_label_space,
+)
 from server.bindings import load_node_sources
 from server.pool import InvalidSourceError, PoolCorruptError, PromptPool, UnknownSourceError, validate_source
 
@@ -364,6 +372,10 @@ def run_fedavg(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig, n
     """The baseline: one shared prompt averaged with Flower's FedAvg; stored as source ``fedavg``.
 
     Resumes from the pool's latest shared prompt when it fits (same backbone and classes).
+    With validation splits (``val-fraction > 0``) every round's shared prompt is evaluated on
+    every node's validation split and the round with the lowest validation loss is stored
+    (``CheckedFedAvg``): the paragon's selection on the union of the validation splits,
+    federated; without them the last round's is.
     """
     fresh = Prompt.init(model, num_classes, n_prompt=config.n_prompt, n_memory=config.n_memory,
                         source=FEDAVG_SOURCE)
@@ -378,13 +390,27 @@ def run_fedavg(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig, n
     if usable:
         log(INFO, "FedAvg resumes from the shared prompt v%d", start.version)
     nodes = len(list(grid.get_node_ids()))
-    strategy = CheckedFedAvg(init, model, config, fraction_evaluate=0.0, min_train_nodes=nodes,
-                             min_available_nodes=nodes)
-    result = strategy.start(grid=grid, initial_arrays=prompt_records(init)["arrays"],
-                            num_rounds=config.num_server_rounds, timeout=config.reply_timeout)
-    arrays = {k: v.numpy() for k, v in result.arrays.items()}
+    strategy = CheckedFedAvg(init, model, config, fraction_evaluate=1.0 if config.val_fraction > 0 else 0.0,
+                             min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes)
+    strategy.start(grid=grid, initial_arrays=strategy.current, num_rounds=config.num_server_rounds,
+                   timeout=config.reply_timeout)
+    best = strategy.best
+    if best is not None:
+        log(INFO, "FedAvg keeps round %d's shared prompt (validation loss %.4f, the lowest of %d rounds)",
+            best.round, best.val_loss, config.num_server_rounds)
+    arrays = {k: v.numpy() for k, v in (best.arrays if best else strategy.current).items()}
     shared = Prompt.from_arrays(arrays, replace(init.config, num_examples=strategy.num_examples), model)
-    return pool.add(FEDAVG_SOURCE, shared, {"rounds": config.num_server_rounds}, parent_sha256=start.sha256)
+    meta = {"rounds": config.num_server_rounds, "kept-round": best.round if best else config.num_server_rounds}
+    return pool.add(FEDAVG_SOURCE, shared, meta, parent_sha256=start.sha256)
+
+
+@dataclass(frozen=True)
+class _RoundPrompt:
+    """The shared prompt after ``round`` and its validation loss over the nodes that evaluated it."""
+
+    round: int
+    val_loss: float
+    arrays: ArrayRecord
 
 
 class CheckedFedAvg(FedAvg):
@@ -395,12 +421,19 @@ class CheckedFedAvg(FedAvg):
     logged with its node and left out of the average (a NaN never spoils it). A round
     without a valid reply keeps the shared prompt unchanged. ``num_examples`` is the training
     images behind the shared prompt: the sum over the last averaged round's replies.
+
+    Federated evaluation (when ``fraction_evaluate > 0``) scores each round's shared prompt on
+    the nodes' validation splits; ``best`` is the round whose example-weighted mean validation
+    loss is the lowest (``None`` until an evaluation reply is admitted). Evaluate replies are
+    untrusted too (``server.admission.check_evaluation``): a malformed one is logged and left out.
     """
 
     def __init__(self, template: Prompt, model: APTViT, config: AppConfig, **kwargs) -> None:
         super().__init__(**kwargs)
         self.template, self.model, self.config = template, model, config
         self.num_examples = template.config.num_examples
+        self.current = prompt_records(template)["arrays"]  # the shared prompt the next evaluation scores
+        self.best: _RoundPrompt | None = None
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -412,7 +445,37 @@ class CheckedFedAvg(FedAvg):
         averaged = [reply for reply in valid if not reply.has_error()]
         if averaged:
             self.num_examples = sum(int(reply.content["metrics"]["num-examples"]) for reply in averaged)
-        return super().aggregate_train(server_round, valid)
+        arrays, metrics = super().aggregate_train(server_round, valid)
+        if arrays is not None:
+            self.current = arrays
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The shared prompt's validation loss and accuracy over the admitted evaluate replies
+        (example-weighted); remembers the round if its loss is the lowest so far."""
+        scores = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "FedAvg round %d: node %s failed to evaluate: %s", server_round, node,
+                    str(reply.error.reason)[:MAX_REASON_CHARS])
+                continue
+            try:
+                scores.append(check_evaluation(reply.content))
+            except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
+                log(WARNING, "FedAvg round %d: evaluate reply of node %s rejected: %s", server_round, node,
+                    _reason(err))
+        if not scores:
+            log(WARNING, "FedAvg round %d: no usable evaluate reply; this round cannot be kept", server_round)
+            return None
+        images = sum(e.num_examples for e in scores)
+        loss = sum(e.loss * e.num_examples for e in scores) / images
+        accuracy = sum(e.accuracy * e.num_examples for e in scores) / images
+        log(INFO, "FedAvg round %d: validation loss %.4f, accuracy %.3f (%d images, %d nodes)", server_round, loss,
+            accuracy, images, len(scores))
+        if self.best is None or loss < self.best.val_loss:
+            self.best = _RoundPrompt(server_round, loss, self.current)
+        return MetricRecord({"val-loss": loss, "val-accuracy": accuracy, "num-examples": images})
 
     def _admitted(self, server_round: int, reply: Message) -> bool:
         if reply.has_error():

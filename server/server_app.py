@@ -16,7 +16,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from torch.utils.data import DataLoader
@@ -26,8 +26,9 @@ from common.data import Shard, backbone_transform, limit_per_partition, load_spl
 from common.kv_cache import KVCache, Prefetch
 from common.model import APTViT
 from common.prompt import Prompt
-from common.records import prompts_records
+from common.records import ReplyError, prompts_records
 from common.train import evaluate
+from server.admission import check_evaluation
 from server.federation import FEDAVG_SOURCE, AlaCarteFederation, run_fedavg, send_and_collect
 from server.pool import PromptPool
 from server.table import accuracy_table, format_table
@@ -123,21 +124,11 @@ def federated_evaluate(grid: Grid, config: AppConfig, prompts: dict[str, Prompt]
             log(WARNING, "node %s (source %s) failed to evaluate: %s", nid, nodes[nid], reply.error.reason)
             continue
         try:
-            rows.append((nodes[nid], *_evaluation_metrics(reply.content)))
-        except (KeyError, TypeError, ValueError) as err:
+            result = check_evaluation(reply.content)
+            rows.append((nodes[nid], result.num_examples, result.accuracy))
+        except ReplyError as err:
             log(WARNING, "node %s (source %s) sent an unusable evaluation reply (%s); left out", nid, nodes[nid],
                 str(err)[:200])
     table = format_table(("source", "val images", "composed acc"),
                          [(name, n, f"{acc:.3f}") for name, n, acc in sorted(rows)], right={1, 2})
     print(f"\nFederated evaluation of the composed model (each source's validation split)\n{table}")
-
-
-def _evaluation_metrics(content: RecordDict) -> tuple[int, float]:
-    """(validation images, composed accuracy) of an evaluate reply; raises ``ValueError`` if malformed."""
-    metrics = content["metrics"]
-    if not isinstance(metrics, MetricRecord):
-        raise ValueError("'metrics' is not a MetricRecord")
-    n, acc = metrics["num-examples"], metrics["accuracy"]
-    if isinstance(n, list) or isinstance(acc, list) or not (0 <= n < 2**53 and 0.0 <= acc <= 1.0):
-        raise ValueError(f"num-examples {str(n)[:20]} / accuracy {str(acc)[:20]} out of range")
-    return int(n), float(acc)

@@ -22,12 +22,13 @@ from common.config import AppConfig
 from common.density import SourceDensity
 from common.model import APTViT
 from common.prompt import Prompt
-from common.records import prompt_from_records, prompt_records
+from common.records import ReplyError, prompt_from_records, prompt_records
 from server.admission import (
     COMPOSE_BUDGET_BYTES,
     MAX_N_MEMORY,
     MAX_N_PROMPT,
     PromptLimitError,
+    check_evaluation,
     check_prompt,
     compose_scores_bytes,
 )
@@ -294,32 +295,75 @@ def test_reply_trained_from_a_forgotten_prompt_never_returns(app_config, app_mod
 # ------------------------------------------------------------------ FedAvg
 
 
-def test_fedavg_rejects_a_nan_reply_per_node(app_config, app_model, tmp_path, flwr_log):
-    fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 2})
-    shape = {"n_prompt": fedavg.n_prompt, "n_memory": fedavg.n_memory}
+def fedavg_train_reply(msg: Message, model: APTViT, corrupt: bool = False) -> Message:
+    """A FedAvg client's train reply: the shared prompt it was sent plus 1 (NaN in one token if ``corrupt``)."""
+    arrays = {k: v.numpy() + 1.0 for k, v in msg.content["arrays"].items()}
+    if corrupt:
+        arrays["tokens"][0, 0] = math.nan
+    shape = {"n_prompt": arrays["tokens"].shape[0], "n_memory": arrays["memory"].shape[1]}
+    metadata = ConfigRecord(Prompt.init(model, NUM_CLASSES, source="fedavg", **shape).config.to_metadata())
+    metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1,
+                            "parent-version": 0})
+    return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                               "prompt": metadata, "metrics": metrics,
+                               "parent": ConfigRecord({"sha256": ""})}), reply_to=msg)
 
-    def fedavg_node(corrupt: bool) -> Callable[[Message], Message]:
-        def handle(msg: Message) -> Message:
-            arrays = {k: v.numpy() + 1.0 for k, v in msg.content["arrays"].items()}  # one "training" step
-            if corrupt:
-                arrays["tokens"][0, 0] = math.nan
-            metadata = ConfigRecord(Prompt.init(app_model, NUM_CLASSES, source="fedavg", **shape).config.to_metadata())
-            metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1,
-                                    "parent-version": 0})
-            return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                       "prompt": metadata, "metrics": metrics,
-                                       "parent": ConfigRecord({"sha256": ""})}), reply_to=msg)
-        return handle
 
-    grid = FakeGrid({10: fedavg_node(False), 11: fedavg_node(True), 12: fedavg_node(False)})
+def test_fedavg_rejects_a_nan_reply_per_node(app_model, tmp_path, flwr_log):
+    """Without validation splits nothing is evaluated and the last round's average is stored."""
+    fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 2, "val-fraction": 0.0})
+    grid = FakeGrid({nid: lambda msg, bad=nid == 11: fedavg_train_reply(msg, app_model, bad) for nid in (10, 11, 12)})
     pool = PromptPool(tmp_path / "pool")
     assert run_fedavg(grid, pool, app_model, fedavg, NUM_CLASSES) == 1
     shared = pool.get("fedavg", model=app_model)
-    initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg", **shape)
+    initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg", n_prompt=fedavg.n_prompt, n_memory=fedavg.n_memory)
     np.testing.assert_allclose(shared.arrays()["tokens"], initial.arrays()["tokens"] + 2.0, atol=1e-5)
     assert shared.config.num_examples == 20  # the two admitted nodes' images, not the rejected one's
     rejected = [line for line in flwr_log.records if "reply of node 11 rejected" in line]
     assert len(rejected) == 2 and "NaN" in rejected[0]
+    assert {m.metadata.message_type for m in grid.sent} == {MessageType.TRAIN}
+    assert pool.info("fedavg").metrics == {"rounds": 2, "kept-round": 2}
+
+
+def test_fedavg_keeps_the_round_with_the_lowest_validation_loss(app_model, tmp_path, flwr_log):
+    """Every round adds 1 to the shared prompt; the nodes' validation loss is |shift - 2|, so
+    round 2 of 4 is stored. Node 12's evaluate replies are malformed: logged and left out."""
+    fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 4})
+    initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg", n_prompt=fedavg.n_prompt, n_memory=fedavg.n_memory)
+
+    def node(loss_of: Callable[[float], object]) -> Callable[[Message], Message]:
+        def handle(msg: Message) -> Message:
+            if msg.metadata.message_type != MessageType.EVALUATE:
+                return fedavg_train_reply(msg, app_model)
+            shift = float(msg.content["arrays"]["tokens"].numpy()[0, 0] - initial.arrays()["tokens"][0, 0])
+            metrics = {"num-examples": 5, "accuracy": 0.5, "loss": loss_of(shift)}
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return handle
+
+    grid = FakeGrid({10: node(lambda shift: abs(shift - 2.0)), 11: node(lambda shift: abs(shift - 2.0) + 0.5),
+                     12: node(lambda shift: -1.0)})
+    pool = PromptPool(tmp_path / "pool")
+    run_fedavg(grid, pool, app_model, fedavg, NUM_CLASSES)
+    np.testing.assert_allclose(pool.get("fedavg", model=app_model).arrays()["tokens"],
+                               initial.arrays()["tokens"] + 2.0, atol=1e-5)
+    assert pool.info("fedavg").metrics == {"rounds": 4, "kept-round": 2}
+    assert sum("evaluate reply of node 12 rejected" in line for line in flwr_log.records) == 4
+    assert any("FedAvg round 2: validation loss 0.2500" in line for line in flwr_log.records)
+
+
+@pytest.mark.parametrize(("metrics", "match"), [
+    ({"num-examples": 4, "accuracy": 0.5}, "lack 'loss'"),
+    ({"num-examples": 0, "accuracy": 0.5, "loss": 1.0}, "num-examples"),
+    ({"num-examples": 4.0, "accuracy": 0.5, "loss": 1.0}, "num-examples"),
+    ({"num-examples": 4, "accuracy": 1.5, "loss": 1.0}, "accuracy"),
+    ({"num-examples": 4, "accuracy": 0.5, "loss": float("inf")}, "loss"),
+    ({"num-examples": 4, "accuracy": 0.5, "loss": [1.0]}, "loss"),
+])
+def test_check_evaluation_refuses_malformed_metrics(metrics, match):
+    with pytest.raises(ReplyError, match=match):
+        check_evaluation(RecordDict({"metrics": MetricRecord(metrics)}))
+    good = check_evaluation(RecordDict({"metrics": MetricRecord({"num-examples": 4, "accuracy": 0.5, "loss": 0.7})}))
+    assert (good.num_examples, good.accuracy, good.loss) == (4, 0.5, 0.7)
 
 
 def test_checked_fedavg_refuses_a_reply_of_another_shape(app_config, app_model):
@@ -350,7 +394,7 @@ def test_checked_fedavg_refuses_a_reply_of_another_shape(app_config, app_model):
 def test_malformed_evaluation_reply_is_left_out(metrics, app_config, app_model, flwr_log, capsys):
     def evaluating(bad: bool) -> Callable[[Message], Message]:
         def handle(msg: Message) -> Message:
-            good = MetricRecord({"num-examples": 4, "accuracy": 0.75})
+            good = MetricRecord({"num-examples": 4, "accuracy": 0.75, "loss": 0.6})
             content = {} if bad and metrics is None else {"metrics": metrics if bad else good}
             return Message(RecordDict(content), reply_to=msg)
         return handle
