@@ -15,7 +15,9 @@ split, as the product's ClientApp does) and
 * **FedAvg**: one shared prompt through the same Flower apps, mode ``fedavg``, the same recipe
   (selection on each client's validation split included): one local epoch per round and as
   many rounds as the paragon has epochs, so the optimiser steps of all clients together
-  match the paragon's (each method's step count is reported);
+  match the paragon's (each method's step count is reported); the round kept is the one
+  whose shared prompt has the lowest validation loss over all the clients' validation
+  splits (as the paragon selects on their union);
 * **alone**: each pool prompt by itself (mean over sources);
 * **probes**: references on the frozen backbone's pooled features of the same training
   images: each source's linear probe, composed uniformly and density-weighted, and one probe
