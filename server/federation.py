@@ -33,6 +33,7 @@ Failures (deployment: SuperNodes on other machines come and go):
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -392,25 +393,27 @@ def run_fedavg(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig, n
     nodes = len(list(grid.get_node_ids()))
     strategy = CheckedFedAvg(init, model, config, fraction_evaluate=1.0 if config.val_fraction > 0 else 0.0,
                              min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes)
-    strategy.start(grid=grid, initial_arrays=strategy.current, num_rounds=config.num_server_rounds,
+    strategy.start(grid=grid, initial_arrays=strategy.current.arrays, num_rounds=config.num_server_rounds,
                    timeout=config.reply_timeout)
-    best = strategy.best
-    if best is not None:
+    kept = strategy.best or strategy.current
+    if strategy.best is not None:
         log(INFO, "FedAvg keeps round %d's shared prompt (validation loss %.4f, the lowest of %d rounds)",
-            best.round, best.val_loss, config.num_server_rounds)
-    arrays = {k: v.numpy() for k, v in (best.arrays if best else strategy.current).items()}
-    shared = Prompt.from_arrays(arrays, replace(init.config, num_examples=strategy.num_examples), model)
-    meta = {"rounds": config.num_server_rounds, "kept-round": best.round if best else config.num_server_rounds}
+            kept.round, kept.val_loss, config.num_server_rounds)
+    arrays = {k: v.numpy() for k, v in kept.arrays.items()}
+    shared = Prompt.from_arrays(arrays, replace(init.config, num_examples=kept.num_examples), model)
+    meta = {"rounds": config.num_server_rounds, "kept-round": kept.round}
     return pool.add(FEDAVG_SOURCE, shared, meta, parent_sha256=start.sha256)
 
 
 @dataclass(frozen=True)
 class _RoundPrompt:
-    """The shared prompt after ``round`` and its validation loss over the nodes that evaluated it."""
+    """The shared prompt averaged in ``round`` (0: the starting one), the training images behind
+    it and its validation loss over the nodes that evaluated it (NaN: not evaluated)."""
 
     round: int
-    val_loss: float
     arrays: ArrayRecord
+    num_examples: int
+    val_loss: float = math.nan
 
 
 class CheckedFedAvg(FedAvg):
@@ -419,8 +422,8 @@ class CheckedFedAvg(FedAvg):
     A reply must hold the shared prompt's exact tensors (names, shapes, float32, finite),
     admissible metadata and metrics, and a positive ``num-examples``; any other reply is
     logged with its node and left out of the average (a NaN never spoils it). A round
-    without a valid reply keeps the shared prompt unchanged. ``num_examples`` is the training
-    images behind the shared prompt: the sum over the last averaged round's replies.
+    without a valid reply keeps the shared prompt unchanged. ``current`` is the latest shared
+    prompt, with the training images behind it (the sum over its round's averaged replies).
 
     Federated evaluation (when ``fraction_evaluate > 0``) scores each round's shared prompt on
     the nodes' validation splits; ``best`` is the round whose example-weighted mean validation
@@ -431,8 +434,7 @@ class CheckedFedAvg(FedAvg):
     def __init__(self, template: Prompt, model: APTViT, config: AppConfig, **kwargs) -> None:
         super().__init__(**kwargs)
         self.template, self.model, self.config = template, model, config
-        self.num_examples = template.config.num_examples
-        self.current = prompt_records(template)["arrays"]  # the shared prompt the next evaluation scores
+        self.current = _RoundPrompt(0, prompt_records(template)["arrays"], template.config.num_examples)
         self.best: _RoundPrompt | None = None
 
     def aggregate_train(self, server_round: int,
@@ -443,16 +445,15 @@ class CheckedFedAvg(FedAvg):
         if replies and not valid:
             log(WARNING, "FedAvg round %d: no valid reply; the shared prompt is unchanged", server_round)
         averaged = [reply for reply in valid if not reply.has_error()]
-        if averaged:
-            self.num_examples = sum(int(reply.content["metrics"]["num-examples"]) for reply in averaged)
         arrays, metrics = super().aggregate_train(server_round, valid)
-        if arrays is not None:
-            self.current = arrays
+        if arrays is not None and averaged:
+            images = sum(int(reply.content["metrics"]["num-examples"]) for reply in averaged)
+            self.current = _RoundPrompt(server_round, arrays, images)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The shared prompt's validation loss and accuracy over the admitted evaluate replies
-        (example-weighted); remembers the round if its loss is the lowest so far."""
+        (example-weighted); remembers that prompt if its loss is the lowest so far."""
         scores = []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -474,7 +475,7 @@ class CheckedFedAvg(FedAvg):
         log(INFO, "FedAvg round %d: validation loss %.4f, accuracy %.3f (%d images, %d nodes)", server_round, loss,
             accuracy, images, len(scores))
         if self.best is None or loss < self.best.val_loss:
-            self.best = _RoundPrompt(server_round, loss, self.current)
+            self.best = replace(self.current, val_loss=loss)
         return MetricRecord({"val-loss": loss, "val-accuracy": accuracy, "num-examples": images})
 
     def _admitted(self, server_round: int, reply: Message) -> bool:

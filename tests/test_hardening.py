@@ -344,8 +344,9 @@ def test_fedavg_keeps_the_round_with_the_lowest_validation_loss(app_model, tmp_p
                      12: node(lambda shift: -1.0)})
     pool = PromptPool(tmp_path / "pool")
     run_fedavg(grid, pool, app_model, fedavg, NUM_CLASSES)
-    np.testing.assert_allclose(pool.get("fedavg", model=app_model).arrays()["tokens"],
-                               initial.arrays()["tokens"] + 2.0, atol=1e-5)
+    kept = pool.get("fedavg", model=app_model)
+    np.testing.assert_allclose(kept.arrays()["tokens"], initial.arrays()["tokens"] + 2.0, atol=1e-5)
+    assert kept.config.num_examples == 30  # round 2's three training replies
     assert pool.info("fedavg").metrics == {"rounds": 4, "kept-round": 2}
     assert sum("evaluate reply of node 12 rejected" in line for line in flwr_log.records) == 4
     assert any("FedAvg round 2: validation loss 0.2500" in line for line in flwr_log.records)
