@@ -8,8 +8,9 @@ Handlers (Flower Message API):
   split says it helps), fits this source's density on its training features (unless
   ``share-density = false``), and replies with exactly the prompt's arrays (density
   included), its metadata and scalar metrics;
-* ``evaluate``: evaluates the prompt(s) it was sent, alone and composed, on its local
-  validation split.
+* ``evaluate``: evaluates the prompt(s) it was sent (FedAvg: the shared prompt's tensors),
+  alone and composed, on its local validation split; replies with the composition's accuracy
+  and loss (the loss is what the FedAvg server selects its round on).
 
 The frozen backbone comes from the per-process cache (``common.model.load_backbone``), so
 all simulated clients of a worker process share one copy (on CUDA when available).
@@ -116,8 +117,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_prompts(msg: Message, context: Context) -> Message:
-    """Accuracy of the sent prompts, alone and composed, on the local validation split (whose
-    backbone keys/values the recipe's selection already cached: no backbone pass for them)."""
+    """Accuracy and loss of the sent prompts, alone and composed, on the local validation split
+    (whose backbone keys/values the recipe's selection already cached: no backbone pass for them)."""
     config = AppConfig.from_run_config(context.run_config)
     model = build_model(config)
     data = load_node_data(context, config, model)
