@@ -476,7 +476,7 @@ class CheckedFedAvg(FedAvg):
             accuracy, images, len(scores))
         if self.best is None or loss < self.best.val_loss:
             self.best = replace(self.current, val_loss=loss)
-        return MetricRecord({"val-loss": loss, "val-accuracy": accuracy, "num-examples": images})
+        return MetricRecord({"val-loss": loss, "val-accuracy": accuracy})
 
     def _admitted(self, server_round: int, reply: Message) -> bool:
         if reply.has_error():
