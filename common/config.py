@@ -67,7 +67,8 @@ class AppConfig:
     dirichlet_alpha: float = _key(1.0, "Dirichlet concentration of the label skew")
     partition_seed: int = _key(0, "seed of partitions, caps, validation splits and shuffling")
     examples_per_source: int = _key(400, "cap on a source's images (0 = all)")
-    val_fraction: float = _key(0.1, "share of a source's images kept as its validation split (selection)")
+    val_fraction: float = _key(0.1, "share of a source's images kept as its validation split "
+                                    "(selection; FedAvg: of the kept round)")
     test_examples: int = _key(1000, "the server's own test subset (0 = none)")
     batch_size: int = _key(32, "batch size of training and evaluation")
     learning_rate: float = _key(1e-3, "AdamW learning rate (cosine schedule) of tokens, memory and head")
