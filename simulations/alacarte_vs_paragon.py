@@ -55,6 +55,8 @@ import torch
 
 from common.model import APTViT
 from common.train import planned_epochs
+from server.federation import FEDAVG_SOURCE
+from server.pool import PromptPool
 from simulations.common import (
     LR,
     SIGNIFICANCE,
@@ -135,8 +137,10 @@ class Partitioning:
         return cls(label, "dirichlet", float(alpha))
 
 
-def federations(s: Settings, spec: BackboneSpec, data_dir: Path, work: Path, seed: int) -> list[Federation]:
-    """À-la-carte and FedAvg runs for every (partitioning, N); N = 1 runs once (all coincide)."""
+def federations(s: Settings, spec: BackboneSpec, data_dir: Path, work: Path, seed: int,
+                modes: tuple[str, ...] = ("alacarte", "fedavg")) -> list[Federation]:
+    """The runs of ``modes`` (à-la-carte, FedAvg) for every (partitioning, N), their pools
+    emptied (the pools of other modes are left alone); N = 1 runs once (all coincide)."""
     runs = []
     for label in s.partitions:
         part = Partitioning.parse(label)
@@ -147,6 +151,8 @@ def federations(s: Settings, spec: BackboneSpec, data_dir: Path, work: Path, see
                       "batch-size": s.batch_size, "learning-rate": s.lr, "val-fraction": VAL_FRACTION}
             for mode, rounds, local, min_steps in (("alacarte", 1, s.epochs, s.min_steps),
                                                    ("fedavg", s.epochs, 1, 0)):
+                if mode not in modes:
+                    continue
                 name = f"{label}-{n}-{mode}"
                 pool = work / "pools" / name
                 shutil.rmtree(pool, ignore_errors=True)
@@ -163,10 +169,15 @@ def run_key(s: Settings, partition: str, n: int) -> str:
     return f"{partition if n > 1 else s.partitions[0]}-{n}"
 
 
-def fedavg_accuracy(run: Federation, model: APTViT, test: Bank) -> float:
-    """Test accuracy of the shared prompt a FedAvg federation left in its pool."""
-    shared = list(pool_prompts(Path(run.run_config["pool-dir"]), model).values())
-    return composed_accuracy(bank_logits(model, test, shared), test.labels)
+def fedavg_columns(run: Federation, model: APTViT, test: Bank, steps_per_round: int) -> dict:
+    """The FedAvg columns of a row: the test accuracy of the shared prompt the federation left in
+    its pool, the round it kept (lowest validation loss), the optimiser steps of all its clients
+    in all rounds and up to the kept round, and its wall-clock."""
+    pool = PromptPool(run.run_config["pool-dir"], create=False, read_only=True)
+    shared, record = pool.get(FEDAVG_SOURCE, model=model), pool.info(FEDAVG_SOURCE).metrics
+    return {"fedavg": composed_accuracy(bank_logits(model, test, [shared]), test.labels),
+            "fedavg_kept_round": record["kept-round"], "steps_fedavg": record["rounds"] * steps_per_round,
+            "steps_fedavg_kept": record["kept-round"] * steps_per_round, "fedavg_seconds": round(run.seconds, 1)}
 
 
 def steps(n_images: int, s: Settings, epochs: int | None = None, min_steps: int | None = None) -> int:
@@ -174,6 +185,11 @@ def steps(n_images: int, s: Settings, epochs: int | None = None, min_steps: int 
     batches = math.ceil(n_images / s.batch_size)
     config = recipe(s.epochs if epochs is None else epochs, s.lr, s.min_steps if min_steps is None else min_steps)
     return planned_epochs(batches, config) * batches
+
+
+def fedavg_round_steps(sizes: list[int], s: Settings) -> int:
+    """Optimiser steps of one FedAvg round: one local epoch on each source's ``sizes`` images."""
+    return sum(steps(x, s, epochs=1, min_steps=0) for x in sizes)
 
 
 def paragon(model: APTViT, bank: Bank, shards: list[tuple[np.ndarray, np.ndarray]], s: Settings, seed: int):
@@ -279,15 +295,13 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
                 "train_images_per_source_mean": float(np.mean(sizes)), "train_images_per_source_min": min(sizes),
                 "train_images_per_source_max": max(sizes),
                 "composed": composed, "composed_density": density_acc, "paragon": paragon_acc,
-                "fedavg": fedavg_accuracy(runs[f"{key}-fedavg"], model, test),
                 "alone_mean": float(np.mean(alone)), "alone_min": min(alone), "alone_max": max(alone),
                 **probe_rows(probes, test, logits, density),
                 "gap_points": round(100 * (paragon_acc - composed), 2),
                 "gap_density_points": round(100 * (paragon_acc - density_acc), 2),
                 "steps_alacarte": sum(steps(x, s) for x in sizes), "steps_paragon": steps(len(union), s),
-                "steps_fedavg": s.epochs * sum(steps(x, s, epochs=1, min_steps=0) for x in sizes),
                 "alacarte_seconds": round(runs[f"{key}-alacarte"].seconds, 1),
-                "fedavg_seconds": round(runs[f"{key}-fedavg"].seconds, 1),
+                **fedavg_columns(runs[f"{key}-fedavg"], model, test, fedavg_round_steps(sizes, s)),
                 **held_out_row(model, held_out, prompts, probes, para),
             })
             logging.info("evaluated %s: density %.3f, probes (density) %.3f, paragon %.3f in %.0f s (%d of %d)", key,
@@ -377,16 +391,17 @@ def recorded_result(args: argparse.Namespace, s: Settings, label: str) -> dict:
 
 def rerun_fedavg(payload: dict, args: argparse.Namespace, s: Settings, spec: BackboneSpec, model: APTViT,
                  data_dir: Path, train: Bank, test: Bank) -> dict:
-    """Run only the FedAvg federations again and replace the FedAvg column (``fedavg``,
-    ``fedavg_seconds``) of ``payload``, the recorded result (:func:`recorded_result`); every
-    other number in it is kept. Writes and returns the updated payload."""
-    runs = [r for r in federations(s, spec, data_dir, args.work_dir, args.seed) if r.name.endswith("-fedavg")]
+    """Run only the FedAvg federations again and replace the FedAvg columns (:func:`fedavg_columns`)
+    of ``payload``, the recorded result (:func:`recorded_result`); every other number in it is
+    kept. Writes and returns the updated payload."""
+    runs = federations(s, spec, data_dir, args.work_dir, args.seed, modes=("fedavg",))
     run_federations(runs, max(s.sources), train.root)
     by_name = {r.name: r for r in runs}
     for row in payload["comparison"]:
-        run = by_name[f"{run_key(s, row['partition'], row['sources'])}-fedavg"]
-        row["fedavg"] = fedavg_accuracy(run, model, test)
-        row["fedavg_seconds"] = round(run.seconds, 1)
+        part = Partitioning.parse(row["partition"])
+        shards = partition_shards(data_dir, row["sources"], part.partitioner, part.alpha, args.seed, VAL_FRACTION)
+        row.update(fedavg_columns(by_name[f"{run_key(s, row['partition'], row['sources'])}-fedavg"], model, test,
+                                  fedavg_round_steps([len(x) for x, _ in shards], s)))
     payload["fedavg_rerun"] = {"date": time.strftime("%Y-%m-%d"), "seconds": round(sum(r.seconds for r in runs), 1)}
     plot_comparison(payload["comparison"], s, args.out / "accuracy_vs_sources.png")
     write_csv(args.out / "comparison.csv", payload["comparison"])

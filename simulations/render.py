@@ -221,7 +221,8 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         f"FedAvg runs {st['epochs']} rounds of one local epoch of the same recipe (each client selects on its "
         "validation split), so all its clients' steps together match the paragon's (step counts in the "
         "table), and keeps the round whose shared prompt has the lowest validation loss over all the clients' "
-        f"validation splits{fedavg_rerun_text(payload)}. *composed*: uniform mean of the pool's prompts; *density*: "
+        "validation splits (the table names the round kept and, in brackets, the steps up to it)"
+        f"{fedavg_rerun_text(payload)}. *composed*: uniform mean of the pool's prompts; *density*: "
         "weighted per image by the density each source shipped with its prompt. *probes*: linear probes on the "
         "same training images (per source, composed with density weights; one on the union). Gap = paragon − "
         "composed, in points. *density vs probes*: test images the density composition of the prompts gets "
@@ -233,10 +234,10 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
               [[r["partition"], r["sources"], f"{r['train_images_per_source_mean']:.0f} "
                 f"({r['train_images_per_source_min']}–{r['train_images_per_source_max']})", pct(r["composed"]),
                 pct(r["composed_density"]), pct(r["paragon"]), pct(r["union_probe"]),
-                f"{pct(r['probes_composed'])} ({pct(r['probes_composed_density'])})", pct(r["fedavg"]),
+                f"{pct(r['probes_composed'])} ({pct(r['probes_composed_density'])})", fedavg_cell(r),
                 pct(r["alone_mean"]), f"{r['gap_points']:+.1f}", f"{r['gap_density_points']:+.1f}",
                 f"{r['density_vs_probes_won']} / {r['density_vs_probes_lost']} ({r['density_vs_probes_p']:.2f})",
-                f"{r['steps_alacarte']} / {r['steps_paragon']} / {r['steps_fedavg']}"] for r in rows]),
+                f"{r['steps_alacarte']} / {r['steps_paragon']} / {fedavg_steps_cell(r)}"] for r in rows]),
         f"**Goal (density composition within {GOAL_POINTS:.0f} points of the paragon): met in "
         f"{payload['density_within_3_points']} of {len(rows)} configurations (uniform: {met}); largest gap "
         f"{payload['max_gap_density_points']:+.1f} points (uniform: {payload['max_gap_points']:+.1f}). Density "
@@ -257,6 +258,18 @@ def alacarte_section(folder: Path, payload: dict, output: Path) -> str:
         figures(folder, payload, output),
     ]
     return "\n\n".join(body)
+
+
+def fedavg_cell(row: dict) -> str:
+    """FedAvg's accuracy, with the round it kept when the result records it."""
+    kept = row.get("fedavg_kept_round")
+    return pct(row["fedavg"]) + (f" (round {kept})" if kept else "")
+
+
+def fedavg_steps_cell(row: dict) -> str:
+    """FedAvg's optimiser steps, with those up to the kept round when the result records them."""
+    kept = row.get("steps_fedavg_kept")
+    return f"{row['steps_fedavg']}" + (f" ({kept} to the kept round)" if kept is not None else "")
 
 
 def fedavg_rerun_text(payload: dict) -> str:

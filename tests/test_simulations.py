@@ -217,6 +217,26 @@ def test_render_shows_optional_alacarte_vs_paragon_fields_only_when_recorded(tmp
     assert shown in render(recorded, tmp_path / "RESULTS.md")
 
 
+def test_render_names_fedavgs_kept_round_and_its_steps_only_when_recorded(tmp_path):
+    recorded = tmp_path / "results"
+    shutil.copytree(REPO / "simulations" / "results", recorded)
+    result = recorded / "alacarte_vs_paragon" / "result.json"
+    payload = json.loads(result.read_text())
+    columns = ("fedavg_kept_round", "steps_fedavg_kept")
+    for i, row in enumerate(payload["comparison"]):
+        row.update({"fedavg": 0.5, "steps_fedavg": 500, "fedavg_kept_round": 2 + i, "steps_fedavg_kept": 200 + i})
+    result.write_text(json.dumps(payload))
+    text = render(recorded, tmp_path / "RESULTS.md")
+    for i in range(len(payload["comparison"])):
+        assert f"| 50.0 (round {2 + i}) |" in text and f"/ 500 ({200 + i} to the kept round) |" in text
+    for row in payload["comparison"]:
+        for key in columns:
+            del row[key]
+    result.write_text(json.dumps(payload))
+    text = render(recorded, tmp_path / "RESULTS.md")
+    assert "(round " not in text and "to the kept round" not in text and "/ 500 |" in text
+
+
 def test_sources_not_below_probe_counts_sources_at_least_as_accurate_as_their_probe():
     from simulations.alacarte_vs_paragon import sources_not_below_probe
 
@@ -315,6 +335,9 @@ def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
     assert row["held_out_density_vs_probes_won"] - row["held_out_density_vs_probes_lost"] == round(
         n_held_out * (row["held_out_density"] - row["held_out_probes_density"]))
     assert row["steps_alacarte"] > 0 and row["steps_paragon"] > 0 and row["steps_fedavg"] > 0
+    rounds = 1  # TINY.epochs: FedAvg's rounds
+    assert 1 <= row["fedavg_kept_round"] <= rounds
+    assert row["steps_fedavg_kept"] * rounds == row["steps_fedavg"] * row["fedavg_kept_round"]
     for key in ("sources_not_below_probe", "held_out_sources_not_below_probe"):
         assert 0 <= row[key] <= row["sources"]
         assert payload[key] == sum(r[key] for r in payload["comparison"])
@@ -326,8 +349,23 @@ def test_alacarte_vs_paragon_tiny(data_dir, results, tmp_path):
     assert rerun["fedavg_rerun"]["seconds"] > 0
     for before, after in zip(payload["comparison"], rerun["comparison"], strict=True):
         assert 0.0 <= after["fedavg"] <= 1.0 and after["fedavg_seconds"] > 0
-        kept = set(before) - {"fedavg", "fedavg_seconds"}
+        kept = set(before) - {"fedavg", "fedavg_seconds", "fedavg_kept_round", "steps_fedavg_kept"}
         assert {k: after[k] for k in kept} == {k: before[k] for k in kept}
+
+
+def test_federations_of_one_mode_leave_the_other_modes_pools_alone(tmp_path):
+    from simulations.alacarte_vs_paragon import TINY, federations
+
+    spec = backbone_spec(tiny=True)
+    everything = federations(TINY, spec, tmp_path / "data", tmp_path, seed=0)
+    assert sorted(r.name for r in everything) == ["iid-2-alacarte", "iid-2-fedavg"]
+    pools = {r.name: Path(r.run_config["pool-dir"]) for r in everything}
+    for pool in pools.values():
+        (pool / "prompts").mkdir(parents=True)
+    fedavg = federations(TINY, spec, tmp_path / "data", tmp_path, seed=0, modes=("fedavg",))
+    assert [r.name for r in fedavg] == ["iid-2-fedavg"]
+    assert (pools["iid-2-alacarte"] / "prompts").is_dir()  # a --fedavg-only rerun keeps the recorded pools
+    assert not pools["iid-2-fedavg"].exists()
 
 
 def test_fedavg_only_needs_the_recorded_result_of_the_same_run(tmp_path, monkeypatch):
