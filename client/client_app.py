@@ -118,10 +118,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_prompts(msg: Message, context: Context) -> Message:
     """Accuracy and loss of the sent prompts, alone and composed, on the local validation split
-    (whose backbone keys/values the recipe's selection already cached: no backbone pass for them)."""
+    (whose backbone keys/values the recipe's selection already cached: no backbone pass for them);
+    ``num-examples`` 0 and nothing else when this source has no validation images."""
     config = AppConfig.from_run_config(context.run_config)
     model = build_model(config)
     data = load_node_data(context, config, model)
+    if not len(data.val):
+        log(INFO, "source %s: no validation images to evaluate on; replying num-examples 0", data.source)
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     shared = config.mode == "fedavg"
     prompts = [_shared_prompt(msg.content, model, data, config)] if shared else prompts_from_records(msg.content, model)
     cache = _kv_cache(data.source, model) if config.kv_cache else None

@@ -180,17 +180,21 @@ class Evaluation:
     loss: float  # mean cross-entropy of the composition
 
 
-def check_evaluation(content: RecordDict) -> Evaluation:
-    """The :class:`Evaluation` of an evaluate reply's ``metrics``; raises ``ReplyError`` if malformed."""
+def check_evaluation(content: RecordDict) -> Evaluation | None:
+    """The :class:`Evaluation` of an evaluate reply's ``metrics``, or ``None`` when the node had no
+    validation images (``num-examples`` 0: nothing to weigh in); raises ``ReplyError`` if malformed."""
     metrics = content.get("metrics")
     if not isinstance(metrics, MetricRecord):
         raise ReplyError("the evaluate reply has no 'metrics' MetricRecord")
+    n = metrics.get("num-examples")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= int(n) <= MAX_METRIC_INT:
+        raise ReplyError(f"num-examples must be an integer in 0..{MAX_METRIC_INT}, got {str(n)[:20]}")
+    if n == 0:
+        return None
     try:
-        n, acc, loss = (metrics[k] for k in ("num-examples", "accuracy", "loss"))
+        acc, loss = (metrics[k] for k in ("accuracy", "loss"))
     except KeyError as err:
         raise ReplyError(f"the evaluate reply's metrics lack {err}") from None
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= int(n) <= MAX_METRIC_INT:
-        raise ReplyError(f"num-examples must be an integer in 1..{MAX_METRIC_INT}, got {str(n)[:20]}")
     for name, value, top in (("accuracy", acc, 1.0), ("loss", loss, math.inf)):
         number = not isinstance(value, bool) and isinstance(value, numbers.Real)
         if not number or not math.isfinite(float(value)) or not 0.0 <= float(value) <= top:

@@ -61,10 +61,14 @@ from server.bindings import load_node_sources
 from server.pool import InvalidSourceError, PoolCorruptError, PromptPool, UnknownSourceError, validate_source
 
 __all__ = ["AlaCarteFederation", "CheckedFedAvg", "Parent", "RoundReport", "TrainRound", "admit_prompt",
-           "identify_nodes", "run_fedavg", "run_label_space", "send_and_collect"]
+           "error_reason", "identify_nodes", "run_fedavg", "run_label_space", "send_and_collect"]
 
 FEDAVG_SOURCE = "fedavg"
 MAX_REASON_CHARS = 300
+# Rounds whose validation losses agree to this relative tolerance tie, and the earlier one is
+# kept: when every client returns the prompt it was sent, the average differs from it only by
+# float rounding, and so does its loss (far below what a validation split can resolve).
+LOSS_TIE_RTOL = 1e-4
 
 
 @dataclass
@@ -140,14 +144,24 @@ def _check_binding(nid: int, source: str, bindings: Mapping[int, str] | None) ->
 
 def _reason(err: BaseException) -> str:
     """``Type: message``, cut to ``MAX_REASON_CHARS`` (an untrusted reply may make errors huge)."""
-    text = f"{type(err).__name__}: {err}"
+    return _cut(f"{type(err).__name__}: {err}")
+
+
+def error_reason(reply: Message) -> str:
+    """``error <code>: <last line of the reason>`` of an error reply, cut to ``MAX_REASON_CHARS``:
+    Flower puts the client's own message last, after the traceback of the handler that raised."""
+    lines = [line.strip() for line in str(reply.error.reason).splitlines() if line.strip()]
+    return _cut(f"error {reply.error.code}: {lines[-1] if lines else '(no reason given)'}")
+
+
+def _cut(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
 
 
 def _node_identity(reply: Message) -> tuple[str, str]:
     """(source id, label list) of an identify reply; raises ``ReplyError`` when unusable."""
     if reply.has_error():
-        raise ReplyError(f"error {reply.error.code}: {reply.error.reason}")
+        raise ReplyError(error_reason(reply))
     node = reply.content.get("node")
     if not isinstance(node, ConfigRecord) or not str(node.get("source", "")):
         raise ReplyError("the reply names no source id")
@@ -299,7 +313,7 @@ class AlaCarteFederation:
         when the reply must not be stored; the round loop also survives anything else.
         """
         if reply.has_error():
-            raise ReplyError(f"client error {reply.error.code}: {str(reply.error.reason)[:MAX_REASON_CHARS]}")
+            raise ReplyError(f"client {error_reason(reply)}")
         prompt, metrics = admit_prompt(reply.content, self.model, self.config, self.num_classes)
         if prompt.config.source != source:
             raise ReplyError(f"prompt claims source {prompt.config.source[:140]!r} but node is source {source!r}")
@@ -427,7 +441,8 @@ class CheckedFedAvg(FedAvg):
 
     Federated evaluation (when ``fraction_evaluate > 0``) scores each round's shared prompt on
     the nodes' validation splits; ``best`` is the round whose example-weighted mean validation
-    loss is the lowest (``None`` until an evaluation reply is admitted). Evaluate replies are
+    loss is the lowest, the earliest of rounds that tie to ``LOSS_TIE_RTOL`` (``None`` until an
+    evaluation reply is admitted). Evaluate replies are
     untrusted too (``server.admission.check_evaluation``): a malformed one is logged and left out.
     """
 
@@ -459,13 +474,18 @@ class CheckedFedAvg(FedAvg):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "FedAvg round %d: node %s failed to evaluate: %s", server_round, node,
-                    str(reply.error.reason)[:MAX_REASON_CHARS])
+                    error_reason(reply))
                 continue
             try:
-                scores.append(check_evaluation(reply.content))
+                evaluation = check_evaluation(reply.content)
             except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
                 log(WARNING, "FedAvg round %d: evaluate reply of node %s rejected: %s", server_round, node,
                     _reason(err))
+                continue
+            if evaluation is None:
+                log(INFO, "FedAvg round %d: node %s has no validation images; left out", server_round, node)
+            else:
+                scores.append(evaluation)
         if not scores:
             log(WARNING, "FedAvg round %d: no usable evaluate reply; this round cannot be kept", server_round)
             return None
@@ -474,7 +494,8 @@ class CheckedFedAvg(FedAvg):
         accuracy = sum(e.accuracy * e.num_examples for e in scores) / images
         log(INFO, "FedAvg round %d: validation loss %.4f, accuracy %.3f (%d images, %d nodes)", server_round, loss,
             accuracy, images, len(scores))
-        if self.best is None or loss < self.best.val_loss:
+        if self.best is None or (loss < self.best.val_loss
+                                 and not math.isclose(loss, self.best.val_loss, rel_tol=LOSS_TIE_RTOL)):
             self.best = replace(self.current, val_loss=loss)
         return MetricRecord({"val-loss": loss, "val-accuracy": accuracy})
 

@@ -29,7 +29,7 @@ from common.prompt import Prompt
 from common.records import ReplyError, prompts_records
 from common.train import evaluate
 from server.admission import check_evaluation
-from server.federation import FEDAVG_SOURCE, AlaCarteFederation, run_fedavg, send_and_collect
+from server.federation import FEDAVG_SOURCE, AlaCarteFederation, error_reason, run_fedavg, send_and_collect
 from server.pool import PromptPool
 from server.table import accuracy_table, format_table
 
@@ -121,14 +121,18 @@ def federated_evaluate(grid: Grid, config: AppConfig, prompts: dict[str, Prompt]
     rows = []
     for nid, reply in send_and_collect(grid, messages, config.reply_timeout).items():
         if reply.has_error():
-            log(WARNING, "node %s (source %s) failed to evaluate: %s", nid, nodes[nid], reply.error.reason)
+            log(WARNING, "node %s (source %s) failed to evaluate: %s", nid, nodes[nid], error_reason(reply))
             continue
         try:
             result = check_evaluation(reply.content)
-            rows.append((nodes[nid], result.num_examples, result.accuracy))
         except ReplyError as err:
             log(WARNING, "node %s (source %s) sent an unusable evaluation reply (%s); left out", nid, nodes[nid],
                 str(err)[:200])
+            continue
+        if result is None:
+            log(INFO, "node %s (source %s) has no validation images; left out", nid, nodes[nid])
+        else:
+            rows.append((nodes[nid], result.num_examples, result.accuracy))
     table = format_table(("source", "val images", "composed acc"),
                          [(name, n, f"{acc:.3f}") for name, n, acc in sorted(rows)], right={1, 2})
     print(f"\nFederated evaluation of the composed model (each source's validation split)\n{table}")

@@ -17,6 +17,7 @@ from common.data import backbone_transform, load_client_shard
 from common.prompt import Prompt
 from common.records import prompt_from_records, prompt_records
 from common.train import evaluate
+from server.admission import check_evaluation
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,17 @@ def test_fedavg_evaluate_scores_the_shared_prompt_on_the_validation_split(run_co
     assert metrics["num-examples"] == len(val) > 0
     assert metrics["loss"] == pytest.approx(expected["nll"], rel=1e-5) and metrics["loss"] > 0
     assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_evaluate_without_validation_images_replies_zero_examples(run_config):
+    """A source with no validation split has nothing to score: it says so (``num-examples`` 0,
+    which the server leaves out) instead of failing the evaluate message."""
+    model = build_model(AppConfig.from_run_config(run_config), device="cpu")
+    sent = RecordDict(prompt_records(Prompt.init(model, 10, seed=3)))
+    context = node_context(run_config, **{"val-fraction": 0.0})
+    reply = evaluate_prompts(Message(sent, dst_node_id=1, message_type=MessageType.EVALUATE), context)
+    assert not reply.has_error() and dict(reply.content["metrics"]) == {"num-examples": 0}
+    assert check_evaluation(reply.content) is None
 
 
 def test_a_stored_prompt_over_other_labels_is_replaced_by_a_fresh_one(run_config):

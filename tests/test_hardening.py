@@ -325,20 +325,32 @@ def test_fedavg_rejects_a_nan_reply_per_node(app_model, tmp_path, flwr_log):
     assert pool.info("fedavg").metrics == {"rounds": 2, "kept-round": 2}
 
 
+def fedavg_node(model: APTViT, initial: Prompt,
+                evaluate_reply: Callable[[Message, int], Message]) -> Callable[[Message], Message]:
+    """A FedAvg node: its train replies add 1 to the shared prompt (:func:`fedavg_train_reply`);
+    its evaluate reply is ``evaluate_reply(msg, shift)``, ``shift`` the sent prompt's distance
+    from ``initial`` (round r's shared prompt is ``initial`` + r)."""
+    def handle(msg: Message) -> Message:
+        if msg.metadata.message_type != MessageType.EVALUATE:
+            return fedavg_train_reply(msg, model)
+        shift = float(msg.content["arrays"]["tokens"].numpy()[0, 0] - initial.arrays()["tokens"][0, 0])
+        return evaluate_reply(msg, round(shift))
+    return handle
+
+
+def validation_reply(msg: Message, metrics: dict) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 def test_fedavg_keeps_the_round_with_the_lowest_validation_loss(app_model, tmp_path, flwr_log):
     """Every round adds 1 to the shared prompt; the nodes' validation loss is |shift - 2|, so
     round 2 of 4 is stored. Node 12's evaluate replies are malformed: logged and left out."""
     fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 4})
     initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg", n_prompt=fedavg.n_prompt, n_memory=fedavg.n_memory)
 
-    def node(loss_of: Callable[[float], object]) -> Callable[[Message], Message]:
-        def handle(msg: Message) -> Message:
-            if msg.metadata.message_type != MessageType.EVALUATE:
-                return fedavg_train_reply(msg, app_model)
-            shift = float(msg.content["arrays"]["tokens"].numpy()[0, 0] - initial.arrays()["tokens"][0, 0])
-            metrics = {"num-examples": 5, "accuracy": 0.5, "loss": loss_of(shift)}
-            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-        return handle
+    def node(loss_of: Callable[[int], object]) -> Callable[[Message], Message]:
+        return fedavg_node(app_model, initial, lambda msg, shift: validation_reply(
+            msg, {"num-examples": 5, "accuracy": 0.5, "loss": loss_of(shift)}))
 
     grid = FakeGrid({10: node(lambda shift: abs(shift - 2.0)), 11: node(lambda shift: abs(shift - 2.0) + 0.5),
                      12: node(lambda shift: -1.0)})
@@ -352,9 +364,34 @@ def test_fedavg_keeps_the_round_with_the_lowest_validation_loss(app_model, tmp_p
     assert any("FedAvg round 2: validation loss 0.2500" in line for line in flwr_log.records)
 
 
+def test_fedavg_keeps_the_earlier_of_rounds_that_tie_to_rounding(app_model, tmp_path, flwr_log):
+    """Validation losses 1.0, 1.0 - 1e-7 (an average of unchanged prompts differs only by
+    rounding: a tie), 0.8, 0.8 - 1e-7: round 3 is kept. Node 11 has no validation images (left
+    out, no warning); node 12's evaluate fails, and the log shows its error's last line."""
+    fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 4})
+    initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg", n_prompt=fedavg.n_prompt, n_memory=fedavg.n_memory)
+    losses = {1: 1.0, 2: 1.0 - 1e-7, 3: 0.8, 4: 0.8 - 1e-7}
+    traceback = 'Traceback (most recent call last):\n  File "client_app.py", line 9\nValueError: disk on fire\n'
+    grid = FakeGrid({
+        10: fedavg_node(app_model, initial, lambda msg, shift: validation_reply(
+            msg, {"num-examples": 5, "accuracy": 0.5, "loss": losses[shift]})),
+        11: fedavg_node(app_model, initial, lambda msg, shift: validation_reply(msg, {"num-examples": 0})),
+        12: fedavg_node(app_model, initial, lambda msg, shift: Message(Error(code=0, reason=traceback), reply_to=msg)),
+    })
+    pool = PromptPool(tmp_path / "pool")
+    run_fedavg(grid, pool, app_model, fedavg, NUM_CLASSES)
+    assert pool.info("fedavg").metrics == {"rounds": 4, "kept-round": 3}
+    assert any("FedAvg round 3: validation loss 0.8000, accuracy 0.500 (5 images, 1 nodes)" in line
+               for line in flwr_log.records)
+    assert sum("node 11 has no validation images" in line for line in flwr_log.records) == 4
+    failed = [line for line in flwr_log.records if "node 12 failed to evaluate" in line]
+    assert len(failed) == 4 and all(line.endswith("error 0: ValueError: disk on fire") for line in failed)
+
+
 @pytest.mark.parametrize(("metrics", "match"), [
     ({"num-examples": 4, "accuracy": 0.5}, "lack 'loss'"),
-    ({"num-examples": 0, "accuracy": 0.5, "loss": 1.0}, "num-examples"),
+    ({"accuracy": 0.5, "loss": 1.0}, "num-examples"),
+    ({"num-examples": -1, "accuracy": 0.5, "loss": 1.0}, "num-examples"),
     ({"num-examples": 4.0, "accuracy": 0.5, "loss": 1.0}, "num-examples"),
     ({"num-examples": 4, "accuracy": 1.5, "loss": 1.0}, "accuracy"),
     ({"num-examples": 4, "accuracy": 0.5, "loss": float("inf")}, "loss"),
@@ -365,6 +402,7 @@ def test_check_evaluation_refuses_malformed_metrics(metrics, match):
         check_evaluation(RecordDict({"metrics": MetricRecord(metrics)}))
     good = check_evaluation(RecordDict({"metrics": MetricRecord({"num-examples": 4, "accuracy": 0.5, "loss": 0.7})}))
     assert (good.num_examples, good.accuracy, good.loss) == (4, 0.5, 0.7)
+    assert check_evaluation(RecordDict({"metrics": MetricRecord({"num-examples": 0})})) is None  # no validation images
 
 
 def test_checked_fedavg_refuses_a_reply_of_another_shape(app_config, app_model):
