@@ -143,7 +143,8 @@ def _selection_loader(data: NodeData, config: AppConfig) -> DataLoader | None:
     too: it returns the shared prompt it received unless local tuning beats it on its own
     validation split (without that, each round's fresh optimiser undoes the fitted head)."""
     if not len(data.val):
-        log(WARNING, "source %s: no validation split (val-fraction = 0); the last epoch is kept", data.source)
+        log(WARNING, "source %s: no validation images (val-fraction %g of %d images); the last epoch is kept",
+            data.source, config.val_fraction, len(data.train))
         return None
     return DataLoader(data.val, batch_size=config.batch_size)
 
