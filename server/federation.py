@@ -442,8 +442,8 @@ class CheckedFedAvg(FedAvg):
     Federated evaluation (when ``fraction_evaluate > 0``) scores each round's shared prompt on
     the nodes' validation splits; ``best`` is the round whose example-weighted mean validation
     loss is the lowest, the earliest of rounds that tie to ``LOSS_TIE_RTOL`` (``None`` until an
-    evaluation reply is admitted). Evaluate replies are
-    untrusted too (``server.admission.check_evaluation``): a malformed one is logged and left out.
+    evaluation reply is admitted). Evaluate replies are untrusted too
+    (``server.admission.check_evaluation``): a malformed one is logged and left out.
     """
 
     def __init__(self, template: Prompt, model: APTViT, config: AppConfig, **kwargs) -> None:
