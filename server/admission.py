@@ -14,9 +14,9 @@ A reply is checked in this order, each step before anything the next one would a
 5. the prompt itself (``common.prompt.Prompt.from_arrays``) and, once built, its label
    space (``check_prompt``).
 
-An evaluate reply (``check_evaluation``) must hold a ``metrics`` record with a positive
-integer ``num-examples`` (at most 2**53), an ``accuracy`` in [0, 1] and a finite,
-non-negative ``loss``.
+An evaluate reply (``check_evaluation``) must hold a ``metrics`` record with an integer
+``num-examples`` (at most 2**53) and, unless it is 0 (the node has no validation images and
+nothing else is read), an ``accuracy`` in [0, 1] and a finite, non-negative ``loss``.
 
 Prompt shape limits (``MAX_N_PROMPT``, ``MAX_N_MEMORY``) keep the cost of composing any
 admitted prompt bounded: a prompt's ``P`` tokens attend, per layer and head, to the ``N``

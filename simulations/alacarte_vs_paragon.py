@@ -169,6 +169,12 @@ def run_key(s: Settings, partition: str, n: int) -> str:
     return f"{partition if n > 1 else s.partitions[0]}-{n}"
 
 
+def source_shards(data_dir: Path, partition: str, n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train, validation) indices of the ``n`` sources of ``partition`` (as their ClientApps load them)."""
+    part = Partitioning.parse(partition)
+    return partition_shards(data_dir, n, part.partitioner, part.alpha, seed, VAL_FRACTION)
+
+
 def fedavg_columns(run: Federation, model: APTViT, test: Bank, steps_per_round: int) -> dict:
     """The FedAvg columns of a row: the test accuracy of the shared prompt the federation left in
     its pool, the round it kept (lowest validation loss), the optimiser steps of all its clients
@@ -271,14 +277,13 @@ def comparison_rows(s: Settings, runs: dict[str, Federation], model: APTViT, dat
     rows = []
     paragons: dict[bytes, tuple] = {}  # (paragon, test accuracy) by the sorted training images it was trained on
     for label in s.partitions:
-        part = Partitioning.parse(label)
         for n in s.sources:
             clock = Stopwatch()
             key = run_key(s, label, n)
             prompts = list(pool_prompts(Path(runs[f"{key}-alacarte"].run_config["pool-dir"]), model).values())
             logits = bank_logits(model, test, prompts)
             alone = [accuracy(logits[i].softmax(-1), test.labels) for i in range(len(prompts))]
-            shards = partition_shards(data_dir, n, part.partitioner, part.alpha, seed, VAL_FRACTION)
+            shards = source_shards(data_dir, label, n, seed)
             sizes = [len(x) for x, _ in shards]
             composed = composed_accuracy(logits, test.labels)
             density = density_probs(logits, [p.density for p in prompts], test)
@@ -316,7 +321,7 @@ def subset_rows(s: Settings, runs: dict[str, Federation], model: APTViT, data_di
     n = s.subset_pool
     pool = list(pool_prompts(Path(runs[f"iid-{n}-alacarte"].run_config["pool-dir"]), model).values())
     logits = bank_logits(model, test, pool)
-    shards = partition_shards(data_dir, n, "iid", 0.5, seed, VAL_FRACTION)
+    shards = source_shards(data_dir, "iid", n, seed)
     rng = np.random.default_rng(seed)
     rows = []
     for size in s.subset_sizes:
@@ -398,8 +403,7 @@ def rerun_fedavg(payload: dict, args: argparse.Namespace, s: Settings, spec: Bac
     run_federations(runs, max(s.sources), train.root)
     by_name = {r.name: r for r in runs}
     for row in payload["comparison"]:
-        part = Partitioning.parse(row["partition"])
-        shards = partition_shards(data_dir, row["sources"], part.partitioner, part.alpha, args.seed, VAL_FRACTION)
+        shards = source_shards(data_dir, row["partition"], row["sources"], args.seed)
         row.update(fedavg_columns(by_name[f"{run_key(s, row['partition'], row['sources'])}-fedavg"], model, test,
                                   fedavg_round_steps([len(x) for x, _ in shards], s)))
     payload["fedavg_rerun"] = {"date": time.strftime("%Y-%m-%d"), "seconds": round(sum(r.seconds for r in runs), 1)}
