@@ -50,6 +50,7 @@ from common.model import APTViT
 from common.prompt import Prompt, PromptError
 from common.records import ReplyError, check_train_reply, parent_sha256, prompt_records
 from server.admission import (
+    Evaluation,
     check_evaluation,
     check_metadata,
     check_metrics,
@@ -61,7 +62,7 @@ from server.bindings import load_node_sources
 from server.pool import InvalidSourceError, PoolCorruptError, PromptPool, UnknownSourceError, validate_source
 
 __all__ = ["AlaCarteFederation", "CheckedFedAvg", "Parent", "RoundReport", "TrainRound", "admit_prompt",
-           "error_reason", "identify_nodes", "run_fedavg", "run_label_space", "send_and_collect"]
+           "admitted_evaluation", "error_reason", "identify_nodes", "run_fedavg", "run_label_space", "send_and_collect"]
 
 FEDAVG_SOURCE = "fedavg"
 MAX_REASON_CHARS = 300
@@ -152,6 +153,23 @@ def error_reason(reply: Message) -> str:
     Flower puts the client's own message last, after the traceback of the handler that raised."""
     lines = [line.strip() for line in str(reply.error.reason).splitlines() if line.strip()]
     return _cut(f"error {reply.error.code}: {lines[-1] if lines else '(no reason given)'}")
+
+
+def admitted_evaluation(who: str, reply: Message) -> Evaluation | None:
+    """The :class:`~server.admission.Evaluation` of an evaluate reply, or ``None`` (logged as
+    ``who`` ..., e.g. "node 7 (source a)") when it is an error, malformed
+    (``check_evaluation``) or from a node without validation images; nothing it holds escapes."""
+    if reply.has_error():
+        log(WARNING, "%s failed to evaluate: %s", who, error_reason(reply))
+        return None
+    try:
+        evaluation = check_evaluation(reply.content)
+    except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
+        log(WARNING, "%s sent an unusable evaluate reply (%s); left out", who, _reason(err))
+        return None
+    if evaluation is None:
+        log(INFO, "%s has no validation images; left out", who)
+    return evaluation
 
 
 def _cut(text: str) -> str:
@@ -469,23 +487,8 @@ class CheckedFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The shared prompt's validation loss and accuracy over the admitted evaluate replies
         (example-weighted); remembers that prompt if its loss is the lowest so far."""
-        scores = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "FedAvg round %d: node %s failed to evaluate: %s", server_round, node,
-                    error_reason(reply))
-                continue
-            try:
-                evaluation = check_evaluation(reply.content)
-            except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
-                log(WARNING, "FedAvg round %d: evaluate reply of node %s rejected: %s", server_round, node,
-                    _reason(err))
-                continue
-            if evaluation is None:
-                log(INFO, "FedAvg round %d: node %s has no validation images; left out", server_round, node)
-            else:
-                scores.append(evaluation)
+        scores = [evaluation for reply in replies if (evaluation := admitted_evaluation(
+            f"FedAvg round {server_round}: node {reply.metadata.src_node_id}", reply)) is not None]
         if not scores:
             log(WARNING, "FedAvg round %d: no usable evaluate reply; this round cannot be kept", server_round)
             return None

@@ -26,10 +26,9 @@ from common.data import Shard, backbone_transform, limit_per_partition, load_spl
 from common.kv_cache import KVCache, Prefetch
 from common.model import APTViT
 from common.prompt import Prompt
-from common.records import ReplyError, prompts_records
+from common.records import prompts_records
 from common.train import evaluate
-from server.admission import check_evaluation
-from server.federation import FEDAVG_SOURCE, AlaCarteFederation, error_reason, run_fedavg, send_and_collect
+from server.federation import FEDAVG_SOURCE, AlaCarteFederation, admitted_evaluation, run_fedavg, send_and_collect
 from server.pool import PromptPool
 from server.table import accuracy_table, format_table
 
@@ -120,18 +119,8 @@ def federated_evaluate(grid: Grid, config: AppConfig, prompts: dict[str, Prompt]
                              group_id="eval") for nid in nodes if nid in live}
     rows = []
     for nid, reply in send_and_collect(grid, messages, config.reply_timeout).items():
-        if reply.has_error():
-            log(WARNING, "node %s (source %s) failed to evaluate: %s", nid, nodes[nid], error_reason(reply))
-            continue
-        try:
-            result = check_evaluation(reply.content)
-        except ReplyError as err:
-            log(WARNING, "node %s (source %s) sent an unusable evaluation reply (%s); left out", nid, nodes[nid],
-                str(err)[:200])
-            continue
-        if result is None:
-            log(INFO, "node %s (source %s) has no validation images; left out", nid, nodes[nid])
-        else:
+        result = admitted_evaluation(f"node {nid} (source {nodes[nid]})", reply)
+        if result is not None:
             rows.append((nodes[nid], result.num_examples, result.accuracy))
     table = format_table(("source", "val images", "composed acc"),
                          [(name, n, f"{acc:.3f}") for name, n, acc in sorted(rows)], right={1, 2})

@@ -360,7 +360,7 @@ def test_fedavg_keeps_the_round_with_the_lowest_validation_loss(app_model, tmp_p
     np.testing.assert_allclose(kept.arrays()["tokens"], initial.arrays()["tokens"] + 2.0, atol=1e-5)
     assert kept.config.num_examples == 30  # round 2's three training replies
     assert pool.info("fedavg").metrics == {"rounds": 4, "kept-round": 2}
-    assert sum("evaluate reply of node 12 rejected" in line for line in flwr_log.records) == 4
+    assert sum("node 12 sent an unusable evaluate reply" in line for line in flwr_log.records) == 4
     assert any("FedAvg round 2: validation loss 0.2500" in line for line in flwr_log.records)
 
 
@@ -443,4 +443,4 @@ def test_malformed_evaluation_reply_is_left_out(metrics, app_config, app_model, 
     federated_evaluate(grid, app_config, prompts, {10: "src-a", 11: "src-b"})
     table = capsys.readouterr().out
     assert "src-a" in table and "0.750" in table and "src-b" not in table
-    assert any("node 11 (source src-b) sent an unusable evaluation reply" in line for line in flwr_log.records)
+    assert any("node 11 (source src-b) sent an unusable evaluate reply" in line for line in flwr_log.records)
