@@ -57,6 +57,8 @@ class AppConfig:
                                       "as a fraction of learning-rate")
     share_density: bool = _key(True, "send the source's feature density with its prompt (density weighting)")
     mode: Mode = _key(Mode.ALACARTE, f"one of {', '.join(Mode)}: a pool of prompts, or one FedAvg-averaged prompt")
+    fedavg_patience: int = _key(0, "fedavg: stop once this many rounds in a row bring no lower validation loss "
+                                   "than the best round's (0 = run every num-server-rounds round)")
     backbone: str = _key(DEFAULT_BACKBONE, "timm ViT name of the frozen backbone")
     checkpoint: str = _key("", "backbone weights file (.safetensors/.pth/.bin/.npz); empty = the prepared one")
     pretrained: bool = _key(True, "pretrained weights (hub or checkpoint); false = seeded random init (tests)")
@@ -110,8 +112,9 @@ class AppConfig:
         for name in ("num_server_rounds", "local_epochs", "img_size", "batch_size", "n_prompt"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if min(self.n_memory, self.examples_per_source, self.test_examples, self.min_steps) < 0:
-            raise ConfigError("n-memory, examples-per-source, test-examples and min-steps must be >= 0")
+        if min(self.n_memory, self.examples_per_source, self.test_examples, self.min_steps, self.fedavg_patience) < 0:
+            raise ConfigError("n-memory, examples-per-source, test-examples, min-steps and fedavg-patience "
+                              "must be >= 0")
         if not 0.0 < self.selection_level < 1.0:
             raise ConfigError(f"selection-level must be in (0, 1), got {self.selection_level}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -4,7 +4,8 @@
 from the pool (or none), trains it in isolation, and sends it back; each reply is validated
 and stored as a new version of that source. Nothing is averaged. FedAvg (``run_fedavg``)
 is Flower's own strategy (``CheckedFedAvg``); with validation splits it keeps the round whose
-shared prompt has the lowest validation loss over the nodes' splits (federated evaluation).
+shared prompt has the lowest validation loss over the nodes' splits (federated evaluation),
+and with ``fedavg-patience`` stops once that loss has not fallen for that many rounds.
 
 Failures (deployment: SuperNodes on other machines come and go):
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 
@@ -61,8 +63,9 @@ from server.admission import (
 from server.bindings import load_node_sources
 from server.pool import InvalidSourceError, PoolCorruptError, PromptPool, UnknownSourceError, validate_source
 
-__all__ = ["AlaCarteFederation", "CheckedFedAvg", "Parent", "RoundReport", "TrainRound", "admit_prompt",
-           "admitted_evaluation", "error_reason", "identify_nodes", "run_fedavg", "run_label_space", "send_and_collect"]
+__all__ = ["AlaCarteFederation", "CheckedFedAvg", "Parent", "PatienceExhausted", "RoundReport", "TrainRound",
+           "admit_prompt", "admitted_evaluation", "error_reason", "identify_nodes", "run_fedavg", "run_label_space",
+           "send_and_collect"]
 
 FEDAVG_SOURCE = "fedavg"
 MAX_REASON_CHARS = 300
@@ -422,19 +425,28 @@ def run_fedavg(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig, n
     init = stored if usable else fresh
     if usable:
         log(INFO, "FedAvg resumes from the shared prompt v%d", start.version)
+    if config.fedavg_patience and not config.val_fraction > 0:
+        log(WARNING, "fedavg-patience needs validation splits (val-fraction > 0); all %d rounds run",
+            config.num_server_rounds)
     nodes = len(list(grid.get_node_ids()))
     strategy = CheckedFedAvg(init, model, config, fraction_evaluate=1.0 if config.val_fraction > 0 else 0.0,
                              min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes)
-    strategy.start(grid=grid, initial_arrays=strategy.current.arrays, num_rounds=config.num_server_rounds,
-                   timeout=config.reply_timeout)
+    with suppress(PatienceExhausted):
+        strategy.start(grid=grid, initial_arrays=strategy.current.arrays, num_rounds=config.num_server_rounds,
+                       timeout=config.reply_timeout)
     kept = strategy.best or strategy.current
     if strategy.best is not None:
         log(INFO, "FedAvg keeps round %d's shared prompt (validation loss %.4f, the lowest of %d rounds)",
-            kept.round, kept.val_loss, config.num_server_rounds)
+            kept.round, kept.val_loss, strategy.rounds)
     arrays = {k: v.numpy() for k, v in kept.arrays.items()}
     shared = Prompt.from_arrays(arrays, replace(init.config, num_examples=kept.num_examples), model)
-    meta = {"rounds": config.num_server_rounds, "kept-round": kept.round}
+    meta = {"rounds": strategy.rounds, "kept-round": kept.round}
     return pool.add(FEDAVG_SOURCE, shared, meta, parent_sha256=start.sha256)
+
+
+class PatienceExhausted(Exception):
+    """Ends Flower's round loop early: ``fedavg-patience`` rounds in a row brought no lower
+    validation loss (raised by :meth:`CheckedFedAvg.aggregate_evaluate`, caught by ``run_fedavg``)."""
 
 
 @dataclass(frozen=True)
@@ -461,7 +473,10 @@ class CheckedFedAvg(FedAvg):
     the nodes' validation splits; ``best`` is the round whose example-weighted mean validation
     loss is the lowest, the earliest of rounds that tie to ``LOSS_TIE_RTOL`` (``None`` until an
     evaluation reply is admitted). Evaluate replies are untrusted too
-    (``server.admission.check_evaluation``): a malformed one is logged and left out.
+    (``server.admission.check_evaluation``): a malformed one is logged and left out. With
+    ``fedavg-patience`` N > 0, N evaluated rounds in a row without a new ``best`` (a round no
+    node could evaluate counts as one) raise :class:`PatienceExhausted`. ``rounds`` counts the
+    rounds trained.
     """
 
     def __init__(self, template: Prompt, model: APTViT, config: AppConfig, **kwargs) -> None:
@@ -469,10 +484,13 @@ class CheckedFedAvg(FedAvg):
         self.template, self.model, self.config = template, model, config
         self.current = _RoundPrompt(0, prompt_records(template)["arrays"], template.config.num_examples)
         self.best: _RoundPrompt | None = None
+        self.rounds = 0
+        self._stale = 0  # evaluated rounds since the last new best
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the replies that pass ``check_reply``; log the others."""
+        self.rounds = server_round
         replies = list(replies)
         valid = [reply for reply in replies if self._admitted(server_round, reply)]
         if replies and not valid:
@@ -486,12 +504,26 @@ class CheckedFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The shared prompt's validation loss and accuracy over the admitted evaluate replies
-        (example-weighted); remembers that prompt if its loss is the lowest so far."""
+        (example-weighted); remembers that prompt if its loss is the lowest so far. ``None``
+        without federated evaluation (no validation splits) or without a usable reply."""
+        if not self.fraction_evaluate:
+            return None
         scores = [evaluation for reply in replies if (evaluation := admitted_evaluation(
             f"FedAvg round {server_round}: node {reply.metadata.src_node_id}", reply)) is not None]
-        if not scores:
+        metrics = self._score(server_round, scores) if scores else None
+        if metrics is None:
             log(WARNING, "FedAvg round %d: no usable evaluate reply; this round cannot be kept", server_round)
-            return None
+            self._stale += 1
+        patience = self.config.fedavg_patience
+        if patience and self._stale >= patience:
+            log(INFO, "FedAvg: %d round(s) in a row without a lower validation loss (fedavg-patience); "
+                "stopping after round %d", self._stale, server_round)
+            raise PatienceExhausted
+        return metrics
+
+    def _score(self, server_round: int, scores: list[Evaluation]) -> MetricRecord:
+        """Log and return this round's example-weighted validation loss and accuracy; the round
+        becomes ``best`` if its loss is lower than the best's beyond ``LOSS_TIE_RTOL``."""
         images = sum(e.num_examples for e in scores)
         loss = sum(e.loss * e.num_examples for e in scores) / images
         accuracy = sum(e.accuracy * e.num_examples for e in scores) / images
@@ -499,7 +531,9 @@ class CheckedFedAvg(FedAvg):
             accuracy, images, len(scores))
         if self.best is None or (loss < self.best.val_loss
                                  and not math.isclose(loss, self.best.val_loss, rel_tol=LOSS_TIE_RTOL)):
-            self.best = replace(self.current, val_loss=loss)
+            self.best, self._stale = replace(self.current, val_loss=loss), 0
+        else:
+            self._stale += 1
         return MetricRecord({"val-loss": loss, "val-accuracy": accuracy})
 
     def _admitted(self, server_round: int, reply: Message) -> bool:

@@ -74,3 +74,6 @@ def test_recipe_keys_reach_the_training_config():
     for bad in ("0", "1", "1.5", "nan"):
         with pytest.raises(ConfigError, match="selection-level must be in"):
             AppConfig.from_run_config({"selection-level": bad})
+    assert AppConfig.from_run_config({"fedavg-patience": "2"}).fedavg_patience == 2
+    with pytest.raises(ConfigError, match="fedavg-patience must be >= 0"):
+        AppConfig.from_run_config({"fedavg-patience": "-1"})

@@ -323,6 +323,7 @@ def test_fedavg_rejects_a_nan_reply_per_node(app_model, tmp_path, flwr_log):
     assert len(rejected) == 2 and "NaN" in rejected[0]
     assert {m.metadata.message_type for m in grid.sent} == {MessageType.TRAIN}
     assert pool.info("fedavg").metrics == {"rounds": 2, "kept-round": 2}
+    assert not any("cannot be kept" in line for line in flwr_log.records)  # nothing evaluated: nothing to warn of
 
 
 def fedavg_node(model: APTViT, initial: Prompt,
@@ -386,6 +387,37 @@ def test_fedavg_keeps_the_earlier_of_rounds_that_tie_to_rounding(app_model, tmp_
     assert sum("node 11 has no validation images" in line for line in flwr_log.records) == 4
     failed = [line for line in flwr_log.records if "node 12 failed to evaluate" in line]
     assert len(failed) == 4 and all(line.endswith("error 0: ValueError: disk on fire") for line in failed)
+
+
+@pytest.mark.parametrize(("patience", "rounds", "kept"), [(0, 5, 4), (2, 3, 1), (3, 5, 4)])
+def test_fedavg_patience_stops_after_rounds_without_a_lower_validation_loss(patience, rounds, kept, app_model,
+                                                                           tmp_path, flwr_log):
+    """Validation losses 0.5, 0.6, 0.7, 0.1, 0.2 over rounds 1..5: patience 2 stops after round
+    3 (two rounds above round 1's) and keeps round 1; patience 3 reaches round 4's lower loss and
+    runs out of rounds; 0 runs them all. Only the rounds run are trained and recorded."""
+    fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 5,
+                                                     "fedavg-patience": patience})
+    initial = Prompt.init(app_model, NUM_CLASSES, source="fedavg", n_prompt=fedavg.n_prompt, n_memory=fedavg.n_memory)
+    losses = {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.1, 5: 0.2}
+    grid = FakeGrid({nid: fedavg_node(app_model, initial, lambda msg, shift: validation_reply(
+        msg, {"num-examples": 5, "accuracy": 0.5, "loss": losses[shift]})) for nid in (10, 11)})
+    pool = PromptPool(tmp_path / "pool")
+    run_fedavg(grid, pool, app_model, fedavg, NUM_CLASSES)
+    assert pool.info("fedavg").metrics == {"rounds": rounds, "kept-round": kept}
+    assert sum(m.metadata.message_type == MessageType.TRAIN for m in grid.sent) == 2 * rounds
+    np.testing.assert_allclose(pool.get("fedavg", model=app_model).arrays()["tokens"],
+                               initial.arrays()["tokens"] + kept, atol=1e-5)
+    assert any(f"stopping after round {rounds}" in line for line in flwr_log.records) == (rounds < 5)
+
+
+def test_fedavg_patience_without_validation_splits_runs_every_round(app_model, tmp_path, flwr_log):
+    fedavg = AppConfig.from_run_config(RUN_CONFIG | {"mode": "fedavg", "num-server-rounds": 3, "val-fraction": 0.0,
+                                                     "fedavg-patience": 1})
+    grid = FakeGrid({10: lambda msg: fedavg_train_reply(msg, app_model)})
+    pool = PromptPool(tmp_path / "pool")
+    run_fedavg(grid, pool, app_model, fedavg, NUM_CLASSES)
+    assert pool.info("fedavg").metrics == {"rounds": 3, "kept-round": 3}
+    assert any("fedavg-patience needs validation splits" in line for line in flwr_log.records)
 
 
 @pytest.mark.parametrize(("metrics", "match"), [
