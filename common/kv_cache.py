@@ -7,6 +7,11 @@ a memory-mapped file (fp16 by default), keyed by the image's global dataset inde
 size cap; images beyond the cap are recomputed each time. It keeps each image's pooled
 backbone features ``[D]`` too (what a source density is fitted on), in memory.
 
+Every key/value the cache returns is in its precision (fp16 values as float32), also those it
+has just computed: otherwise what a prompt learns would depend on which images a cache
+already held, and a simulated client's cache lives in whichever Ray actor trained that source
+before: a multi-round run would change with Ray's scheduling.
+
 On POSIX the file is unlinked as soon as it is mapped: nothing else can open it, and its disk
 space goes back when the cache is closed or its process ends, however it ends (a Flower
 simulation kills its Ray actors, so a finaliser would never run and each run would leave its
@@ -91,6 +96,9 @@ class KVCache:
     def fetch(self, indices: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
         """Keys/values ``[L, 2, B, H, N, hd]`` and pooled features ``[B, D]`` of a batch (see ``kv``).
 
+        Keys/values are rounded to the cache's dtype whether they are read back or just computed,
+        so a batch's values do not depend on which of its images were already cached.
+
         The keys/values of a batch that is all hits are written into one buffer that every
         cache of the calling thread reuses (a fresh 76 MB tensor per step would cost more in page
         faults than the copy): they are valid until the thread's next ``fetch``/``kv`` call on
@@ -103,6 +111,7 @@ class KVCache:
         device = self.model.device
         if miss:
             features, computed = self.model.backbone_forward(images[miss].to(device))  # kv: [L, 2, m, H, N, hd]
+            computed = computed.to(self.dtype).to(computed.dtype)  # what a hit returns (module doc)
             pooled = self.model.pooled(features)  # [m, D]
             self._write([keys[b] for b in miss], computed, pooled)
             if not hit:

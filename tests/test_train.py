@@ -234,6 +234,34 @@ def test_cache_float16_is_close(model, images, prompts):
     cache.close()
 
 
+def test_a_cache_returns_the_same_values_for_a_miss_as_for_a_hit(model, images):
+    cache = KVCache(model)  # fp16
+    indices = torch.arange(len(images))
+    computed, pooled = (t.clone() for t in cache.fetch(indices, images))  # all misses
+    assert torch.equal(cache.kv(indices, images), computed)  # all hits
+    assert torch.equal(computed, model.backbone_kv(images).half().float())
+    mixed = cache.kv(torch.tensor([0, 99, 1]), images[[0, 3, 1]])  # hit, miss, hit
+    assert torch.equal(mixed, computed[:, :, [0, 3, 1]])
+    cache.close()
+
+
+def test_a_prompt_trained_through_a_warm_cache_equals_one_trained_through_a_cold_one(model):
+    """A simulated client's cache lives in whichever worker trained its source before: what a
+    prompt learns must not depend on it (recipe with probe initialisation and selection)."""
+    batches, val = toy_batches(16), toy_batches(8, seed=1, offset=100)
+    warm = KVCache(model)
+    for batch in batches + val:
+        warm.fetch(batch[2], batch[0])
+    trained = []
+    for cache in (KVCache(model), warm):
+        prompt = fresh_prompt(model)
+        train_prompt(model, prompt, batches, TrainConfig(epochs=2, min_steps=0, progress=False), cache=cache,
+                     val_loader=val)
+        trained.append(prompt.state_dict())
+        cache.close()
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
 def test_cache_size_cap(model, images, tmp_path):
     item = model.backbone_kv(images[:1])[:, :, 0]  # [L, 2, H, N, hd]
     item_bytes = item.numel() * 2
