@@ -58,6 +58,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="load duration (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="2 s of load and short baselines")
     parser.add_argument("--sources", type=int, default=8, help="prompts composed per request, k (default: %(default)s)")
+    parser.add_argument("--n-prompt", type=int, default=None,
+                        help="prompt tokens per source (default: the Flower app's n-prompt)")
+    parser.add_argument("--n-memory", type=int, default=None,
+                        help="memory tokens per layer (default: the Flower app's n-memory)")
     parser.add_argument("--images-per-request", type=int, default=4,
                         help="PNG images per request (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=32, help="server images per pass (default: %(default)s)")
@@ -70,6 +74,11 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.seconds = 2.0
+    from common.config import AppConfig
+
+    app = AppConfig()
+    args.n_prompt = app.n_prompt if args.n_prompt is None else args.n_prompt
+    args.n_memory = app.n_memory if args.n_memory is None else args.n_memory
     return args
 
 
@@ -101,7 +110,7 @@ def main() -> None:
 
     raw_before = raw_rate()
     with tempfile.TemporaryDirectory() as tmp:
-        pool = make_pool(Path(tmp), model, args.sources)
+        pool = make_pool(Path(tmp), model, args.sources, args.n_prompt, args.n_memory)
         prompts = list(pool.latest(model).values())
         apt = measure_rate(lambda x: model.compose(x, prompts), args.max_batch, img_size, budget)
         config = ServiceConfig(port=0, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
@@ -123,8 +132,8 @@ def main() -> None:
     print(report)
 
 
-def make_pool(root: Path, model, k: int):
-    """A pool of ``k`` sources with random prompts (heads included) on ``model``."""
+def make_pool(root: Path, model, k: int, n_prompt: int, n_memory: int):
+    """A pool of ``k`` sources with random prompts (heads included) of the given shape on ``model``."""
     import torch
 
     from common.prompt import Prompt
@@ -132,7 +141,7 @@ def make_pool(root: Path, model, k: int):
 
     pool = PromptPool(root / "pool")
     for i in range(k):
-        prompt = Prompt.init(model, NUM_CLASSES, seed=i)
+        prompt = Prompt.init(model, NUM_CLASSES, n_prompt=n_prompt, n_memory=n_memory, seed=i)
         with torch.no_grad():
             prompt.head.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
         pool.add(f"source-{i}", prompt)
@@ -229,6 +238,7 @@ def summarize(args: argparse.Namespace, name: str, img_size: int, raw: Rate, apt
         "backbone": f"{name} @ {img_size} px",
         "clients x duration": f"{args.clients} x {args.seconds:g} s",
         "sources per request (k)": str(args.sources),
+        "prompt shape": f"{args.n_prompt} tokens, {args.n_memory} memory tokens per layer",
         "images per request": str(args.images_per_request),
         "requests/s": f"{requests:.2f}",
         "served images/s": f"{served:.1f}",

@@ -9,7 +9,10 @@ batch to ``process``, which returns one result (or exception) per job. A job lar
 
 A caller that must do costly work before its job exists (decode a request's images) first
 ``reserve()``s a queue slot: admission is decided before the work is paid, and reserved
-slots count against ``max_queue`` like queued jobs.
+slots count against ``max_queue`` like queued jobs. A reserved slot is a job known to be
+coming, so while one is held and the batch has room the worker waits for it, up to
+``reserved_wait``: under load, requests whose images are still being decoded join the
+batch instead of the next one, and a lone request (nothing reserved) waits only ``max_wait``.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class DynamicBatcher(Generic[T, R]):
         max_batch: largest total size of a batch (a single larger job still runs, alone).
         max_queue: most jobs waiting; ``submit`` raises ``QueueFullError`` beyond.
         max_wait: seconds the worker waits for more jobs once it has one.
+        reserved_wait: seconds it waits, while a slot is reserved and the batch has room, for
+            that slot's job (module doc); at least ``max_wait``.
     """
 
     def __init__(
@@ -91,13 +96,15 @@ class DynamicBatcher(Generic[T, R]):
         max_batch: int,
         max_queue: int,
         max_wait: float = 0.002,
+        reserved_wait: float = 0.05,
         name: str = "batcher",
     ) -> None:
-        if max_batch < 1 or max_queue < 1 or max_wait < 0:
-            raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait >= 0; got {max_batch}, "
-                             f"{max_queue}, {max_wait}")
+        if max_batch < 1 or max_queue < 1 or max_wait < 0 or reserved_wait < 0:
+            raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait >= 0, reserved_wait >= 0; got "
+                             f"{max_batch}, {max_queue}, {max_wait}, {reserved_wait}")
         self._process = process
         self.max_batch, self.max_queue, self.max_wait = max_batch, max_queue, max_wait
+        self.reserved_wait = max(reserved_wait, max_wait)
         self._queue: deque[_Job[T]] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -149,6 +156,7 @@ class DynamicBatcher(Generic[T, R]):
             if reservation.held:
                 reservation.held = False
                 self._reserved -= 1
+                self._cond.notify()  # a worker waiting for this slot's job stops waiting
 
     @property
     def queued(self) -> int:
@@ -193,7 +201,8 @@ class DynamicBatcher(Generic[T, R]):
                     return None
                 self._cond.wait()
             batch, size = [], 0
-            wait_until = time.monotonic() + self.max_wait
+            start = time.monotonic()
+            wait_until, reserved_until = start + self.max_wait, start + self.reserved_wait
             while True:
                 if self._queue:
                     if batch and size + self._queue[0].size > self.max_batch:
@@ -205,7 +214,7 @@ class DynamicBatcher(Generic[T, R]):
                     if size >= self.max_batch:
                         break
                     continue
-                remaining = wait_until - time.monotonic()
+                remaining = (reserved_until if self._reserved else wait_until) - time.monotonic()
                 if remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)

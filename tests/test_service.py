@@ -453,6 +453,29 @@ def test_batcher_merges_within_max_batch_and_isolates_failures() -> None:
         batcher.submit(1)
 
 
+def test_batcher_waits_for_a_reserved_slots_job_and_for_nothing_else() -> None:
+    """A reserved slot's job joins the batch the worker is forming (up to ``reserved_wait``); a
+    slot released without a job, or no slot at all, makes the worker go on at once."""
+    seen: list[list[int]] = []
+    with DynamicBatcher(lambda items: (seen.append(items), items)[1], max_batch=4, max_queue=10, max_wait=0.0,
+                        reserved_wait=30.0) as batcher:
+        slot = batcher.reserve()
+        first = batcher.submit(1)
+        time.sleep(0.2)  # the worker holds job 1 and waits for the slot's job
+        assert seen == []
+        second = batcher.submit(2, reservation=slot)
+        assert [first.result(10), second.result(10)] == [1, 2]
+        slot = batcher.reserve()
+        third = batcher.submit(3)
+        time.sleep(0.2)
+        slot.release()
+        assert third.result(10) == 3  # well before reserved_wait
+        assert batcher.submit(4).result(10) == 4
+    assert seen == [[1, 2], [3], [4]]
+    with pytest.raises(ValueError, match="reserved_wait"):
+        DynamicBatcher(lambda items: items, max_batch=1, max_queue=1, reserved_wait=-1.0)
+
+
 def test_batcher_queue_bound() -> None:
     gate = threading.Event()
     with DynamicBatcher(lambda items: (gate.wait(10), items)[1], max_batch=1, max_queue=2) as batcher:
