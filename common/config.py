@@ -17,6 +17,7 @@ from typing import Any, Mapping, TypeVar
 
 from common.data import Partitioner
 from common.model import APTViT, load_backbone
+from common.prompt import DEFAULT_N_MEMORY, DEFAULT_N_PROMPT
 from common.train import TrainConfig
 
 __all__ = ["AppConfig", "ConfigError", "Mode", "build_model", "coerce_value"]
@@ -75,8 +76,8 @@ class AppConfig:
     batch_size: int = _key(32, "batch size of training and evaluation")
     learning_rate: float = _key(1e-3, "AdamW learning rate (cosine schedule) of tokens, memory and head")
     label_smoothing: float = _key(0.0, "label smoothing of the training loss")
-    n_prompt: int = _key(4, "input prompt tokens (the head reads each one's output)")
-    n_memory: int = _key(4, "memory tokens per layer")
+    n_prompt: int = _key(DEFAULT_N_PROMPT, "input prompt tokens (the head reads each one's output)")
+    n_memory: int = _key(DEFAULT_N_MEMORY, "memory tokens per layer")
     kv_cache: bool = _key(True, "cache the backbone's keys/values after the first epoch")
     pool_dir: str = _key("", "the durable prompt pool; empty = $ALACARTE_POOL, else $ALACARTE_HOME/pool")
     reply_timeout: float = _key(3600.0, "seconds a node has to answer a round")

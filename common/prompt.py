@@ -50,7 +50,12 @@ from common.files import atomic_write
 if TYPE_CHECKING:
     from common.model import APTViT
 
+DEFAULT_N_PROMPT = 4  # prompt tokens (chosen on the main job's validation images, simulations/RESULTS.md §0)
+DEFAULT_N_MEMORY = 4  # memory tokens per layer
+
 __all__ = [
+    "DEFAULT_N_MEMORY",
+    "DEFAULT_N_PROMPT",
     "BackboneMismatchError",
     "FORMAT_VERSION",
     "Prompt",
@@ -175,8 +180,8 @@ class Prompt(nn.Module):
         cls,
         model: APTViT,
         num_classes: int,
-        n_prompt: int = 1,
-        n_memory: int = 4,
+        n_prompt: int = DEFAULT_N_PROMPT,
+        n_memory: int = DEFAULT_N_MEMORY,
         seed: int = 0,
         labels: Iterable[int] | None = None,
         source: str = "",
@@ -189,7 +194,8 @@ class Prompt(nn.Module):
         lacks, and the head reads each token's output: on the main job's validation images a
         probe on ``[out_1 ; … ; out_P ; pooled]`` beats one on the pooled feature alone, more
         with four tokens than with one, where a token started at the class token gained little
-        (``simulations/RESULTS.md`` §0). The Flower apps use ``n-prompt`` tokens (run config).
+        (``simulations/RESULTS.md`` §0). The default shape is the Flower apps' (run config
+        ``n-prompt``, ``n-memory``).
         """
         prompt = cls(PromptConfig(
             embed_dim=model.embed_dim, depth=model.depth, num_classes=num_classes, n_prompt=n_prompt,
