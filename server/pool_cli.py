@@ -43,22 +43,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # repeated on each action so `--pool` may follow it; SUPPRESS keeps an earlier value
     pool_opt = argparse.ArgumentParser(add_help=False)
     pool_opt.add_argument("--pool", type=Path, default=argparse.SUPPRESS, help=pool_help)
-    actions.add_parser("ls", parents=[pool_opt], help="list sources with their latest version")
-    show = actions.add_parser("show", parents=[pool_opt], help="print a source's metadata and history")
+
+    def action(name: str, text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, parents=[pool_opt], help=text, description=text)
+
+    action("ls", "list sources with their latest version")
+    show = action("show", "print a source's metadata and history")
     show.add_argument("source", help="source id")
     show.add_argument("--version", type=int, default=None, help="version to show (default: the latest)")
-    rm = actions.add_parser("rm", parents=[pool_opt], help="forget a source: delete all its versions")
+    rm = action("rm", "forget a source: delete all its versions")
     rm.add_argument("source", help="source id")
-    actions.add_parser("repair", parents=[pool_opt],
-                       help="delete orphan files of interrupted writes, drop rows whose file is gone")
-    export = actions.add_parser("export", parents=[pool_opt], help="copy a source's stored prompt to a file")
+    action("repair", "delete orphan files of interrupted writes, drop rows whose file is gone")
+    export = action("export", "copy a source's stored prompt to a file")
     export.add_argument("source", help="source id")
     export.add_argument("--version", type=int, default=None, help="version to export (default: the latest)")
     export.add_argument("--out", type=Path, default=None,
                         help="file to write (default: SOURCE-vVERSION.safetensors in the current folder)")
     export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    imp = actions.add_parser("import", parents=[pool_opt],
-                             help="store a prompt file (from `export`) as the next version of its source")
+    imp = action("import", "store a prompt file (from `export`) as the next version of its source")
     imp.add_argument("file", type=Path, help="prompt artefact (.safetensors)")
     imp.add_argument("--source", default=None,
                      help="source id for a file that names none (a file that names one keeps it)")

@@ -680,3 +680,15 @@ def test_cli_import_of_corrupted_files_never_raises_and_stores_only_valid_prompt
         assert stored_versions(pool) == before + (code == 0) and code in (0, 1)
         assert len(pool.latest()) == len(pool.sources())  # what was stored validates (a header byte may rename it)
     assert codes == {0, 1}  # both outcomes occurred: the corruptions are not all caught by one check
+
+
+@pytest.mark.parametrize(("action", "says"), [
+    ("ls", "list sources"), ("show", "metadata and history"), ("rm", "forget a source"),
+    ("repair", "orphan files"), ("export", "copy a source's stored prompt"), ("import", "next version"),
+])
+def test_every_pool_action_explains_itself_in_its_help(action, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["pool", action, "--help"])
+    assert exit_info.value.code == 0
+    usage, description = capsys.readouterr().out.split("\n\n")[:2]
+    assert usage.startswith(f"usage: alacarte pool {action}") and says in description
