@@ -110,12 +110,11 @@ class AppConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` on out-of-range values."""
-        for name in ("num_server_rounds", "local_epochs", "img_size", "batch_size", "n_prompt"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if min(self.n_memory, self.examples_per_source, self.test_examples, self.min_steps, self.fedavg_patience) < 0:
-            raise ConfigError("n-memory, examples-per-source, test-examples, min-steps and fedavg-patience "
-                              "must be >= 0")
+        lowest = dict.fromkeys(("num_server_rounds", "local_epochs", "img_size", "batch_size", "n_prompt"), 1) | \
+            dict.fromkeys(("n_memory", "examples_per_source", "test_examples", "min_steps", "fedavg_patience"), 0)
+        for name, least in lowest.items():
+            if getattr(self, name) < least:
+                raise ConfigError(f"run-config {_kebab(name)} must be >= {least}, got {getattr(self, name)}")
         if not 0.0 < self.selection_level < 1.0:
             raise ConfigError(f"selection-level must be in (0, 1), got {self.selection_level}")
         if not 0.0 <= self.val_fraction < 1.0:

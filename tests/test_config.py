@@ -77,3 +77,13 @@ def test_recipe_keys_reach_the_training_config():
     assert AppConfig.from_run_config({"fedavg-patience": "2"}).fedavg_patience == 2
     with pytest.raises(ConfigError, match="fedavg-patience must be >= 0"):
         AppConfig.from_run_config({"fedavg-patience": "-1"})
+
+
+@pytest.mark.parametrize(("key", "least"), [
+    ("num-server-rounds", 1), ("local-epochs", 1), ("img-size", 1), ("batch-size", 1), ("n-prompt", 1),
+    ("n-memory", 0), ("examples-per-source", 0), ("test-examples", 0), ("min-steps", 0), ("fedavg-patience", 0),
+])
+def test_a_count_below_its_bound_is_refused_by_name(key, least):
+    assert getattr(AppConfig.from_run_config({key: least}), key.replace("-", "_")) == least
+    with pytest.raises(ConfigError, match=f"^run-config {key} must be >= {least}, got {least - 1}$"):
+        AppConfig.from_run_config({key: least - 1})
