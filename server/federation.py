@@ -1,11 +1,9 @@
-"""Server-side rounds over Flower's Grid: à-la-carte (a pool of prompts) or FedAvg (one prompt).
+"""Server-side rounds over Flower's Grid: the à-la-carte federation (a pool of prompts).
 
 À-la-carte round (``AlaCarteFederation``): every node gets its own source's latest prompt
 from the pool (or none), trains it in isolation, and sends it back; each reply is validated
-and stored as a new version of that source. Nothing is averaged. FedAvg (``run_fedavg``)
-is Flower's own strategy (``CheckedFedAvg``); with validation splits it keeps the round whose
-shared prompt has the lowest validation loss over the nodes' splits (federated evaluation),
-and with ``fedavg-patience`` stops once that loss has not fallen for that many rounds.
+and stored as a new version of that source. Nothing is averaged. The helpers that check and
+log replies serve the FedAvg baseline too (``server.fedavg``).
 
 Failures (deployment: SuperNodes on other machines come and go):
 
@@ -27,23 +25,19 @@ Failures (deployment: SuperNodes on other machines come and go):
   pool's ``parent_sha256`` guard), so a late, duplicated or concurrent reply never
   overwrites a newer version, and one trained from a forgotten prompt never returns
   (versions restart after a forget, hashes do not).
-* FedAvg mode checks every reply the same way before it enters the average.
 * A restarted ServerApp continues every source from the pool's latest version, so no
-  source is trained from scratch twice (FedAvg likewise resumes its shared prompt).
+  source is trained from scratch twice.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from contextlib import suppress
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from common.config import AppConfig
@@ -63,16 +57,10 @@ from server.admission import (
 from server.bindings import load_node_sources
 from server.pool import InvalidSourceError, PoolCorruptError, PromptPool, UnknownSourceError, validate_source
 
-__all__ = ["AlaCarteFederation", "CheckedFedAvg", "Parent", "PatienceExhausted", "RoundReport", "TrainRound",
-           "admit_prompt", "admitted_evaluation", "error_reason", "identify_nodes", "run_fedavg", "run_label_space",
-           "send_and_collect"]
+__all__ = ["AlaCarteFederation", "Parent", "RoundReport", "TrainRound", "admit_prompt", "admitted_evaluation",
+           "error_reason", "exception_reason", "identify_nodes", "latest_parent", "run_label_space", "send_and_collect"]
 
-FEDAVG_SOURCE = "fedavg"
 MAX_REASON_CHARS = 300
-# Rounds whose validation losses agree to this relative tolerance tie, and the earlier one is
-# kept: when every client returns the prompt it was sent, the average differs from it only by
-# float rounding, and so does its loss (far below what a validation split can resolve).
-LOSS_TIE_RTOL = 1e-4
 
 
 @dataclass
@@ -127,7 +115,7 @@ def identify_nodes(grid: Grid, node_ids: list[int], timeout: float,
             source, labels = _node_identity(replies[nid])
             _check_binding(nid, source, bindings)
         except Exception as err:  # untrusted reply: nothing in it may stop the run
-            log(WARNING, "node %s not identified: %s", nid, _reason(err))
+            log(WARNING, "node %s not identified: %s", nid, exception_reason(err))
             continue
         sources[nid] = source
         log(INFO, "node %s is source %s (labels %s)", nid, source, labels)
@@ -146,7 +134,7 @@ def _check_binding(nid: int, source: str, bindings: Mapping[int, str] | None) ->
                          "trained (check the SuperNode's --source, or the node-sources file)")
 
 
-def _reason(err: BaseException) -> str:
+def exception_reason(err: BaseException) -> str:
     """``Type: message``, cut to ``MAX_REASON_CHARS`` (an untrusted reply may make errors huge)."""
     return _cut(f"{type(err).__name__}: {err}")
 
@@ -168,7 +156,7 @@ def admitted_evaluation(who: str, reply: Message) -> Evaluation | None:
     try:
         evaluation = check_evaluation(reply.content)
     except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
-        log(WARNING, "%s sent an unusable evaluate reply (%s); left out", who, _reason(err))
+        log(WARNING, "%s sent an unusable evaluate reply (%s); left out", who, exception_reason(err))
         return None
     if evaluation is None:
         log(INFO, "%s has no validation images; left out", who)
@@ -212,7 +200,7 @@ class TrainRound:
     messages: Mapping[int, Message]  # node id -> its train message
 
 
-def _latest(pool: PromptPool, source: str, model: APTViT) -> Parent:
+def latest_parent(pool: PromptPool, source: str, model: APTViT) -> Parent:
     """The source's latest usable prompt, its version and SHA-256.
 
     ``Parent(None)`` for a source not in the pool. A stored prompt this backbone cannot use
@@ -303,7 +291,7 @@ class AlaCarteFederation:
 
     def configure_train(self, server_round: int, sources: Mapping[int, str]) -> TrainRound:
         """One train message per node, carrying its source's latest usable prompt (or none)."""
-        parents = {source: _latest(self.pool, source, self.model) for source in set(sources.values())}
+        parents = {source: latest_parent(self.pool, source, self.model) for source in set(sources.values())}
         messages = {nid: _train_message(nid, parents[source], server_round, self.config)
                     for nid, source in sources.items()}
         return TrainRound(server_round, dict(sources), parents, messages)
@@ -319,7 +307,7 @@ class AlaCarteFederation:
                 report.stored[source] = self.accept_reply(replies[nid], source,
                                                           parent_sha256_sent=train.parents[source].sha256)
             except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
-                report.rejected[nid] = _reason(err)
+                report.rejected[nid] = exception_reason(err)
         _log_report(report, train)
         return report
 
@@ -402,154 +390,3 @@ def run_label_space(config: AppConfig) -> int | None:
     log(WARNING, "dataset %s is not available on the server: the label space of replies is not checked",
         config.dataset)
     return None
-
-
-def run_fedavg(grid: Grid, pool: PromptPool, model: APTViT, config: AppConfig, num_classes: int) -> int:
-    """The baseline: one shared prompt averaged with Flower's FedAvg; stored as source ``fedavg``.
-
-    Resumes from the pool's latest shared prompt when it fits (same backbone and classes).
-    With validation splits (``val-fraction > 0``) every round's shared prompt is evaluated on
-    every node's validation split and the round with the lowest validation loss is stored
-    (``CheckedFedAvg``): the paragon's selection on the union of the validation splits,
-    federated; without them the last round's is.
-    """
-    fresh = Prompt.init(model, num_classes, n_prompt=config.n_prompt, n_memory=config.n_memory,
-                        source=FEDAVG_SOURCE)
-    start = _latest(pool, FEDAVG_SOURCE, model)
-    stored = start.prompt
-    usable = stored is not None and stored.arrays().keys() == fresh.arrays().keys() and all(
-        stored.arrays()[k].shape == v.shape for k, v in fresh.arrays().items())
-    if stored is not None and not usable:
-        log(WARNING, "shared prompt v%d does not fit %d classes / this prompt size; starting afresh",
-            start.version, num_classes)
-    init = stored if usable else fresh
-    if usable:
-        log(INFO, "FedAvg resumes from the shared prompt v%d", start.version)
-    if config.fedavg_patience and not config.val_fraction > 0:
-        log(WARNING, "fedavg-patience needs validation splits (val-fraction > 0); all %d rounds run",
-            config.num_server_rounds)
-    nodes = len(list(grid.get_node_ids()))
-    strategy = CheckedFedAvg(init, model, config, fraction_evaluate=1.0 if config.val_fraction > 0 else 0.0,
-                             min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes)
-    with suppress(PatienceExhausted):
-        strategy.start(grid=grid, initial_arrays=strategy.current.arrays, num_rounds=config.num_server_rounds,
-                       timeout=config.reply_timeout)
-    kept = strategy.best or strategy.current
-    if strategy.best is not None:
-        log(INFO, "FedAvg keeps round %d's shared prompt (validation loss %.4f, the lowest of %d rounds)",
-            kept.round, kept.val_loss, strategy.rounds)
-    arrays = {k: v.numpy() for k, v in kept.arrays.items()}
-    shared = Prompt.from_arrays(arrays, replace(init.config, num_examples=kept.num_examples), model)
-    meta = {"rounds": strategy.rounds, "kept-round": kept.round}
-    return pool.add(FEDAVG_SOURCE, shared, meta, parent_sha256=start.sha256)
-
-
-class PatienceExhausted(Exception):
-    """Ends Flower's round loop early: ``fedavg-patience`` rounds in a row brought no lower
-    validation loss (raised by :meth:`CheckedFedAvg.aggregate_evaluate`, caught by ``run_fedavg``)."""
-
-
-@dataclass(frozen=True)
-class _RoundPrompt:
-    """The shared prompt averaged in ``round`` (0: the starting one), the training images behind
-    it and its validation loss over the nodes that evaluated it (NaN: not evaluated)."""
-
-    round: int
-    arrays: ArrayRecord
-    num_examples: int
-    val_loss: float = math.nan
-
-
-class CheckedFedAvg(FedAvg):
-    """Flower's FedAvg that checks every reply as à-la-carte mode does before averaging it.
-
-    A reply must hold the shared prompt's exact tensors (names, shapes, float32, finite),
-    admissible metadata and metrics, and a positive ``num-examples``; any other reply is
-    logged with its node and left out of the average (a NaN never spoils it). A round
-    without a valid reply keeps the shared prompt unchanged. ``current`` is the latest shared
-    prompt, with the training images behind it (the sum over its round's averaged replies).
-
-    Federated evaluation (when ``fraction_evaluate > 0``) scores each round's shared prompt on
-    the nodes' validation splits; ``best`` is the round whose example-weighted mean validation
-    loss is the lowest, the earliest of rounds that tie to ``LOSS_TIE_RTOL`` (``None`` until an
-    evaluation reply is admitted). Evaluate replies are untrusted too
-    (``server.admission.check_evaluation``): a malformed one is logged and left out. With
-    ``fedavg-patience`` N > 0, N evaluated rounds in a row without a new ``best`` (a round no
-    node could evaluate counts as one) raise :class:`PatienceExhausted`. ``rounds`` counts the
-    rounds trained.
-    """
-
-    def __init__(self, template: Prompt, model: APTViT, config: AppConfig, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.template, self.model, self.config = template, model, config
-        self.current = _RoundPrompt(0, prompt_records(template)["arrays"], template.config.num_examples)
-        self.best: _RoundPrompt | None = None
-        self.rounds = 0
-        self._stale = 0  # evaluated rounds since the last new best
-
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the replies that pass ``check_reply``; log the others."""
-        self.rounds = server_round
-        replies = list(replies)
-        valid = [reply for reply in replies if self._admitted(server_round, reply)]
-        if replies and not valid:
-            log(WARNING, "FedAvg round %d: no valid reply; the shared prompt is unchanged", server_round)
-        averaged = [reply for reply in valid if not reply.has_error()]
-        arrays, metrics = super().aggregate_train(server_round, valid)
-        if arrays is not None and averaged:
-            images = sum(int(reply.content["metrics"]["num-examples"]) for reply in averaged)
-            self.current = _RoundPrompt(server_round, arrays, images)
-        return arrays, metrics
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """The shared prompt's validation loss and accuracy over the admitted evaluate replies
-        (example-weighted); remembers that prompt if its loss is the lowest so far. ``None``
-        without federated evaluation (no validation splits) or without a usable reply."""
-        if not self.fraction_evaluate:
-            return None
-        scores = [evaluation for reply in replies if (evaluation := admitted_evaluation(
-            f"FedAvg round {server_round}: node {reply.metadata.src_node_id}", reply)) is not None]
-        metrics = self._score(server_round, scores) if scores else None
-        if metrics is None:
-            log(WARNING, "FedAvg round %d: no usable evaluate reply; this round cannot be kept", server_round)
-            self._stale += 1
-        patience = self.config.fedavg_patience
-        if patience and self._stale >= patience:
-            log(INFO, "FedAvg: %d round(s) in a row without a lower validation loss (fedavg-patience); "
-                "stopping after round %d", self._stale, server_round)
-            raise PatienceExhausted
-        return metrics
-
-    def _score(self, server_round: int, scores: list[Evaluation]) -> MetricRecord:
-        """Log and return this round's example-weighted validation loss and accuracy; the round
-        becomes ``best`` if its loss is lower than the best's beyond ``LOSS_TIE_RTOL``."""
-        images = sum(e.num_examples for e in scores)
-        loss = sum(e.loss * e.num_examples for e in scores) / images
-        accuracy = sum(e.accuracy * e.num_examples for e in scores) / images
-        log(INFO, "FedAvg round %d: validation loss %.4f, accuracy %.3f (%d images, %d nodes)", server_round, loss,
-            accuracy, images, len(scores))
-        if self.best is None or (loss < self.best.val_loss
-                                 and not math.isclose(loss, self.best.val_loss, rel_tol=LOSS_TIE_RTOL)):
-            self.best, self._stale = replace(self.current, val_loss=loss), 0
-        else:
-            self._stale += 1
-        return MetricRecord({"val-loss": loss, "val-accuracy": accuracy})
-
-    def _admitted(self, server_round: int, reply: Message) -> bool:
-        if reply.has_error():
-            return True  # FedAvg itself logs and drops error replies
-        try:
-            self.check_reply(reply.content)
-        except Exception as err:  # untrusted reply: whatever it makes fail rejects it alone
-            log(WARNING, "FedAvg round %d: reply of node %s rejected: %s", server_round,
-                reply.metadata.src_node_id, _reason(err))
-            return False
-        return True
-
-    def check_reply(self, content: RecordDict) -> None:
-        """Raise unless ``content`` is an admissible update of the shared prompt."""
-        prompt, metrics = admit_prompt(content, self.model, self.config)
-        Prompt.from_arrays(prompt.arrays(), self.template.config, self.model)  # the shared prompt's shapes
-        if not 1 <= metrics.get("num-examples", 0):
-            raise ReplyError("a FedAvg reply needs num-examples >= 1 (its weight in the average)")

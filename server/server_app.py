@@ -28,7 +28,8 @@ from common.model import APTViT
 from common.prompt import Prompt
 from common.records import prompts_records
 from common.train import evaluate
-from server.federation import FEDAVG_SOURCE, AlaCarteFederation, admitted_evaluation, run_fedavg, send_and_collect
+from server.fedavg import FEDAVG_SOURCE, run_fedavg
+from server.federation import AlaCarteFederation, admitted_evaluation, send_and_collect
 from server.pool import PromptPool
 from server.table import accuracy_table, format_table
 

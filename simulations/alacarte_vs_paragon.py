@@ -55,7 +55,7 @@ import torch
 
 from common.model import APTViT
 from common.train import planned_epochs
-from server.federation import FEDAVG_SOURCE
+from server.fedavg import FEDAVG_SOURCE
 from server.pool import PromptPool
 from simulations.common import (
     LR,

@@ -33,7 +33,8 @@ from server.admission import (
     compose_scores_bytes,
 )
 from server.bindings import NodeSourcesError, load_node_sources
-from server.federation import AlaCarteFederation, CheckedFedAvg, run_fedavg
+from server.fedavg import CheckedFedAvg, run_fedavg
+from server.federation import AlaCarteFederation
 from server.pool import PromptPool, StaleParentError
 from server.server_app import federated_evaluate
 
