@@ -14,6 +14,7 @@ from client.client_app import evaluate_prompts, train
 from common.compose import Weighting, default_weighting
 from common.config import AppConfig, build_model
 from common.data import backbone_transform, load_client_shard
+from common.kv_cache import KVCache
 from common.prompt import Prompt
 from common.records import prompt_from_records, prompt_records
 from common.train import evaluate
@@ -91,7 +92,8 @@ def test_fedavg_client_returns_the_shared_prompt_unless_tuning_wins_on_its_valid
 
 def test_fedavg_evaluate_scores_the_shared_prompt_on_the_validation_split(run_config):
     """FedAvg's evaluate message carries the shared prompt's tensors only; the reply's loss and
-    accuracy are that prompt's on this node's validation split (what the server selects on)."""
+    accuracy are that prompt's on this node's validation split (what the server selects on),
+    scored through the node's fp16 key/value cache."""
     config = AppConfig.from_run_config(run_config | {"mode": "fedavg"})
     model = build_model(config, device="cpu")
     shared = Prompt.init(model, 10, n_prompt=config.n_prompt, n_memory=config.n_memory, seed=3)
@@ -102,7 +104,7 @@ def test_fedavg_evaluate_scores_the_shared_prompt_on_the_validation_split(run_co
     reply = evaluate_prompts(Message(sent, dst_node_id=1, message_type=MessageType.EVALUATE), context)
     metrics = reply.content["metrics"]
     _, val = node_shards(config, model)
-    expected = evaluate(model, [shared], DataLoader(val, batch_size=16))
+    expected = evaluate(model, [shared], DataLoader(val, batch_size=16), cache=KVCache(model))
     assert metrics["num-examples"] == len(val) > 0
     assert metrics["loss"] == pytest.approx(expected["nll"], rel=1e-5) and metrics["loss"] > 0
     assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
