@@ -53,15 +53,17 @@ class LoadResult:
 
 
 def parse_args() -> argparse.Namespace:
+    from common.prompt import DEFAULT_N_MEMORY, DEFAULT_N_PROMPT
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=10.0, help="load duration (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="2 s of load and short baselines")
     parser.add_argument("--sources", type=int, default=8, help="prompts composed per request, k (default: %(default)s)")
-    parser.add_argument("--n-prompt", type=int, default=None,
-                        help="prompt tokens per source (default: the Flower app's n-prompt)")
-    parser.add_argument("--n-memory", type=int, default=None,
-                        help="memory tokens per layer (default: the Flower app's n-memory)")
+    parser.add_argument("--n-prompt", type=int, default=DEFAULT_N_PROMPT,
+                        help="prompt tokens per source (default: the Flower app's, %(default)s)")
+    parser.add_argument("--n-memory", type=int, default=DEFAULT_N_MEMORY,
+                        help="memory tokens per layer (default: the Flower app's, %(default)s)")
     parser.add_argument("--images-per-request", type=int, default=4,
                         help="PNG images per request (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=32, help="server images per pass (default: %(default)s)")
@@ -74,11 +76,6 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.seconds = 2.0
-    from common.config import AppConfig
-
-    app = AppConfig()
-    args.n_prompt = app.n_prompt if args.n_prompt is None else args.n_prompt
-    args.n_memory = app.n_memory if args.n_memory is None else args.n_memory
     return args
 
 

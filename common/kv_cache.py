@@ -111,9 +111,10 @@ class KVCache:
         device = self.model.device
         if miss:
             features, computed = self.model.backbone_forward(images[miss].to(device))  # kv: [L, 2, m, H, N, hd]
-            computed = computed.to(self.dtype).to(computed.dtype)  # what a hit returns (module doc)
+            stored = computed.to(self.dtype)
+            computed = stored.to(computed.dtype)  # what a hit returns (module doc)
             pooled = self.model.pooled(features)  # [m, D]
-            self._write([keys[b] for b in miss], computed, pooled)
+            self._write([keys[b] for b in miss], stored, pooled)
             if not hit:
                 return computed, pooled
             out = computed.new_empty(*computed.shape[:2], len(keys), *computed.shape[3:])
